@@ -1,0 +1,1 @@
+"""The `ndonnx` command (installed as the `ndonnx_cli` package)."""

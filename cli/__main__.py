@@ -1,0 +1,3 @@
+from ndonnx_cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,61 @@
+"""Parse arguments -> build a config -> call the library -> exit code. Nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from ndonnx import __version__
+from ndonnx.errors import NdonnxError
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from ndonnx.config import PartitionConfig
+    from ndonnx.inspection import inspect_model
+    from ndonnx_cli.progress import bar
+    from ndonnx_cli.tables import inspect_table
+
+    cfg = PartitionConfig(primary_input=args.primary_input, block_size=args.block_size)
+    progress = None if args.json else (lambda items, total, label: bar(items, total, label, lambda n: f"neighbourhood {n.id}"))
+    report = inspect_model(args.model, cfg, check=not args.no_check, progress=progress)
+    if args.json:
+        json.dump(report, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        inspect_table(report)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ndonnx", description="Make ONNX models smaller by Neighbourhood Distillation.")
+    p.add_argument("--version", action="version", version=f"ndonnx {__version__}")
+    p.add_argument("--verbose", action="store_true", help="show tracebacks and debug logs")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("inspect", help="show the weights and neighbourhoods ndonnx finds in a model")
+    s.add_argument("model", help="teacher .onnx file")
+    s.add_argument("--json", action="store_true", help="print JSON on stdout instead of a table")
+    s.add_argument("--primary-input", help="graph input the neighbourhoods are cut along (default: the one "
+                   "on whose paths the weights lie)")
+    s.add_argument("--block-size", type=int, default=1, help="weighted segments per neighbourhood (default 1)")
+    s.add_argument("--no-check", action="store_true", help="skip the torch round trip of each neighbourhood")
+    s.set_defaults(run=_inspect)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="ndonnx: warning: %(message)s" if not args.verbose else "%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.run(args)
+    except NdonnxError as e:
+        if args.verbose:
+            raise
+        print(f"ndonnx: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("ndonnx: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,20 @@
+"""Progress bars on stderr, so that --json output on stdout stays clean."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+stderr = Console(stderr=True)
+
+
+def bar(items, total: int, label: str, describe=None):
+    """Yield from `items` with a bar: the stage, the current item, count and ETA."""
+    columns = (TextColumn("[bold]{task.fields[stage]}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[item]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
+    with Progress(*columns, console=stderr, transient=False) as progress:
+        task = progress.add_task(label, total=total, stage=label, item="")
+        for item in items:
+            progress.update(task, item=describe(item) if describe else "")
+            yield item
+            progress.advance(task)

@@ -1,0 +1,42 @@
+"""Human-readable tables of the library's JSON reports."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+stdout = Console()
+
+
+def _shape(s: list) -> str:
+    return "x".join(str(d) for d in s)
+
+
+def _ops(op_types: dict[str, int], limit: int = 3) -> str:
+    items = sorted(op_types.items(), key=lambda kv: -kv[1])
+    text = ", ".join(f"{op}x{n}" if n > 1 else op for op, n in items[:limit])
+    return text + (f", +{len(items) - limit}" if len(items) > limit else "")
+
+
+def inspect_table(r: dict) -> None:
+    t = Table(title=f"{r['model']}: opset {r['opset']}, primary input {r['primary_input']!r}")
+    for col in ("id", "shapes in -> out", "ops", "params", "torch"):
+        t.add_column(col, justify="right" if col in ("id", "params") else "left", overflow="fold")
+    for n in r["neighbourhoods"]:
+        side = f" +{len(n['side_inputs'])} side" if n["side_inputs"] else ""
+        shapes = ", ".join(map(_shape, n["input_shapes"])) + side + " -> " + ", ".join(map(_shape, n["output_shapes"]))
+        if n["convertible"] is None:
+            torch_col = "not checked"
+        elif n["convertible"]:
+            torch_col = f"[green]exact[/] {n['rel_err']:.0e}"
+        else:
+            torch_col = f"[red]no[/]: {n['reason']}"
+        t.add_row(str(n["id"]), shapes, _ops(n["op_types"]), f"{n['params']:,}", torch_col)
+    stdout.print(t)
+    conv = [n for n in r["neighbourhoods"] if n["convertible"]]
+    conv_params = sum(n["params"] for n in conv)
+    inside = r["params"] - r["outside_params"]
+    stdout.print(f"{len(r['neighbourhoods'])} neighbourhoods, {r['params']:,} parameters "
+                 f"({r['outside_params']:,} outside neighbourhoods: tied or side-path weights); "
+                 f"{len(conv)} convert to torch exactly, holding {conv_params:,} of {inside:,} parameters. "
+                 f"Tensor names: --json.")

@@ -1,0 +1,115 @@
+"""Neighbourhood -> standalone ONNX sub-model -> torch module, and the numeric check between them."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper
+
+import ndonnx.converters  # noqa: F401  (registers converters onnx2torch lacks)
+from ndonnx.graph import Teacher
+from ndonnx.partition import Neighbourhood
+from ndonnx.sample import Sample
+
+# rel_err = ||torch - onnxruntime|| / ||onnxruntime|| at or below this counts as exact.
+EXACT_REL_ERR = 1e-4
+
+
+@dataclass(frozen=True)
+class RoundTrip:
+    convertible: bool
+    reason: str | None
+    rel_err: float | None
+
+
+def _value_info(name: str, value: np.ndarray, shape: list) -> onnx.ValueInfoProto:
+    elem = helper.np_dtype_to_tensor_dtype(value.dtype)
+    return helper.make_tensor_value_info(name, elem, shape)
+
+
+def extract(teacher: Teacher, nbh: Neighbourhood, sample: Sample) -> onnx.ModelProto:
+    """The neighbourhood as its own model: boundary inputs (main, then side), its nodes in
+    teacher order, every initializer they read, and recorded shapes for the tensors inside."""
+    model = teacher.model
+    nodes = [model.graph.node[i] for i in nbh.nodes]
+    inits = {i.name: i for i in model.graph.initializer}
+    reads = {n for node in nodes for n in node.input if n}
+    produced = {o for node in nodes for o in node.output}
+    io = [*nbh.inputs, *nbh.side_inputs]
+    inner = sorted(n for n in produced if n in sample.values and n not in nbh.outputs)
+    graph = helper.make_graph(
+        nodes, f"neighbourhood_{nbh.id}",
+        [_value_info(n, sample.values[n], sample.shapes[n]) for n in io],
+        [_value_info(n, sample.values[n], sample.shapes[n]) for n in nbh.outputs],
+        [inits[n] for n in sorted(reads & inits.keys())],
+        value_info=[_value_info(n, sample.values[n], sample.shapes[n]) for n in inner],
+    )
+    sub = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+    sub.functions.extend(model.functions)
+    return sub
+
+
+def to_torch(sub: onnx.ModelProto) -> torch.fx.GraphModule:
+    """onnx2torch conversion, in eval mode: its modules come in training mode (BatchNormalization
+    would use batch statistics)."""
+    from onnx2torch import convert
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return convert(sub).eval()
+
+
+def run_torch(module: torch.nn.Module, sub: onnx.ModelProto, values: dict[str, np.ndarray]) -> list[np.ndarray]:
+    names = [i.name for i in sub.graph.input]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = module(*[torch.from_numpy(np.ascontiguousarray(values[n])) for n in names])
+    out = out if isinstance(out, (tuple, list)) else [out]
+    return [o.detach().cpu().numpy() for o in out]
+
+
+def _reason(e: Exception) -> str:
+    m = re.search(r"operation_type='(\w+)', version=(\d+)", str(e))
+    if isinstance(e, NotImplementedError) and m:
+        return f"no torch converter for {m.group(1)}-{m.group(2)}"
+    first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+    return f"conversion failed: {type(e).__name__}: {first}".rstrip(": ")
+
+
+def rel_err(got: np.ndarray, want: np.ndarray) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    if got.shape != want.shape:
+        return float("inf")
+    finite = np.isfinite(want)
+    if not np.array_equal(finite, np.isfinite(got)):
+        return float("inf")
+    diff = np.linalg.norm((got - want)[finite])
+    scale = np.linalg.norm(want[finite])
+    return float(diff / scale) if scale > 0 else float(diff)
+
+
+def round_trip(teacher: Teacher, nbh: Neighbourhood, sample: Sample) -> RoundTrip:
+    """Convert the neighbourhood and compare torch with the teacher's onnxruntime activations."""
+    try:
+        sub = extract(teacher, nbh, sample)
+        module = to_torch(sub)
+        outs = run_torch(module, sub, sample.values)
+    except Exception as e:  # any failure here means "keep this neighbourhood as the teacher"
+        return RoundTrip(False, _reason(e), None)
+    errs = []
+    for name, got in zip(nbh.outputs, outs):
+        want = sample.values[name]
+        if np.issubdtype(want.dtype, np.floating):
+            errs.append(rel_err(got, want))
+        else:
+            errs.append(0.0 if np.array_equal(got, want) else float("inf"))
+    err = max(errs) if len(outs) == len(nbh.outputs) else float("inf")
+    if err <= EXACT_REL_ERR:
+        return RoundTrip(True, None, err)
+    reason = "output count differs" if len(outs) != len(nbh.outputs) else f"inexact: rel_err {err:.2e}"
+    return RoundTrip(False, reason, None if not np.isfinite(err) else err)

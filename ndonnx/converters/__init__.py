@@ -1,0 +1,35 @@
+"""onnx2torch converters for ONNX op versions that onnx2torch 1.5.15 lacks.
+
+onnx2torch's last release predates opsets 18-23, and its registry is keyed by the exact version in
+which an op last changed, so e.g. any opset-19 model fails on Constant-19 and any opset-18 model on
+ReduceMean-18, even where nothing relevant changed. torch's dynamo exporter (opset 18 and up)
+produces such versions all the time. Importing this package registers converters for the missing
+keys in onnx2torch's own registry, so ``onnx2torch.convert`` just works afterwards. Registration
+happens once (module import) and never replaces a converter onnx2torch already has.
+
+``REGISTERED`` lists the (op_type, version) keys added here.
+"""
+
+from . import (  # noqa: F401  (imported for their registration side effect)
+    activation,
+    cast,
+    compare,
+    constant,
+    conv,
+    elementwise,
+    misc,
+    norm,
+    pad,
+    pool,
+    reduce,
+    reshape,
+    resize,
+    scatter,
+    shape,
+    split,
+)
+from ._registry import ADDED
+
+REGISTERED = tuple(ADDED)
+
+__all__ = ['REGISTERED']

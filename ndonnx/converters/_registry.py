@@ -1,0 +1,82 @@
+"""Shared helpers: registration into onnx2torch's registry and constant-input lookup."""
+
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+from onnx import defs
+from onnx2torch.node_converters.registry import (
+    _CONVERTER_REGISTRY,
+    OperationDescription,
+    TConverter,
+    add_converter,
+)
+from onnx2torch.onnx_graph import OnnxGraph
+from onnx2torch.onnx_node import OnnxNode
+from onnx2torch.utils.common import OnnxMapping, get_const_value
+
+# (op_type, version) keys this package added, in registration order.
+ADDED: List[Tuple[str, int]] = []
+
+
+def _key(op_type: str, version: int) -> OperationDescription:
+    return OperationDescription(domain=defs.ONNX_DOMAIN, operation_type=op_type, version=version)
+
+
+def register(op_type: str, *versions: int) -> Callable[[TConverter], TConverter]:
+    """Like onnx2torch's ``add_converter`` for several versions, but skips keys onnx2torch already has.
+
+    Skipping (rather than raising) keeps ``import ndonnx.converters`` working if a later onnx2torch
+    release ships its own converter for one of these versions; its converter then wins.
+    """
+
+    def deco(converter: TConverter) -> TConverter:
+        for version in versions:
+            if _key(op_type, version) in _CONVERTER_REGISTRY:
+                continue
+            add_converter(operation_type=op_type, version=version)(converter)
+            ADDED.append((op_type, version))
+        return converter
+
+    return deco
+
+
+def alias(op_type: str, versions: Sequence[int], existing_version: int) -> None:
+    """Register ``versions`` with onnx2torch's own converter for ``existing_version``.
+
+    Only for version bumps that add tensor types (bfloat16, float8, int4, ...) and keep the semantics.
+    """
+    register(op_type, *versions)(_CONVERTER_REGISTRY[_key(op_type, existing_version)])
+
+
+def input_name(node: OnnxNode, index: int) -> str:
+    """Name of the ``index``-th input, '' when the optional input is absent."""
+    values = node.input_values
+    return values[index] if index < len(values) else ''
+
+
+def const_list(node: OnnxNode, index: int, graph: OnnxGraph) -> Optional[list]:
+    """Value of input ``index`` as a Python list when it is an initializer/Constant, else None.
+
+    Converters use this to bake axes/pads/shapes into the module (traceable, no ``.tolist()`` at run
+    time); a computed input stays a runtime argument.
+    """
+    name = input_name(node, index)
+    if not name:
+        return None
+    try:
+        value = get_const_value(name, graph)
+    except KeyError:
+        return None
+    if isinstance(value, torch.Tensor):
+        return value.reshape(-1).tolist()
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value]
+
+
+def mapping(node: OnnxNode, inputs: Sequence[str]) -> OnnxMapping:
+    """Mapping with ``inputs`` in forward()-argument order; '' skips one (converter passes it by name)."""
+    inputs = list(inputs)
+    while inputs and not inputs[-1]:
+        inputs.pop()
+    return OnnxMapping(inputs=tuple(inputs), outputs=node.output_values)

@@ -1,0 +1,149 @@
+"""AveragePool-19/22 (adds ``dilations``), MaxPool-22 and GlobalAveragePool-22 (types only).
+
+torch's avg_pool has no dilation, and onnx2torch's AveragePool also refuses asymmetric pads and
+SAME auto_pad. The general path here sums each window with a depthwise all-ones convolution (which
+has dilation) over the explicitly padded input and divides by a count obtained the same way from a
+mask, so ``count_include_pad``, ``ceil_mode`` overhang and asymmetric pads follow ORT. Plain cases
+(no dilation, symmetric pads torch accepts) use ``F.avg_pool*d``, whose rules are the same.
+"""
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from onnx2torch.onnx_graph import OnnxGraph
+from onnx2torch.onnx_node import OnnxNode
+from onnx2torch.utils.common import OnnxToTorchModule, OperationConverterResult, onnx_mapping_from_node
+
+from ._registry import alias, register
+
+_AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+class AveragePool(nn.Module, OnnxToTorchModule):
+    """ONNX AveragePool-19+ for 1-3 spatial dims."""
+
+    def __init__(
+        self,
+        kernel_shape: List[int],
+        strides: Optional[List[int]] = None,
+        dilations: Optional[List[int]] = None,
+        pads: Optional[List[int]] = None,
+        auto_pad: str = 'NOTSET',
+        ceil_mode: int = 0,
+        count_include_pad: int = 0,
+    ):
+        super().__init__()
+        rank = len(kernel_shape)
+        if rank not in _CONV:
+            raise NotImplementedError(f'AveragePool with {rank} spatial dims is not implemented')
+        if auto_pad not in ('NOTSET', 'VALID', 'SAME_UPPER', 'SAME_LOWER'):
+            raise ValueError(f'Unexpected auto_pad "{auto_pad}"')
+        self.kernel = list(kernel_shape)
+        self.strides = list(strides or [1] * rank)
+        self.dilations = list(dilations or [1] * rank)
+        self.pads = list(pads or [0] * 2 * rank)
+        self.auto_pad = auto_pad
+        self.ceil_mode = bool(ceil_mode)
+        self.count_include_pad = bool(count_include_pad)
+
+    def _geometry(self, spatial: Tuple[int, ...]) -> Tuple[List[int], List[int], List[int]]:
+        """Per spatial dim: pad before, pad after (ONNX), extra zeros after for ceil_mode overhang."""
+        rank = len(self.kernel)
+        begins, ends, extras = [], [], []
+        for i in range(rank):
+            size, stride = spatial[i], self.strides[i]
+            window = (self.kernel[i] - 1) * self.dilations[i] + 1
+            if self.auto_pad in ('SAME_UPPER', 'SAME_LOWER'):
+                out = -(-size // stride)
+                total = max(0, (out - 1) * stride + window - size)
+                small = total // 2
+                begin, end = (small, total - small) if self.auto_pad == 'SAME_UPPER' else (total - small, small)
+            elif self.auto_pad == 'VALID':
+                begin = end = 0
+                out = (size - window) // stride + 1
+            else:
+                begin, end = self.pads[i], self.pads[i + rank]
+                span = size + begin + end - window
+                if self.ceil_mode:
+                    out = -(-span // stride) + 1
+                    if (out - 1) * stride >= size + begin:  # last window may not start in the end padding
+                        out -= 1
+                else:
+                    out = span // stride + 1
+            begins.append(begin)
+            ends.append(end)
+            extras.append(max(0, (out - 1) * stride + window - (size + begin + end)))
+        return begins, ends, extras
+
+    def _fast_path(self) -> bool:
+        rank = len(self.kernel)
+        begins, ends = self.pads[:rank], self.pads[rank:]
+        return (
+            self.auto_pad == 'NOTSET'
+            and all(d == 1 for d in self.dilations)
+            and begins == ends
+            and all(2 * p <= k for p, k in zip(begins, self.kernel))
+        )
+
+    def forward(self, input_tensor: torch.Tensor) -> torch.Tensor:
+        rank = len(self.kernel)
+        if self._fast_path():
+            return _AVG_POOL[rank](
+                input_tensor,
+                kernel_size=self.kernel,
+                stride=self.strides,
+                padding=self.pads[:rank],
+                ceil_mode=self.ceil_mode,
+                count_include_pad=self.count_include_pad,
+            )
+
+        x = input_tensor if input_tensor.dtype in (torch.float32, torch.float64) else input_tensor.float()
+        spatial = tuple(x.shape[2:])
+        begins, ends, extras = self._geometry(spatial)
+
+        def _torch_pads(before: List[int], after: List[int]) -> List[int]:
+            pads: List[int] = []
+            for b, a in zip(reversed(before), reversed(after)):
+                pads.extend((b, a))
+            return pads
+
+        padded = F.pad(x, _torch_pads(begins, [e + x_ for e, x_ in zip(ends, extras)]))
+        channels = x.shape[1]
+        weight = torch.ones((channels, 1, *self.kernel), dtype=x.dtype, device=x.device)
+        conv = _CONV[rank]
+        sums = conv(padded, weight, stride=self.strides, dilation=self.dilations, groups=channels)
+
+        # count of taps per window that ORT divides by: real elements (+ ONNX padding if included),
+        # never the ceil_mode overhang
+        mask = torch.ones((1, 1, *spatial), dtype=x.dtype, device=x.device)
+        if self.count_include_pad:
+            mask = F.pad(mask, _torch_pads(begins, ends), value=1.0)
+            mask = F.pad(mask, _torch_pads([0] * rank, extras), value=0.0)
+        else:
+            mask = F.pad(mask, _torch_pads(begins, [e + x_ for e, x_ in zip(ends, extras)]), value=0.0)
+        counts = conv(mask, weight[:1], stride=self.strides, dilation=self.dilations)
+        return (sums / counts).to(input_tensor.dtype)
+
+
+@register('AveragePool', 19, 22)
+def _average_pool(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:  # pylint: disable=unused-argument
+    attrs = node.attributes
+    module = AveragePool(
+        kernel_shape=attrs['kernel_shape'],
+        strides=attrs.get('strides'),
+        dilations=attrs.get('dilations'),
+        pads=attrs.get('pads'),
+        auto_pad=attrs.get('auto_pad', 'NOTSET'),
+        ceil_mode=attrs.get('ceil_mode', 0),
+        count_include_pad=attrs.get('count_include_pad', 0),
+    )
+    return OperationConverterResult(torch_module=module, onnx_mapping=onnx_mapping_from_node(node))
+
+
+# opset 22 only adds bfloat16
+alias('MaxPool', (22,), 12)
+alias('GlobalAveragePool', (22,), 1)

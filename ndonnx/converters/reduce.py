@@ -1,0 +1,123 @@
+"""Reduce*-18 (axes moved from attribute to optional input) and ReduceMax/ReduceMin-20 (bool).
+
+One module serves all of them. It follows onnxruntime, including the corners onnx2torch's
+attribute-based reducers get wrong or do not have:
+- no/empty axes: reduce everything, or with ``noop_with_empty_axes`` apply the op over empty sets,
+  i.e. the element-wise part only (ReduceL1 -> |x|, ReduceSumSquare -> x*x, ReduceLogSum -> log x);
+- negative axes mixed with keepdims=0 for Max/Min/Prod;
+- integer inputs keep their dtype (torch.sum/prod would promote to int64); ReduceMean truncates and
+  ReduceL2/LogSum/LogSumExp are computed in floating point, then truncated, as ORT does.
+"""
+
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from onnx2torch.onnx_graph import OnnxGraph
+from onnx2torch.onnx_node import OnnxNode
+from onnx2torch.utils.common import OnnxToTorchModule, OperationConverterResult
+
+from ._registry import const_list, input_name, mapping, register
+
+REDUCE_OPS = (
+    'ReduceL1',
+    'ReduceL2',
+    'ReduceLogSum',
+    'ReduceLogSumExp',
+    'ReduceMax',
+    'ReduceMean',
+    'ReduceMin',
+    'ReduceProd',
+    'ReduceSumSquare',
+)
+
+
+def _reduce(op_type: str, x: torch.Tensor, dims: List[int], keepdim: bool) -> torch.Tensor:
+    """Reduce ``x`` over ``dims`` (non-negative, may be empty = element-wise part only)."""
+    if op_type == 'ReduceMax':
+        return torch.amax(x, dim=dims, keepdim=keepdim) if dims else x.clone()
+    if op_type == 'ReduceMin':
+        return torch.amin(x, dim=dims, keepdim=keepdim) if dims else x.clone()
+    if op_type == 'ReduceProd':
+        result = x.clone()
+        for dim in dims:  # torch.prod reduces one dim at a time
+            result = torch.prod(result, dim=dim, keepdim=True, dtype=x.dtype)
+        return result.squeeze(dims) if dims and not keepdim else result
+
+    def _sum(values: torch.Tensor) -> torch.Tensor:
+        # an empty dim list means "all dims" to torch.sum, so skip the call instead
+        return torch.sum(values, dim=dims, keepdim=keepdim, dtype=values.dtype) if dims else values
+
+    if op_type == 'ReduceMean':
+        if not dims:
+            return x.clone()
+        if x.is_floating_point() or x.is_complex():
+            return torch.mean(x, dim=dims, keepdim=keepdim)
+        count = 1
+        for dim in dims:
+            count *= x.shape[dim]
+        return torch.div(torch.sum(x, dim=dims, keepdim=keepdim), count, rounding_mode='trunc').to(x.dtype)
+
+    floating = x.is_floating_point() or x.is_complex()
+    if op_type == 'ReduceL1':
+        return _sum(torch.abs(x))
+    if op_type == 'ReduceSumSquare':
+        return _sum(x * x)
+
+    # the rest need a floating point intermediate
+    values = x if floating else x.to(torch.float64)
+    if op_type == 'ReduceL2':
+        result = torch.sqrt(_sum(values * values))
+    elif op_type == 'ReduceLogSum':
+        result = torch.log(_sum(values))
+    elif op_type == 'ReduceLogSumExp':
+        # log(exp(x)) == x: no exp() so large inputs do not overflow when nothing is reduced
+        result = torch.logsumexp(values, dim=dims, keepdim=keepdim) if dims else values.clone()
+    else:
+        raise NotImplementedError(f'{op_type} is not implemented')
+    return result if floating else result.to(x.dtype)
+
+
+class Reduce(nn.Module, OnnxToTorchModule):
+    """ONNX Reduce* of opset 18+: axes either baked in (constant input) or given at run time."""
+
+    def __init__(
+        self,
+        op_type: str,
+        axes: Optional[List[int]] = None,
+        keepdims: int = 1,
+        noop_with_empty_axes: int = 0,
+    ):
+        super().__init__()
+        self.op_type = op_type
+        self.axes = axes
+        self.keepdim = bool(keepdims)
+        self.noop_with_empty_axes = bool(noop_with_empty_axes)
+
+    def forward(self, input_tensor: torch.Tensor, axes: Optional[torch.Tensor] = None) -> torch.Tensor:
+        rank = input_tensor.dim()
+        dims = self.axes if axes is None else axes.tolist()
+        if not dims:
+            dims = [] if self.noop_with_empty_axes else list(range(rank))
+        dims = sorted({dim + rank if dim < 0 else dim for dim in dims})
+        return _reduce(self.op_type, input_tensor, dims, self.keepdim)
+
+
+def _convert(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
+    axes_name = input_name(node, 1)
+    axes = const_list(node, 1, graph)
+    module = Reduce(
+        op_type=node.operation_type,
+        axes=axes,
+        keepdims=node.attributes.get('keepdims', 1),
+        noop_with_empty_axes=node.attributes.get('noop_with_empty_axes', 0),
+    )
+    inputs = [node.input_values[0], '' if axes is not None else axes_name]
+    return OperationConverterResult(torch_module=module, onnx_mapping=mapping(node, inputs))
+
+
+for _op_type in REDUCE_OPS:
+    register(_op_type, 18)(_convert)
+register('ReduceMax', 20)(_convert)
+register('ReduceMin', 20)(_convert)

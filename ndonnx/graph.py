@@ -1,0 +1,305 @@
+"""Loading a teacher: safe external data, opset upgrade, constant folding, dead-code removal,
+parameter counting. Everything downstream sees weights as initializers only."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, external_data_helper, helper, numpy_helper, version_converter
+from onnx.reference import ReferenceEvaluator
+
+from ndonnx.errors import NdonnxError
+
+log = logging.getLogger(__name__)
+
+ONNX_DOMAINS = ("", "ai.onnx")
+MIN_OPSET = 9
+# Below this opset onnx2torch lacks converters for common ops; onnx's version converter upgrades.
+UPGRADE_BELOW = 11
+UPGRADE_TO = 13
+
+QUANT_OPS = {
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
+    "MatMulInteger", "ConvInteger", "QLinearAdd", "QLinearMul", "QLinearAveragePool",
+    "QLinearGlobalAveragePool", "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu",
+    "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm", "QAttention",
+}
+WEIGHTED_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+NONDETERMINISTIC_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
+                        "Bernoulli", "Multinomial", "Dropout"}
+FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
+# Float inputs that configure an op rather than weigh it (not parameters).
+NON_WEIGHT_SLOTS = {("Resize", 1), ("Resize", 2), ("Upsample", 1), ("Pad", 2), ("Clip", 1), ("Clip", 2)}
+
+
+@dataclass
+class Teacher:
+    """A loaded, normalised teacher graph. `model` is the one every later stage reads."""
+
+    path: Path
+    model: onnx.ModelProto
+    opset: int
+    weights: dict[str, int]  # initializer name -> parameter count (float weights only)
+
+    @property
+    def params(self) -> int:
+        return sum(self.weights.values())
+
+    @property
+    def input_names(self) -> list[str]:
+        return graph_inputs(self.model)
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[str]:
+    """Real inputs: old IR versions also list initializers as inputs."""
+    inits = {i.name for i in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name not in inits]
+
+
+def onnx_opset(model: onnx.ModelProto) -> int:
+    for o in model.opset_import:
+        if o.domain in ONNX_DOMAINS:
+            return o.version
+    return 1
+
+
+def load_teacher(path: str | os.PathLike) -> Teacher:
+    """Read, check and normalise a teacher model; raises NdonnxError on anything a user can fix."""
+    path = Path(path)
+    model = _read(path)
+    _refuse_quantized(model)
+    opset = onnx_opset(model)
+    if opset < UPGRADE_BELOW:
+        model = _upgrade_opset(model, path)
+    model = fold_constants(model)
+    model = remove_dead_nodes(model)
+    return Teacher(path=path, model=model, opset=onnx_opset(model), weights=weight_counts(model))
+
+
+def _read(path: Path) -> onnx.ModelProto:
+    if not path.exists():
+        raise NdonnxError(f"{path}: no such file")
+    if not path.is_file():
+        raise NdonnxError(f"{path}: not a file")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf raises several types for garbage input
+        raise NdonnxError(f"{path}: not a readable ONNX model ({type(e).__name__})") from e
+    if not model.graph.node or not model.graph.output:
+        raise NdonnxError(f"{path}: not an ONNX model (no graph nodes or outputs)")
+    base = path.resolve().parent
+    for tensor in _all_tensors(model):
+        if tensor.data_location == TensorProto.EXTERNAL:
+            _check_external(tensor, base, path)
+    try:
+        external_data_helper.load_external_data_for_model(model, str(base))
+    except Exception as e:
+        raise NdonnxError(f"{path}: cannot read its external data ({e})") from e
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise NdonnxError(f"{path}: invalid ONNX model: {first}") from e
+    except ValueError as e:  # > 2 GB protos cannot be checked in memory
+        log.warning("skipped onnx.checker: %s", e)
+    return model
+
+
+def _all_tensors(model: onnx.ModelProto):
+    yield from external_data_helper._get_all_tensors(model)
+
+
+def _check_external(tensor: TensorProto, base: Path, path: Path) -> None:
+    info = {e.key: e.value for e in tensor.external_data}
+    location = info.get("location", "")
+    target = (base / location).resolve()
+    if not location or os.path.isabs(location) or not target.is_relative_to(base):
+        raise NdonnxError(f"{path}: external data location {location!r} of {tensor.name!r} "
+                          f"is outside the model's folder; refused")
+    if not target.is_file():
+        raise NdonnxError(f"{path}: external data file {location!r} of {tensor.name!r} is missing")
+    end = int(info.get("offset", 0) or 0) + int(info.get("length", 0) or 0)
+    if end > target.stat().st_size:
+        raise NdonnxError(f"{path}: external data file {location!r} is truncated "
+                          f"({tensor.name!r} needs {end} bytes)")
+
+
+def _refuse_quantized(model: onnx.ModelProto) -> None:
+    ops = {n.op_type for n in model.graph.node}
+    if ops & QUANT_OPS:
+        raise NdonnxError(f"quantized models are not supported (found {', '.join(sorted(ops & QUANT_OPS))}); "
+                          f"compress the float model, then quantize the student")
+    inits = {i.name: i for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type in WEIGHTED_OPS:
+            for name in node.input[1:2]:
+                if name in inits and inits[name].data_type in (TensorProto.INT8, TensorProto.UINT8):
+                    raise NdonnxError(f"quantized models are not supported ({node.op_type} "
+                                      f"{node.name!r} has integer weights)")
+
+
+def _upgrade_opset(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
+    old = onnx_opset(model)
+    try:
+        upgraded = version_converter.convert_version(model, UPGRADE_TO)
+        onnx.checker.check_model(upgraded)
+        return upgraded
+    except Exception as e:
+        if old < MIN_OPSET:
+            raise NdonnxError(f"{path}: opset {old} is older than {MIN_OPSET} and could not be "
+                              f"upgraded ({type(e).__name__})") from e
+        log.warning("kept opset %d: the version converter failed (%s)", old, e)
+        return model
+
+
+def _has_subgraph(node: onnx.NodeProto) -> bool:
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+
+
+def _subgraph_names(model: onnx.ModelProto) -> set[str]:
+    """Names read from the outer scope by If/Loop/Scan bodies: these must keep their names."""
+    return set().union(*(subgraph_reads(n) for n in model.graph.node))
+
+
+def subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """Every name the node's If/Loop/Scan bodies read (outer-scope names among them)."""
+    names: set[str] = set()
+    for a in node.attribute:
+        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+        for g in graphs:
+            for n in g.node:
+                names.update(n.input)
+                names |= subgraph_reads(n)
+    return names
+
+
+def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Turn every subgraph whose inputs are all constant into initializers.
+
+    Constant nodes become initializers; Identity of an initializer becomes an alias (the legacy
+    exporter's deduplication: copying would count the weight twice); the rest of the constant
+    subgraph (ConstantOfShape, Cast, Reshape, ...) is evaluated in one onnxruntime session.
+    """
+    model = _copy(model)
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    graph_outputs = {o.name for o in g.output}
+    keep_names = graph_outputs | _subgraph_names(model)
+    alias: dict[str, str] = {}
+    constant = set(inits)  # tensor names known constant
+    foldable: list[onnx.NodeProto] = []
+    kept: list[onnx.NodeProto] = []
+    for node in g.node:
+        for i, name in enumerate(node.input):
+            node.input[i] = alias.get(name, name)
+        if node.op_type == "Constant" and node.domain in ONNX_DOMAINS and node.output[0] not in keep_names:
+            tensor = _constant_value(node)
+            if tensor is not None:
+                g.initializer.append(tensor)
+                inits[tensor.name] = tensor
+                constant.add(tensor.name)
+                continue
+        if node.op_type == "Identity" and node.input[0] in inits and node.output[0] not in keep_names:
+            alias[node.output[0]] = node.input[0]
+            continue
+        inputs = [n for n in node.input if n]
+        if (inputs and all(n in constant for n in inputs) and node.domain in ONNX_DOMAINS
+                and node.op_type not in NONDETERMINISTIC_OPS and not _has_subgraph(node)
+                and not set(node.output) & keep_names):
+            foldable.append(node)
+            constant.update(node.output)
+        else:
+            kept.append(node)
+    for o in g.output:  # an output that was an alias keeps its name through an Identity
+        if o.name in alias:
+            kept.append(helper.make_node("Identity", [alias[o.name]], [o.name]))
+    if foldable:
+        needed = {n for node in kept for n in node.input} | graph_outputs
+        produced = [o for node in foldable for o in node.output if o in needed]
+        values = _evaluate(model, foldable, produced)
+        for name, value in values.items():
+            g.initializer.append(numpy_helper.from_array(value, name))
+    del g.node[:]
+    g.node.extend(kept)
+    return _prune_initializers(model)
+
+
+def _constant_value(node: onnx.NodeProto) -> TensorProto | None:
+    try:
+        value = ReferenceEvaluator(
+            helper.make_model(helper.make_graph([node], "c", [], [helper.make_empty_tensor_value_info(node.output[0])]))
+        ).run(None, {})[0]
+    except Exception:  # sparse_value or an attribute the evaluator does not know: leave the node
+        return None
+    return numpy_helper.from_array(np.asarray(value), node.output[0])
+
+
+def _evaluate(model: onnx.ModelProto, nodes: list[onnx.NodeProto], outputs: list[str]) -> dict[str, np.ndarray]:
+    import onnxruntime as ort
+
+    inits = {i.name: i for i in model.graph.initializer}
+    reads = {n for node in nodes for n in node.input if n in inits}
+    graph = helper.make_graph(nodes, "fold", [], [onnx.ValueInfoProto(name=o) for o in outputs],
+                              [inits[n] for n in sorted(reads)])
+    sub = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(sub.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return dict(zip(outputs, sess.run(outputs, {})))
+
+
+def _prune_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    g = model.graph
+    used = {n for node in g.node for n in node.input} | {o.name for o in g.output} | _subgraph_names(model)
+    dropped = {i.name for i in g.initializer if i.name not in used}
+    keep = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    for vi in [i for i in g.input if i.name in dropped]:  # old IR lists initializers as inputs too
+        g.input.remove(vi)
+    return model
+
+
+def remove_dead_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Drop nodes none of whose outputs reach a graph output (they would skew parameter counts)."""
+    g = model.graph
+    live = {o.name for o in g.output}
+    keep: list[onnx.NodeProto] = []
+    for node in reversed(g.node):
+        if set(node.output) & live:
+            keep.append(node)
+            live.update(n for n in node.input if n)
+            live.update(subgraph_reads(node))
+    if len(keep) == len(g.node):
+        return model
+    model = _copy(model)
+    del model.graph.node[:]
+    model.graph.node.extend(reversed(keep))
+    return _prune_initializers(model)
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+def weight_counts(model: onnx.ModelProto) -> dict[str, int]:
+    """Parameters per initializer: float tensors of more than one element that some op reads as a
+    weight. Shape/index constants (integers), scalars and op settings (Resize scales) are not weights."""
+    slots: dict[str, set[tuple[str, int]]] = {}
+    for node in model.graph.node:
+        for k, name in enumerate(node.input):
+            slots.setdefault(name, set()).add((node.op_type, k))
+    out = {}
+    for init in model.graph.initializer:
+        n = int(np.prod(init.dims)) if init.dims else 1
+        uses = slots.get(init.name, set())
+        if init.data_type in FLOAT_TYPES and n > 1 and not (uses and uses <= NON_WEIGHT_SLOTS):
+            out[init.name] = n
+    return out

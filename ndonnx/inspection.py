@@ -1,0 +1,53 @@
+"""`ndonnx inspect`: how ndonnx reads a model, as the JSON document later stages and CI tools use."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from ndonnx.config import PartitionConfig, SampleConfig
+from ndonnx.convert import round_trip
+from ndonnx.graph import load_teacher
+from ndonnx.partition import partition
+from ndonnx.sample import run_sample
+
+
+def inspect_model(path: str | Path, cfg: PartitionConfig = PartitionConfig(),
+                  sample_cfg: SampleConfig = SampleConfig(), check: bool = True,
+                  progress: Callable | None = None) -> dict:
+    """Load, partition and round-trip every neighbourhood. `progress(iterable, total, label)`
+    wraps the round-trip loop (the CLI passes a progress bar)."""
+    teacher = load_teacher(path)
+    part = partition(teacher, cfg)
+    sample = run_sample(teacher, sample_cfg)
+    model = teacher.model
+    rows = []
+    items = part.neighbourhoods
+    if progress is not None:
+        items = progress(items, len(items), "round trip")
+    for nbh in items:
+        rt = round_trip(teacher, nbh, sample) if check else None
+        rows.append({
+            "id": nbh.id,
+            "inputs": list(nbh.inputs),
+            "side_inputs": list(nbh.side_inputs),
+            "outputs": list(nbh.outputs),
+            "input_shapes": [sample.shapes[n] for n in nbh.inputs],
+            "side_input_shapes": [sample.shapes[n] for n in nbh.side_inputs],
+            "output_shapes": [sample.shapes[n] for n in nbh.outputs],
+            "params": nbh.params,
+            "op_types": nbh.op_types(model),
+            "convertible": rt.convertible if rt else None,
+            "reason": rt.reason if rt else "not checked",
+            "rel_err": rt.rel_err if rt else None,
+        })
+    return {
+        "model": str(path),
+        "opset": teacher.opset,
+        "params": teacher.params,
+        "outside_params": part.outside_params,
+        "primary_input": part.primary_input,
+        "inputs": teacher.input_names,
+        "outputs": [o.name for o in model.graph.output],
+        "neighbourhoods": rows,
+    }

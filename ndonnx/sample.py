@@ -1,0 +1,121 @@
+"""A seeded sample through the teacher: valid random inputs (masks as booleans, ids in range) and
+one onnxruntime run that records every tensor, for real shapes and round-trip references."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from ndonnx.config import SampleConfig
+from ndonnx.graph import Teacher
+
+Shape = list  # of int | str
+
+
+@dataclass
+class Sample:
+    feeds: dict[str, np.ndarray]  # graph inputs
+    values: dict[str, np.ndarray]  # every recorded tensor, graph inputs included
+    shapes: dict[str, Shape]  # display/declared shapes: symbolic batch where the model has one
+
+
+def ort_session(model: onnx.ModelProto):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def _dims(vi: onnx.ValueInfoProto) -> Shape | None:
+    t = vi.type.tensor_type
+    if not t.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim]
+
+
+def index_ranges(model: onnx.ModelProto) -> dict[str, int]:
+    """For integer inputs used as Gather indices into a constant table: the table size on that axis."""
+    inits = {i.name: i for i in model.graph.initializer}
+    out: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type == "Gather" and node.input[0] in inits:
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+            size = inits[node.input[0]].dims[axis]
+            out[node.input[1]] = min(out.get(node.input[1], size), size)
+    return out
+
+
+def make_inputs(teacher: Teacher, cfg: SampleConfig = SampleConfig()) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(cfg.seed)
+    model = teacher.model
+    ranges = index_ranges(model)
+    feeds = {}
+    for vi in model.graph.input:
+        if vi.name not in teacher.input_names:
+            continue
+        dims = _dims(vi) or []
+        shape = []
+        for k, d in enumerate(dims):
+            if isinstance(d, int) and d > 0:
+                shape.append(d)
+            elif k == 0:
+                shape.append(cfg.batch)
+            elif len(dims) == 4 and k >= 2:
+                shape.append(cfg.spatial_dim)
+            else:
+                shape.append(cfg.free_dim)
+        dtype = helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+        feeds[vi.name] = _random(rng, shape, dtype, ranges.get(vi.name, 2))
+    return feeds
+
+
+def _random(rng: np.random.Generator, shape: list[int], dtype, high: int) -> np.ndarray:
+    if dtype == np.bool_:
+        # Each row: some True then some False, so no row is fully masked in either mask convention.
+        last = shape[-1] if shape else 1
+        keep = rng.integers(1, max(last, 2), size=shape[:-1] + [1]) if shape else 1
+        return (np.arange(last) < keep).reshape(shape) if shape else np.array(True)
+    if np.issubdtype(dtype, np.integer):
+        return rng.integers(0, high, size=shape).astype(dtype)
+    return rng.standard_normal(shape).astype(dtype)
+
+
+def run_sample(teacher: Teacher, cfg: SampleConfig = SampleConfig(), feeds: dict | None = None) -> Sample:
+    """One onnxruntime run with every node output exposed."""
+    feeds = feeds if feeds is not None else make_inputs(teacher, cfg)
+    model = onnx.ModelProto()
+    model.CopyFrom(teacher.model)
+    existing = {o.name for o in model.graph.output}
+    names = [o for node in model.graph.node for o in node.output if o and o not in existing]
+    model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
+    sess = ort_session(model)
+    out_names = [o.name for o in sess.get_outputs()]
+    values = dict(feeds)
+    values.update(zip(out_names, sess.run(out_names, feeds)))
+    return Sample(feeds=feeds, values=values, shapes=_declared_shapes(teacher, values, cfg))
+
+
+def _declared_shapes(teacher: Teacher, values: dict[str, np.ndarray], cfg: SampleConfig) -> dict[str, Shape]:
+    """Inferred shapes where onnx knows them (symbolic dims kept), real ones where it lost them."""
+    try:
+        inferred_model = onnx.shape_inference.infer_shapes(teacher.model, data_prop=True)
+    except Exception:  # shape inference is a help, never a requirement
+        inferred_model = teacher.model
+    g = inferred_model.graph
+    inferred = {vi.name: _dims(vi) for vi in list(g.input) + list(g.value_info) + list(g.output)}
+    batch = next((d[0] for vi in g.input if vi.name in teacher.input_names
+                  and (d := _dims(vi)) and isinstance(d[0], str)), None)
+    shapes = {}
+    for name, v in values.items():
+        if not isinstance(v, np.ndarray):
+            continue
+        known = inferred.get(name)
+        if known is None or len(known) != v.ndim:
+            known = ["?"] * v.ndim
+        shapes[name] = [k if k not in (0, "?") else (batch if j == 0 and batch and r == cfg.batch else r)
+                        for j, (k, r) in enumerate(zip(known, v.shape))]
+    return shapes

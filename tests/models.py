@@ -1,0 +1,213 @@
+"""Tiny teachers built on the spot: torch modules exported with both exporters, or onnx.helper graphs."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from onnx import helper, numpy_helper
+from torch import nn
+
+
+def _seed():
+    torch.manual_seed(0)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.c1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.b1 = nn.BatchNorm2d(cout)
+        self.c2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.b2 = nn.BatchNorm2d(cout)
+        self.down = None
+        if stride != 1 or cin != cout:
+            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        y = torch.relu(self.b1(self.c1(x)))
+        y = self.b2(self.c2(y))
+        return torch.relu(y + (self.down(x) if self.down is not None else x))
+
+
+class TinyResNet(nn.Module):
+    """Stem + 3 basic blocks (the last downsamples) + head: 5 weighted segments."""
+
+    def __init__(self, width: int = 8, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.layers = nn.Sequential(BasicBlock(width, width), BasicBlock(width, width), BasicBlock(width, 2 * width, 2))
+        self.fc = nn.Linear(2 * width, classes)
+
+    def forward(self, x):
+        x = self.layers(self.stem(x))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, c: int, expand: int = 4, se: bool = False):
+        super().__init__()
+        h = c * expand
+        self.expand = nn.Sequential(nn.Conv2d(c, h, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU6())
+        self.dw = nn.Sequential(nn.Conv2d(h, h, 3, 1, 1, groups=h, bias=False), nn.BatchNorm2d(h), nn.ReLU6())
+        self.se = SqueezeExcite(h) if se else None
+        self.project = nn.Sequential(nn.Conv2d(h, c, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        y = self.dw(self.expand(x))
+        if self.se is not None:
+            y = self.se(y)
+        return x + self.project(y)
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, c: int, r: int = 4):
+        super().__init__()
+        self.fc1 = nn.Conv2d(c, c // r, 1)
+        self.fc2 = nn.Conv2d(c // r, c, 1)
+
+    def forward(self, x):
+        s = nn.functional.adaptive_avg_pool2d(x, 1)
+        return x * torch.sigmoid(self.fc2(torch.relu(self.fc1(s))))
+
+
+class TinyMobileNet(nn.Module):
+    """Stem, two inverted residuals (the second with squeeze-excite, SiLU head), classifier."""
+
+    def __init__(self, c: int = 8, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, 2, 1, bias=False), nn.BatchNorm2d(c), nn.SiLU())
+        self.b1 = InvertedResidual(c)
+        self.b2 = InvertedResidual(c, se=True)
+        self.fc = nn.Linear(c, classes)
+
+    def forward(self, x):
+        x = self.b2(self.b1(self.stem(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+class EncoderLayer(nn.Module):
+    """Post-norm transformer layer written out (no fused fast path): attention and feed-forward."""
+
+    def __init__(self, d: int, heads: int, ff: int):
+        super().__init__()
+        self.h = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+        self.n1 = nn.LayerNorm(d)
+        self.ff1 = nn.Linear(d, ff)
+        self.ff2 = nn.Linear(ff, d)
+        self.n2 = nn.LayerNorm(d)
+
+    def forward(self, x, bias):
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, t, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4)
+        att = torch.softmax(q @ k.transpose(-1, -2) / (d // self.h) ** 0.5 + bias, -1)
+        y = (att @ v).transpose(1, 2).reshape(b, t, d)
+        x = self.n1(x + self.out(y))
+        return self.n2(x + self.ff2(nn.functional.gelu(self.ff1(x))))
+
+
+class TinyEncoder(nn.Module):
+    """Token ids (int64) + padding mask (bool, True = real token) -> 2 layers -> pooled logits."""
+
+    def __init__(self, vocab: int = 50, d: int = 16, heads: int = 2, layers: int = 2, classes: int = 3):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.layers = nn.ModuleList(EncoderLayer(d, heads, 2 * d) for _ in range(layers))
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, ids, mask):
+        bias = torch.where(mask, 0.0, -1e4)[:, None, None, :]
+        x = self.emb(ids)
+        for layer in self.layers:
+            x = layer(x, bias)
+        return self.head(x[:, 0])
+
+
+class TwoHeads(nn.Module):
+    """A multi-output model: a shared trunk, logits and an embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1), nn.ReLU(), BasicBlock(8, 8))
+        self.cls = nn.Linear(8, 5)
+        self.emb = nn.Linear(8, 4)
+
+    def forward(self, x):
+        f = self.trunk(x).mean((2, 3))
+        return self.cls(f), self.emb(f)
+
+
+def _randomise_bn(module: nn.Module) -> nn.Module:
+    """Non-trivial BatchNorm statistics, so that a train-mode conversion would show."""
+    g = torch.Generator().manual_seed(1)
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return module.eval()
+
+
+def export(module: nn.Module, args: tuple, path: Path, *, dynamo: bool = False, opset: int = 13,
+           input_names=("input",), output_names=("logits",), dynamic_batch: bool = True) -> Path:
+    """Export with torch's legacy exporter (opset `opset`) or its dynamo exporter (external data)."""
+    module = _randomise_bn(module)
+    path = Path(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            batch = torch.export.Dim("N", min=1, max=1024)
+            dims = tuple({0: batch} for _ in input_names) if dynamic_batch else None
+            torch.onnx.export(module, args, str(path), dynamo=True, input_names=list(input_names),
+                              output_names=list(output_names), dynamic_shapes=dims, external_data=True)
+        else:
+            axes = {n: {0: "N"} for n in (*input_names, *output_names)} if dynamic_batch else None
+            torch.onnx.export(module, args, str(path), dynamo=False, opset_version=opset,
+                              input_names=list(input_names), output_names=list(output_names), dynamic_axes=axes)
+    return path
+
+
+def tiny_resnet(path: Path, **kw) -> Path:
+    _seed()
+    return export(TinyResNet(), (torch.randn(2, 3, 16, 16),), path, **kw)
+
+
+def tiny_mobilenet(path: Path, **kw) -> Path:
+    _seed()
+    return export(TinyMobileNet(), (torch.randn(2, 3, 16, 16),), path, **kw)
+
+
+def tiny_encoder(path: Path, **kw) -> Path:
+    _seed()
+    ids = torch.randint(0, 50, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[1, 5:] = False
+    return export(TinyEncoder(), (ids, mask), path, input_names=("ids", "mask"), **kw)
+
+
+def two_heads(path: Path, **kw) -> Path:
+    _seed()
+    return export(TwoHeads(), (torch.randn(2, 3, 8, 8),), path, output_names=("logits", "embedding"), **kw)
+
+
+def initializers_to_constants(src: Path, dst: Path) -> Path:
+    """The same graph with every initializer turned into a Constant node (as some toolchains write)."""
+    model = onnx.load(str(src))
+    consts = [helper.make_node("Constant", [], [i.name], value=i) for i in model.graph.initializer]
+    names = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in names]
+    del model.graph.initializer[:]
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
+    nodes = list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(consts + nodes)
+    onnx.save(model, str(dst))
+    return Path(dst)
+
+
+def weight_tensor(model: onnx.ModelProto, name: str):
+    return numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == name))

@@ -1,0 +1,67 @@
+"""The command line: JSON contract, tables, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ndonnx_cli.main import main
+
+KEYS = {"id", "inputs", "side_inputs", "outputs", "input_shapes", "output_shapes", "params", "op_types",
+        "convertible", "reason", "rel_err"}
+
+
+def _json(capsys, argv):
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_inspect_json_contract(zoo, capsys):
+    r = _json(capsys, ["inspect", str(zoo["encoder"]), "--json"])
+    assert {"model", "opset", "params", "outside_params", "primary_input", "neighbourhoods"} <= r.keys()
+    assert isinstance(r["opset"], int) and r["primary_input"] == "ids"
+    for n in r["neighbourhoods"]:
+        assert KEYS <= n.keys()
+        assert all(isinstance(d, (int, str)) for s in n["input_shapes"] + n["output_shapes"] for d in s)
+        assert n["convertible"] is True and n["reason"] is None and n["rel_err"] <= 1e-4
+    assert sum(n["params"] for n in r["neighbourhoods"]) + r["outside_params"] == r["params"]
+
+
+def test_inspect_options(zoo, capsys):
+    r = _json(capsys, ["inspect", str(zoo["resnet_legacy"]), "--json", "--block-size", "3", "--primary-input", "input"])
+    assert [n["params"] for n in r["neighbourhoods"]] == [224 + 1168 + 1168, 3632 + 170]
+
+
+def test_inspect_table(zoo, capsys):
+    assert main(["inspect", str(zoo["mobilenet"])]) == 0
+    out = capsys.readouterr().out
+    assert "exact" in out and "4 neighbourhoods" in out and "2,610 parameters" in out
+
+
+@pytest.mark.parametrize("case", ["missing", "text", "truncated", "primary", "block"])
+def test_bad_input_is_one_line_exit_2(zoo, tmp_path, capsys, case):
+    path = tmp_path / "bad.onnx"
+    argv = ["inspect", str(path)]
+    if case == "text":
+        path.write_text("not a model")
+    elif case == "truncated":
+        path.write_bytes(zoo["resnet_legacy"].read_bytes()[:2000])
+    elif case == "primary":
+        argv = ["inspect", str(zoo["resnet_legacy"]), "--primary-input", "nope"]
+    elif case == "block":
+        argv = ["inspect", str(zoo["resnet_legacy"]), "--block-size", "0"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ndonnx: error:") and "Traceback" not in err[0]
+
+
+def test_console_script_runs(zoo):
+    r = subprocess.run([sys.executable, "-m", "ndonnx_cli", "inspect", str(zoo["two_heads"]), "--json"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["neighbourhoods"][-1]["outputs"] == ["logits", "embedding"]
+    r = subprocess.run([sys.executable, "-m", "ndonnx_cli", "inspect", "/nonexistent.onnx"], capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "no such file" in r.stderr

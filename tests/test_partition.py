@@ -1,0 +1,106 @@
+"""Partition: boundaries from the dominator chain, merging, side inputs, exact parameter sums."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from ndonnx.config import PartitionConfig
+from ndonnx.errors import NdonnxError
+from ndonnx.graph import load_teacher
+from ndonnx.partition import partition
+
+RESNET_PARAMS = [224, 1168, 1168, 3632, 170]  # stem, three blocks, head (BN folded by the exporter)
+
+
+def _check_chain(teacher, part):
+    nb = part.neighbourhoods
+    assert nb[0].inputs == (part.primary_input,)
+    for a, b in zip(nb, nb[1:]):
+        assert a.outputs == b.inputs
+    assert sum(n.params for n in nb) + part.outside_params == teacher.params
+    every = sorted(i for n in nb for i in n.nodes) + list(part.outside_nodes)
+    assert sorted(every) == list(range(len(teacher.model.graph.node)))  # each node exactly once
+
+
+@pytest.mark.parametrize("name", ["resnet_legacy", "resnet_dynamo", "resnet_opset11", "resnet_constants"])
+def test_residual_blocks_are_neighbourhoods(zoo, name):
+    t = load_teacher(zoo[name])
+    part = partition(t)
+    _check_chain(t, part)
+    assert [n.params for n in part.neighbourhoods] == RESNET_PARAMS
+    assert part.neighbourhoods[-1].outputs == ("logits",)
+    assert part.outside_params == 0
+
+
+def test_block_size_merges_weighted_segments(zoo):
+    t = load_teacher(zoo["resnet_legacy"])
+    part = partition(t, PartitionConfig(block_size=2))
+    _check_chain(t, part)
+    assert [n.params for n in part.neighbourhoods] == [224 + 1168, 1168 + 3632, 170]
+
+
+def test_inverted_residual_and_squeeze_excite(zoo):
+    t = load_teacher(zoo["mobilenet"])
+    part = partition(t)
+    _check_chain(t, part)
+    nb = part.neighbourhoods
+    assert len(nb) == 4
+    assert [n.params for n in nb] == [224, 872, 1424, 90]
+    se = nb[2].op_types(t.model)
+    assert se["GlobalAveragePool"] == 1 and se["Conv"] == 5  # the squeeze-excite branch stays inside its block
+    depthwise = [t.model.graph.node[i] for i in nb[1].nodes if t.model.graph.node[i].op_type == "Conv"]
+    assert any(a.name == "group" and a.i == 32 for n in depthwise for a in n.attribute)
+
+
+def test_transformer_mask_is_a_side_input(zoo):
+    t = load_teacher(zoo["encoder"])
+    part = partition(t)
+    _check_chain(t, part)
+    assert part.primary_input == "ids"  # chosen automatically: the weights lie on its paths
+    nb = part.neighbourhoods
+    # embedding, then attention and feed-forward sub-layers of two layers, then the head
+    assert len(nb) == 6
+    with_mask = [n.id for n in nb if n.side_inputs]
+    assert with_mask == [1, 3]  # the two attention sub-layers read the mask path
+    assert all("Softmax" in nb[i].op_types(t.model) for i in with_mask)
+    assert all("Erf" in nb[i].op_types(t.model) for i in (2, 4))  # feed-forward with written-out Gelu
+    # the legacy exporter shares equal LayerNorm weights between layers: tied, so outside
+    assert part.outside_params == 32
+
+
+def test_multi_output_model(zoo):
+    t = load_teacher(zoo["two_heads"])
+    part = partition(t)
+    _check_chain(t, part)
+    assert part.neighbourhoods[-1].outputs == ("logits", "embedding")
+    assert len(part.neighbourhoods) == 3
+
+
+def test_named_primary_input(zoo):
+    t = load_teacher(zoo["encoder"])
+    with pytest.raises(NdonnxError, match="not an input"):
+        partition(t, PartitionConfig(primary_input="nope"))
+    part = partition(t, PartitionConfig(primary_input="ids"))
+    assert part.primary_input == "ids"
+
+
+def test_no_cut_point_is_one_neighbourhood(tmp_path, caplog):
+    rng = np.random.default_rng(0)
+    w1, w2 = (numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), n) for n in ("W1", "W2"))
+    g = helper.make_graph([helper.make_node("Conv", ["X", "W1"], ["A"]), helper.make_node("Conv", ["X", "W2"], ["B"])],
+                          "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                          [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["N", 4, 6, 6]),
+                           helper.make_tensor_value_info("B", TensorProto.FLOAT, ["N", 4, 6, 6])], [w1, w2])
+    path = tmp_path / "parallel.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    t = load_teacher(path)
+    with caplog.at_level(logging.WARNING):
+        part = partition(t)
+    assert len(part.neighbourhoods) == 1 and part.neighbourhoods[0].outputs == ("A", "B")
+    assert part.neighbourhoods[0].params == 216
+    assert "no cut point" in caplog.text
