@@ -27,9 +27,14 @@ class RoundTrip:
     rel_err: float | None
 
 
-def _value_info(name: str, value: np.ndarray, shape: list) -> onnx.ValueInfoProto:
-    elem = helper.np_dtype_to_tensor_dtype(value.dtype)
-    return helper.make_tensor_value_info(name, elem, shape)
+def _value_info(name: str, sample: Sample) -> onnx.ValueInfoProto:
+    """Real dims from the sample run, with the batch dim kept symbolic: converters read these
+    (onnx2torch takes LayerNormalization's normalized_shape from them), so no unknown dims."""
+    value, declared = sample.values[name], sample.shapes[name]
+    shape = list(value.shape)
+    if shape and declared and isinstance(declared[0], str):
+        shape[0] = declared[0]
+    return helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(value.dtype), shape)
 
 
 def extract(teacher: Teacher, nbh: Neighbourhood, sample: Sample) -> onnx.ModelProto:
@@ -44,10 +49,10 @@ def extract(teacher: Teacher, nbh: Neighbourhood, sample: Sample) -> onnx.ModelP
     inner = sorted(n for n in produced if n in sample.values and n not in nbh.outputs)
     graph = helper.make_graph(
         nodes, f"neighbourhood_{nbh.id}",
-        [_value_info(n, sample.values[n], sample.shapes[n]) for n in io],
-        [_value_info(n, sample.values[n], sample.shapes[n]) for n in nbh.outputs],
+        [_value_info(n, sample) for n in io],
+        [_value_info(n, sample) for n in nbh.outputs],
         [inits[n] for n in sorted(reads & inits.keys())],
-        value_info=[_value_info(n, sample.values[n], sample.shapes[n]) for n in inner],
+        value_info=[_value_info(n, sample) for n in inner],
     )
     sub = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
     sub.functions.extend(model.functions)

@@ -78,6 +78,7 @@ def load_teacher(path: str | os.PathLike) -> Teacher:
         model = _upgrade_opset(model, path)
     model = fold_constants(model)
     model = remove_dead_nodes(model)
+    model = drop_unused_optional_outputs(model)
     return Teacher(path=path, model=model, opset=onnx_opset(model), weights=weight_counts(model))
 
 
@@ -281,6 +282,27 @@ def remove_dead_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
     del model.graph.node[:]
     model.graph.node.extend(reversed(keep))
     return _prune_initializers(model)
+
+
+# Ops whose trailing outputs are optional statistics or masks that inference never reads.
+OPTIONAL_TRAILING_OUTPUTS = {"Dropout", "BatchNormalization", "MaxPool", "LayerNormalization"}
+
+
+def drop_unused_optional_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Remove unread trailing outputs (Dropout's mask, ...): onnx2torch indexes a multi-output
+    node's result, and a Dropout module returns one tensor, so its first row would be taken."""
+    g = model.graph
+    read = {n for node in g.node for n in node_inputs(node)} | {o.name for o in g.output}
+    for node in g.node:
+        if node.op_type in OPTIONAL_TRAILING_OUTPUTS:
+            while len(node.output) > 1 and node.output[-1] not in read:
+                node.output.pop()
+    return model
+
+
+def node_inputs(node: onnx.NodeProto) -> list[str]:
+    """Everything a node reads, its If/Loop/Scan bodies included."""
+    return [n for n in node.input if n] + sorted(subgraph_reads(node))
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -12,7 +12,7 @@ import onnx
 
 from ndonnx.config import PartitionConfig
 from ndonnx.errors import NdonnxError
-from ndonnx.graph import Teacher, subgraph_reads
+from ndonnx.graph import Teacher, node_inputs
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +44,11 @@ class Partition:
     outside_params: int  # weights shared between neighbourhoods or read only outside them
 
 
-def node_reads(node: onnx.NodeProto) -> list[str]:
-    return [n for n in node.input if n] + sorted(subgraph_reads(node))
-
-
 def forward_reach(model: onnx.ModelProto, start: str) -> set[int]:
     """Indices of the nodes that depend on tensor `start`."""
     consumers: dict[str, list[int]] = {}
     for i, node in enumerate(model.graph.node):
-        for name in node_reads(node):
+        for name in node_inputs(node):
             consumers.setdefault(name, []).append(i)
     seen: set[int] = set()
     stack = [start]
@@ -92,7 +88,7 @@ def partition(teacher: Teacher, cfg: PartitionConfig = PartitionConfig()) -> Par
     g = nx.DiGraph()
     g.add_edge(SOURCE, ("t", primary))
     for i in main:
-        for name in node_reads(nodes[i]):
+        for name in node_inputs(nodes[i]):
             if name in main_tensors:
                 g.add_edge(("t", name), ("n", i))
         for name in nodes[i].output:
@@ -129,7 +125,7 @@ def partition(teacher: Teacher, cfg: PartitionConfig = PartitionConfig()) -> Par
         idx = tuple(sorted(i for s in segs for i in seg_nodes[s]))
         last = segs[-1]
         outs = (cuts[last + 1],) if last + 1 < n_seg else tuple(o for o in outputs if o != cuts[segs[0]])
-        reads = {n for i in idx for n in node_reads(nodes[i])}
+        reads = {n for i in idx for n in node_inputs(nodes[i])}
         side = tuple(sorted(n for n in reads if n not in main_tensors and n not in inits))
         weights = tuple(sorted(w for w, s in owner.items() if s in segs))
         neighbourhoods.append(Neighbourhood(
@@ -165,7 +161,7 @@ def _weight_owners(teacher: Teacher, seg_nodes: list[list[int]]) -> dict[str, in
     readers: dict[str, set[int]] = {}
     for s, idx in enumerate(seg_nodes):
         for i in idx:
-            for name in node_reads(teacher.model.graph.node[i]):
+            for name in node_inputs(teacher.model.graph.node[i]):
                 if name in teacher.weights:
                     readers.setdefault(name, set()).add(s)
     return {w: next(iter(s)) for w, s in readers.items() if len(s) == 1}

@@ -48,11 +48,9 @@ class ScatterND(nn.Module, OnnxToTorchModule):
         rows = updates.reshape(-1, *tail_shape)
         if self.reduction is None:
             flat[linear] = rows
-        elif self.reduction == 'sum':
-            flat.index_add_(0, linear, rows)
-        else:
-            flat.index_reduce_(0, linear, rows, self.reduction, include_self=True)
-        return flat.reshape(data.shape)
+            return flat.reshape(data.shape)
+        index = linear.reshape(-1, *([1] * len(tail_shape))).expand_as(rows)
+        return flat.scatter_reduce_(0, index, rows, self.reduction, include_self=True).reshape(data.shape)
 
 
 @register('ScatterND', 18)
