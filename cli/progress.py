@@ -8,13 +8,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 stderr = Console(stderr=True)
 
 
-def bar(items, total: int, label: str, describe=None):
+def describe(item) -> str:
+    return f"neighbourhood {item.id}" if hasattr(item, "id") else ""
+
+
+def bar(items, total: int, label: str):
     """Yield from `items` with a bar: the stage, the current item, count and ETA."""
     columns = (TextColumn("[bold]{task.fields[stage]}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[item]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
     with Progress(*columns, console=stderr, transient=False) as progress:
         task = progress.add_task(label, total=total, stage=label, item="")
         for item in items:
-            progress.update(task, item=describe(item) if describe else "")
+            progress.update(task, item=describe(item))
             yield item
             progress.advance(task)

@@ -40,3 +40,14 @@ def inspect_table(r: dict) -> None:
                  f"({r['outside_params']:,} outside neighbourhoods: tied or side-path weights); "
                  f"{len(conv)} convert to torch exactly, holding {conv_params:,} of {inside:,} parameters. "
                  f"Tensor names: --json.")
+
+
+def candidates_table(rows: list[dict]) -> None:
+    t = Table(title="distilled candidates (rel_mse: held-out MSE / variance of the teacher's output)")
+    for col in ("neighbourhood", "candidate", "params", "rel_mse", "status", "s"):
+        t.add_column(col, justify="left" if col in ("candidate", "status") else "right", overflow="fold")
+    for r in rows:
+        status = r["status"] + (f": {r['reason']}" if r.get("reason") else "")
+        rel = f"{r['rel_mse']:.2e}" if r["rel_mse"] is not None else "-"
+        t.add_row(str(r["neighbourhood"]), r["candidate"], f"{r['params']:,}", rel, status, f"{r['seconds']:.1f}")
+    stdout.print(t)

@@ -30,3 +30,35 @@ class SampleConfig:
     batch: int = 2  # > 1 so that batch-dependent ops are exercised
     free_dim: int = 16  # value for symbolic dims other than the batch (sequence length, ...)
     spatial_dim: int = 32  # value for symbolic trailing dims of rank-4 inputs (H, W)
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Everything `ndonnx distill` needs besides the model and data paths."""
+
+    partition: PartitionConfig = PartitionConfig()
+    candidates: str | None = None  # None: the default set (ndonnx.candidates.DEFAULT_CANDIDATES)
+    steps: int = 300
+    batch: int = 64
+    lr: float = 1e-3
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    jobs: int = 0  # worker processes; 0: one per core (CPU), one (CUDA)
+    lookahead: int = 0
+    data_free: bool = False
+    labels: str | None = None
+    force: bool = False  # start anew in a run directory made for another model
+
+    def __post_init__(self) -> None:
+        from ndonnx.errors import NdonnxError
+
+        for name in ("steps", "batch"):
+            if getattr(self, name) < 1:
+                raise NdonnxError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.lookahead < 0 or self.jobs < 0 or self.lr <= 0:
+            raise NdonnxError("--lookahead and --jobs must be >= 0 and --lr > 0")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise NdonnxError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,105 @@
+"""The activation cache: one onnxruntime pass of the teacher over the calibration data, every
+boundary and side-input tensor stored (float16 on disk, memory-mapped; in RAM when small)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from ndonnx.data import Dataset
+from ndonnx.sample import ort_session
+
+HOLDOUT = 0.1
+FLOAT16_MAX = 60000.0  # above this a tensor stays float32 (float16 would overflow to inf)
+RAM_LIMIT = 2 << 30  # caches smaller than this are read fully into memory
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def build_cache(model: onnx.ModelProto, names: list[str], data: Dataset, cache_dir: Path, seed: int,
+                fingerprint: str, batch: int = 256, progress=None) -> None:
+    """Write `names` for every sample of `data` into `cache_dir`, then the manifest (last, atomically:
+    a cache without a manifest is incomplete and rebuilt)."""
+    manifest_path = cache_dir / "manifest.json"
+    if manifest_path.exists() and json.loads(manifest_path.read_text()).get("fingerprint") == fingerprint:
+        return
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    existing = {o.name for o in m.graph.output}
+    m.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in existing)
+    sess = ort_session(m)
+    inputs = [s.name for s in data.specs]
+    files: dict[str, np.ndarray] = {}
+    maxabs: dict[str, float] = {}
+    pos = 0
+    shards = list(data.iter_shards()) if progress is None else progress(data.iter_shards(), len(data.shards), "cache")
+    for shard in shards:
+        n = len(shard[inputs[0]])
+        for lo in range(0, n, batch):
+            feeds = {k: shard[k][lo:lo + batch] for k in inputs}
+            outs = dict(zip(names, sess.run(names, feeds)))
+            outs.update({k: v for k, v in feeds.items() if k in names})
+            for k, v in outs.items():
+                if k not in files:
+                    files[k] = np.lib.format.open_memmap(cache_dir / f"{len(files):04d}.f32.npy", mode="w+",
+                                                         dtype=v.dtype, shape=(data.size, *v.shape[1:]))
+                files[k][pos:pos + len(v)] = v
+                if np.issubdtype(v.dtype, np.floating):
+                    maxabs[k] = max(maxabs.get(k, 0.0), float(np.abs(v).max(initial=0.0)))
+            pos += len(feeds[inputs[0]])
+        if data.labels_key:
+            files.setdefault("__labels__", np.lib.format.open_memmap(
+                cache_dir / "labels.npy", mode="w+", dtype=np.int64, shape=(data.size,)))
+            files["__labels__"][pos - n:pos] = shard[data.labels_key]
+    entries = {}
+    for k, arr in files.items():
+        path = Path(arr.filename)
+        arr.flush()
+        if k in maxabs and maxabs[k] < FLOAT16_MAX and arr.dtype != np.float16:
+            small = path.with_name(path.name.replace(".f32", ".f16"))
+            half = np.lib.format.open_memmap(small, mode="w+", dtype=np.float16, shape=arr.shape)
+            for lo in range(0, len(arr), 4096):
+                half[lo:lo + 4096] = arr[lo:lo + 4096]
+            half.flush()
+            del half
+            path.unlink()
+            path = small
+        entries[k] = path.name
+    perm = np.random.default_rng(seed).permutation(data.size)
+    hold = max(1, int(round(HOLDOUT * data.size))) if data.size > 1 else 0
+    np.save(cache_dir / "holdout.npy", np.sort(perm[:hold]))
+    np.save(cache_dir / "train.npy", np.sort(perm[hold:]) if data.size > 1 else perm)
+    atomic_write_text(manifest_path, json.dumps({"fingerprint": fingerprint, "size": data.size, "files": entries}, indent=1))
+
+
+@dataclass
+class CacheReader:
+    """Reads cached tensors by name and sample index; memory-mapped, or in RAM when small."""
+
+    directory: Path
+
+    def __post_init__(self):
+        meta = json.loads((self.directory / "manifest.json").read_text())
+        self.size = meta["size"]
+        self.arrays = {k: np.load(self.directory / f, mmap_mode="r") for k, f in meta["files"].items()}
+        if sum(a.nbytes for a in self.arrays.values()) < RAM_LIMIT:
+            self.arrays = {k: np.asarray(a) for k, a in self.arrays.items()}
+        self.train = np.load(self.directory / "train.npy")
+        self.holdout = np.load(self.directory / "holdout.npy")
+
+    def read(self, name: str, idx: np.ndarray) -> np.ndarray:
+        a = self.arrays[name][idx]  # callers pass sorted indices: sequential reads from a memmap
+        return a.astype(np.float32) if a.dtype == np.float16 else np.asarray(a)
+
+    def labels(self, idx: np.ndarray) -> np.ndarray | None:
+        return self.read("__labels__", idx) if "__labels__" in self.arrays else None

@@ -1,0 +1,226 @@
+"""`ndonnx distill`: prepare the run directory (teacher pieces, students, activation cache), then
+run every unfinished job, in parallel across neighbourhoods, resumable after a crash.
+
+Run directory:
+    run.json                  teacher hash and settings (a directory made for another model is refused)
+    teacher/N.onnx            neighbourhood N of the teacher as a standalone model
+    students/N__CAND.onnx     each candidate before training
+    cache/                    the activation cache (absent in data-free mode without data)
+    noise/N.safetensors       data-free input statistics and side-input banks
+    weights/N__CAND.safetensors   trained weights
+    done/N__CAND.json         the journal: one record per finished job, written last and atomically
+    candidates.json           every candidate with its error (rebuilt from the journal)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+import multiprocessing
+import numpy as np
+import onnx
+from safetensors.numpy import save_file
+
+from ndonnx.config import DistillConfig
+from ndonnx.convert import extract, round_trip
+from ndonnx.data import Dataset, load_data, teacher_hash
+from ndonnx.distill.cache import CacheReader, atomic_write_text, build_cache
+from ndonnx.distill.job import Job, TrainSettings, run_group
+from ndonnx.errors import NdonnxError
+from ndonnx.graph import Teacher, load_teacher
+from ndonnx.partition import Partition, partition
+from ndonnx.sample import Sample, run_sample
+
+log = logging.getLogger(__name__)
+BANK_ROWS = 256
+
+
+def _safe(candidate: str) -> str:
+    return candidate.replace(":", "_").replace("/", "_")
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise NdonnxError("--device cuda: torch sees no CUDA device")
+    return device
+
+
+def _open_run_dir(run_dir: Path, teacher: Teacher, cfg: DistillConfig) -> None:
+    meta_path = run_dir / "run.json"
+    digest = teacher_hash(teacher.model)
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("teacher_hash") != digest:
+            if not cfg.force:
+                raise NdonnxError(f"{run_dir} holds a run of another model ({meta.get('teacher')}); "
+                                  f"use another --run-dir, or --force to start anew")
+            shutil.rmtree(run_dir)
+        elif meta.get("settings") != _job_settings(cfg):
+            log.warning("%s was made with other settings; finished jobs are kept, new ones use the new settings", run_dir)
+    for sub in ("teacher", "students", "weights", "done", "noise"):
+        (run_dir / sub).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(meta_path, json.dumps({"teacher": str(teacher.path), "teacher_hash": digest,
+                                             "settings": _job_settings(cfg), "config": cfg.to_dict()}, indent=1))
+
+
+def _job_settings(cfg: DistillConfig) -> dict:
+    return {k: getattr(cfg, k) for k in ("candidates", "steps", "batch", "lr", "seed", "lookahead", "data_free")}
+
+
+def distill(model_path: str | Path, run_dir: str | Path, cfg: DistillConfig, data_path: str | Path | None = None,
+            progress: Callable | None = None) -> list[dict]:
+    """Prepare and run every job; returns the rows of candidates.json."""
+    from ndonnx.candidates import DEFAULT_CANDIDATES, build_candidates, parse_candidates
+
+    specs = parse_candidates(cfg.candidates or DEFAULT_CANDIDATES)
+    if data_path is None and not cfg.data_free:
+        raise NdonnxError("give calibration data with --data FILE.npz, or use --data-free")
+    device = resolve_device(cfg.device)
+    teacher = load_teacher(model_path)
+    data = load_data(data_path, teacher, cfg.labels) if data_path is not None else None
+    run_dir = Path(run_dir)
+    _open_run_dir(run_dir, teacher, cfg)
+    part = partition(teacher, cfg.partition)
+    sample = run_sample(teacher)
+
+    rows_fixed: list[dict] = []  # neighbourhoods kept as the teacher without training
+    jobs: list[Job] = []
+    cache_dir = run_dir / "cache" if data is not None else None
+    subs: dict[int, Path] = {}
+    skipped: dict[str, dict[str, str]] = {}
+    for nbh in part.neighbourhoods:
+        rt = round_trip(teacher, nbh, sample)
+        if not rt.convertible:
+            rows_fixed.append(_teacher_row(nbh.id, nbh.params, f"kept as teacher: {rt.reason}"))
+            continue
+        sub = extract(teacher, nbh, sample)
+        path = run_dir / "teacher" / f"{nbh.id}.onnx"
+        _save_model(sub, path)
+        subs[nbh.id] = path
+        students, reasons = build_candidates(sub, specs)
+        skipped[str(nbh.id)] = reasons
+        for st in students:
+            name = str(st.spec)
+            spath = run_dir / "students" / f"{nbh.id}__{_safe(name)}.onnx"
+            if not spath.exists():
+                _save_model(st.model, spath)
+            jobs.append(Job(
+                neighbourhood=nbh.id, candidate=name, student=str(spath), teacher=str(path), lookahead=(),
+                cache=str(cache_dir) if cache_dir else None, noise=None, sparsity=st.sparsity,
+                train=name != "teacher" and st.params > 0, params=st.params, nonzero=st.nonzero,
+                weights_out=str(run_dir / "weights" / f"{nbh.id}__{_safe(name)}.safetensors"),
+                result_out=str(run_dir / "done" / f"{nbh.id}__{_safe(name)}.json"),
+                settings=TrainSettings(steps=cfg.steps, batch=cfg.batch, lr=cfg.lr, seed=cfg.seed, device=device,
+                                       lookahead=cfg.lookahead, data_free=cfg.data_free)))
+    atomic_write_text(run_dir / "skipped.json", json.dumps(skipped, indent=1))
+
+    names = sorted({n for nbh in part.neighbourhoods for n in (*nbh.inputs, *nbh.outputs, *nbh.side_inputs)})
+    if data is not None:
+        build_cache(teacher.model, names, data, cache_dir, cfg.seed, _fingerprint(teacher, data), progress=progress)
+    if cfg.data_free:
+        _write_noise(part, sample, cache_dir, run_dir, cfg.seed)
+    ids = [n.id for n in part.neighbourhoods]
+    jobs = [_with_context(j, ids, subs, run_dir, cfg) for j in jobs]
+    _run(jobs, device, cfg.jobs, progress)
+    return write_candidates(run_dir, rows_fixed)
+
+
+def _with_context(job: Job, ids: list[int], subs: dict[int, Path], run_dir: Path, cfg: DistillConfig) -> Job:
+    pos = ids.index(job.neighbourhood)
+    nxt = []
+    for i in ids[pos + 1: pos + 1 + cfg.lookahead]:
+        if i not in subs:  # look-ahead stops at a neighbourhood that does not convert
+            break
+        nxt.append(str(subs[i]))
+    noise = str(run_dir / "noise" / f"{job.neighbourhood}.safetensors") if cfg.data_free else None
+    return replace(job, lookahead=tuple(nxt), noise=noise)
+
+
+def _teacher_row(nid: int, params: int, reason: str | None) -> dict:
+    return {"neighbourhood": nid, "candidate": "teacher", "params": params, "nonzero": params, "rel_mse": 0.0,
+            "train_rel_mse": None, "status": "frozen", "reason": reason, "weights": None, "seconds": 0.0}
+
+
+def _save_model(model: onnx.ModelProto, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    onnx.save(model, str(tmp))
+    os.replace(tmp, path)
+
+
+def _fingerprint(teacher: Teacher, data: Dataset) -> str:
+    stats = [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in data.shards]
+    return f"{teacher_hash(teacher.model)}|{data.labels_key}|{'|'.join(stats)}"
+
+
+def _write_noise(part: Partition, sample: Sample, cache_dir: Path | None, run_dir: Path, seed: int) -> None:
+    """Per-channel mean/std of each boundary from real data when some is given, else N(0, 1);
+    banks of real side-input rows so that masks and ids stay valid."""
+    reader = CacheReader(cache_dir) if cache_dir else None
+    for nbh in part.neighbourhoods:
+        main = nbh.inputs[0]
+        ref = sample.values[main]
+        arrays = {f"shape:{main}": np.array(ref.shape[1:], np.int64)}
+        if reader is not None and np.issubdtype(ref.dtype, np.floating):
+            x = reader.read(main, reader.train[:2048])
+            axes = tuple(k for k in range(x.ndim) if k != 1) if x.ndim > 1 else (0,)
+            mean, std = x.mean(axis=axes, keepdims=True)[0], x.std(axis=axes, keepdims=True)[0]
+        else:
+            mean, std = np.zeros((1,) * (ref.ndim - 1), np.float32), np.ones((1,) * (ref.ndim - 1), np.float32)
+        arrays[f"mean:{main}"], arrays[f"std:{main}"] = mean.astype(np.float32), np.maximum(std, 1e-6).astype(np.float32)
+        for name in nbh.side_inputs:
+            bank = reader.read(name, reader.train[:BANK_ROWS]) if reader is not None else sample.values[name]
+            arrays[f"bank:{name}"] = np.ascontiguousarray(bank)
+        tmp = run_dir / "noise" / f"{nbh.id}.safetensors.tmp"
+        save_file(arrays, str(tmp))
+        os.replace(tmp, run_dir / "noise" / f"{nbh.id}.safetensors")
+
+
+def _run(jobs: list[Job], device: str, workers: int, progress: Callable | None) -> None:
+    todo = [j for j in jobs if not Path(j.result_out).exists()]
+    groups: dict[int, list[Job]] = {}
+    for j in todo:
+        groups.setdefault(j.neighbourhood, []).append(j)
+    if not groups:
+        return
+    cores = os.cpu_count() or 1
+    workers = workers or (1 if device == "cuda" else cores)
+    workers = max(1, min(workers, len(groups)))
+    threads = 1 if device == "cuda" else max(1, cores // workers)
+    batches = [[replace(j, settings=replace(j.settings, threads=threads)) for j in g] for g in groups.values()]
+    label = "distill"
+    bar = progress(iter(range(len(batches))), len(batches), label) if progress else None
+    if workers == 1:
+        for g in batches:
+            run_group(g)
+            if bar is not None:
+                next(bar, None)
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            futures = [pool.submit(run_group, g) for g in batches]
+            for f in as_completed(futures):
+                f.result()
+                if bar is not None:
+                    next(bar, None)
+    if bar is not None:
+        for _ in bar:
+            pass
+
+
+def write_candidates(run_dir: Path, extra_rows: list[dict] = ()) -> list[dict]:
+    rows = list(extra_rows) + [json.loads(p.read_text()) for p in (run_dir / "done").glob("*.json")]
+    rows.sort(key=lambda r: (r["neighbourhood"], r["candidate"] != "teacher", r["params"]))
+    atomic_write_text(run_dir / "candidates.json", json.dumps(rows, indent=1))
+    return rows
