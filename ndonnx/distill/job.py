@@ -88,9 +88,12 @@ class Batches:
         return x, sides, ys
 
     def _from_noise(self, n: int):
-        mean, std = self.noise[f"mean:{self.main}"], self.noise[f"std:{self.main}"]
         shape = (n, *self.noise[f"shape:{self.main}"].tolist())
-        x = (torch.randn(shape, generator=self.gen) * std + mean).to(self.device)
+        if f"high:{self.main}" in self.noise:
+            x = torch.randint(int(self.noise[f"high:{self.main}"]), shape, generator=self.gen).to(self.device)
+        else:
+            mean, std = self.noise[f"mean:{self.main}"], self.noise[f"std:{self.main}"]
+            x = (torch.randn(shape, generator=self.gen) * std + mean).to(self.device)
         sides = {}
         for name in self.sides:  # side inputs stay valid: rows drawn from real ones
             bank = self.noise[f"bank:{name}"]
@@ -185,7 +188,7 @@ def run_group(jobs: list[Job]) -> list[dict]:
                 if job.sparsity:
                     masks[k] = _apply_sparsity(st, job, step, masks[k])
                 if step >= s.steps * 0.9:
-                    train_loss[k].append(float(loss))
+                    train_loss[k].append(loss.item())
                 seconds[k] += time.perf_counter() - t1
     records = []
     for k, (job, st) in enumerate(zip(jobs, students)):

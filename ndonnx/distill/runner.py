@@ -37,7 +37,7 @@ from ndonnx.distill.job import Job, TrainSettings, run_group
 from ndonnx.errors import NdonnxError
 from ndonnx.graph import Teacher, load_teacher
 from ndonnx.partition import Partition, partition
-from ndonnx.sample import Sample, run_sample
+from ndonnx.sample import Sample, index_ranges, run_sample
 
 log = logging.getLogger(__name__)
 BANK_ROWS = 256
@@ -130,7 +130,7 @@ def distill(model_path: str | Path, run_dir: str | Path, cfg: DistillConfig, dat
     if data is not None:
         build_cache(teacher.model, names, data, cache_dir, cfg.seed, _fingerprint(teacher, data), progress=progress)
     if cfg.data_free:
-        _write_noise(part, sample, cache_dir, run_dir, cfg.seed)
+        _write_noise(part, teacher.model, sample, cache_dir, run_dir)
     ids = [n.id for n in part.neighbourhoods]
     jobs = [_with_context(j, ids, subs, run_dir, cfg) for j in jobs]
     _run(jobs, device, cfg.jobs, progress)
@@ -164,22 +164,30 @@ def _fingerprint(teacher: Teacher, data: Dataset) -> str:
     return f"{teacher_hash(teacher.model)}|{data.labels_key}|{'|'.join(stats)}"
 
 
-def _write_noise(part: Partition, sample: Sample, cache_dir: Path | None, run_dir: Path, seed: int) -> None:
+def _write_noise(part: Partition, part_model: onnx.ModelProto, sample: Sample, cache_dir: Path | None,
+                 run_dir: Path) -> None:
     """Per-channel mean/std of each boundary from real data when some is given, else N(0, 1);
     banks of real side-input rows so that masks and ids stay valid."""
     reader = CacheReader(cache_dir) if cache_dir else None
+    sides = sorted({n for nbh in part.neighbourhoods for n in nbh.side_inputs})
     for nbh in part.neighbourhoods:
         main = nbh.inputs[0]
         ref = sample.values[main]
         arrays = {f"shape:{main}": np.array(ref.shape[1:], np.int64)}
-        if reader is not None and np.issubdtype(ref.dtype, np.floating):
-            x = reader.read(main, reader.train[:2048])
-            axes = tuple(k for k in range(x.ndim) if k != 1) if x.ndim > 1 else (0,)
-            mean, std = x.mean(axis=axes, keepdims=True)[0], x.std(axis=axes, keepdims=True)[0]
+        if not np.issubdtype(ref.dtype, np.floating):  # token ids: uniform over the embedding table
+            arrays[f"high:{main}"] = np.array(index_ranges(part_model).get(main, 2), np.int64)
         else:
-            mean, std = np.zeros((1,) * (ref.ndim - 1), np.float32), np.ones((1,) * (ref.ndim - 1), np.float32)
-        arrays[f"mean:{main}"], arrays[f"std:{main}"] = mean.astype(np.float32), np.maximum(std, 1e-6).astype(np.float32)
-        for name in nbh.side_inputs:
+            # Statistics per channel: axis 1 of images (NCHW), the last axis of sequences (NTD).
+            ch = 1 if ref.ndim == 4 else ref.ndim - 1
+            axes = tuple(k for k in range(ref.ndim) if k != ch)
+            if reader is not None:
+                x = reader.read(main, reader.train[:2048])
+                mean, std = x.mean(axis=axes, keepdims=True)[0], x.std(axis=axes, keepdims=True)[0]
+            else:
+                mean, std = np.zeros((1,) * (ref.ndim - 1), np.float32), np.ones((1,) * (ref.ndim - 1), np.float32)
+            arrays[f"mean:{main}"] = mean.astype(np.float32)
+            arrays[f"std:{main}"] = np.maximum(std, 1e-6).astype(np.float32)
+        for name in sides:  # every side input, so look-ahead neighbourhoods find theirs too
             bank = reader.read(name, reader.train[:BANK_ROWS]) if reader is not None else sample.values[name]
             arrays[f"bank:{name}"] = np.ascontiguousarray(bank)
         tmp = run_dir / "noise" / f"{nbh.id}.safetensors.tmp"

@@ -1,0 +1,102 @@
+"""The distillation runner: run directory, journal and resume, data-free and look-ahead, seeds."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from ndonnx.config import DistillConfig
+from ndonnx.distill import runner
+from ndonnx.distill.runner import distill
+from ndonnx.errors import NdonnxError
+from ndonnx_cli.main import main
+
+FAST = dict(candidates="width:0.5,teacher", steps=15, batch=16, jobs=1)
+
+
+@pytest.fixture(scope="module")
+def calib(zoo, tmp_path_factory):
+    path = tmp_path_factory.mktemp("calib") / "calib.npz"
+    rng = np.random.default_rng(0)
+    np.savez(path, input=rng.standard_normal((80, 3, 16, 16)).astype(np.float32), labels=rng.integers(0, 10, 80))
+    return path
+
+
+def _rows(run_dir):
+    return json.loads((run_dir / "candidates.json").read_text())
+
+
+def test_distill_writes_every_candidate(zoo, calib, tmp_path):
+    rows = distill(zoo["resnet_legacy"], tmp_path / "run", DistillConfig(**FAST), data_path=calib)
+    assert rows == _rows(tmp_path / "run")
+    by = {(r["neighbourhood"], r["candidate"]): r for r in rows}
+    for nid in range(5):
+        assert by[(nid, "teacher")]["status"] == "frozen" and by[(nid, "teacher")]["rel_mse"] < 1e-6
+    for nid in (1, 2, 3):  # the residual blocks have an inner channel group to halve
+        r = by[(nid, "width:0.5")]
+        assert r["status"] == "trained" and r["params"] < by[(nid, "teacher")]["params"]
+        assert 0 <= r["rel_mse"] < 1 and r["seconds"] > 0
+        assert load_file(str(tmp_path / "run" / "weights" / r["weights"]))
+    keys = {"neighbourhood", "candidate", "params", "rel_mse", "status", "reason", "seconds"}
+    assert all(keys <= r.keys() for r in rows)
+
+
+def test_training_lowers_held_out_error(zoo, calib, tmp_path):
+    short = distill(zoo["resnet_legacy"], tmp_path / "a", DistillConfig(**{**FAST, "steps": 1}), data_path=calib)
+    long = distill(zoo["resnet_legacy"], tmp_path / "b", DistillConfig(**{**FAST, "steps": 60}), data_path=calib)
+    err = lambda rows: {r["neighbourhood"]: r["rel_mse"] for r in rows if r["candidate"] == "width:0.5"}
+    a, b = err(short), err(long)
+    assert all(b[k] < a[k] for k in a), (a, b)
+
+
+def test_same_seed_same_student(zoo, calib, tmp_path):
+    for d in ("x", "y"):
+        distill(zoo["resnet_legacy"], tmp_path / d, DistillConfig(**FAST), data_path=calib)
+    for f in (tmp_path / "x" / "weights").iterdir():
+        a, b = load_file(str(f)), load_file(str(tmp_path / "y" / "weights" / f.name))
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_resume_skips_finished_jobs(zoo, calib, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    distill(zoo["resnet_legacy"], run, DistillConfig(**FAST), data_path=calib)
+    (run / "done" / "2__width_0.5.json").unlink()  # as if killed before this job finished
+    trained = []
+    real = runner.run_group
+    monkeypatch.setattr(runner, "run_group", lambda jobs: trained.extend((j.neighbourhood, j.candidate) for j in jobs) or real(jobs))
+    rows = distill(zoo["resnet_legacy"], run, DistillConfig(**FAST), data_path=calib)
+    assert trained == [(2, "width:0.5")]
+    assert len(rows) == len(_rows(run)) and any(r["neighbourhood"] == 2 and r["candidate"] == "width:0.5" for r in rows)
+
+
+def test_data_free_and_lookahead(zoo, calib, tmp_path):
+    rows = distill(zoo["resnet_legacy"], tmp_path / "free", DistillConfig(**FAST, data_free=True))
+    assert any(r["status"] == "trained" for r in rows)
+    rows = distill(zoo["resnet_legacy"], tmp_path / "look", DistillConfig(**FAST, lookahead=1), data_path=calib)
+    assert any(r["status"] == "trained" for r in rows)
+    rows = distill(zoo["encoder"], tmp_path / "enc", DistillConfig(**{**FAST, "candidates": "width:0.5,teacher"}, data_free=True))
+    assert any(r["status"] == "trained" for r in rows)  # masks stay valid: feed-forward and attention run
+
+
+def test_run_dir_of_another_model_refused(zoo, calib, tmp_path):
+    run = tmp_path / "run"
+    distill(zoo["two_heads"], run, DistillConfig(**FAST, data_free=True))
+    with pytest.raises(NdonnxError, match="another model"):
+        distill(zoo["resnet_legacy"], run, DistillConfig(**FAST), data_path=calib)
+    distill(zoo["resnet_legacy"], run, DistillConfig(**FAST, force=True), data_path=calib)
+
+
+def test_cli_distill(zoo, calib, tmp_path, capsys):
+    argv = ["distill", str(zoo["resnet_legacy"]), "--data", str(calib), "--run-dir", str(tmp_path / "r"),
+            "--candidates", "width:0.5", "--steps", "5", "--batch", "8", "--jobs", "1"]
+    assert main(argv) == 0
+    assert "width:0.5" in capsys.readouterr().out
+    assert main(["distill", str(zoo["resnet_legacy"]), "--run-dir", str(tmp_path / "r2")]) == 2
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, input=np.zeros((4, 3, 8, 8), np.float32))
+    assert main(["distill", str(zoo["resnet_legacy"]), "--data", str(bad), "--run-dir", str(tmp_path / "r3")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("ndonnx: error:") and "3x16x16" in err[-1] or "16" in err[-1]
