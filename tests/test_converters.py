@@ -154,6 +154,11 @@ for v in (19, 22):
     add('AveragePool', [v], [x], name='valid', kernel_shape=[3, 3], strides=[2, 2], auto_pad='VALID')
     add('AveragePool', [v], [f32(2, 3, 9)], name='1d', kernel_shape=[3], strides=[2], pads=[1, 1])
     add('AveragePool', [v], [f32(1, 2, 5, 6, 7)], name='3d', kernel_shape=[2, 3, 2], dilations=[1, 2, 1])
+    # SAME pads come from the undilated kernel and go negative when stride > kernel (ORT's rule)
+    add('AveragePool', [v], [f32(1, 2, 6, 7)], name='same_dilated_stride', kernel_shape=[2, 2], strides=[3, 3],
+        dilations=[2, 2], auto_pad='SAME_UPPER', ceil_mode=1)
+    add('AveragePool', [v], [f32(1, 2, 8, 7)], name='valid_dilated_ceil', kernel_shape=[3, 2], strides=[2, 3],
+        dilations=[2, 1], auto_pad='VALID', ceil_mode=1)
 add('MaxPool', [22], [f32(2, 3, 7, 8)], name='k2s2', kernel_shape=[2, 2], strides=[2, 2])
 add('MaxPool', [22], [f32(2, 3, 7, 8)], name='pad_ceil', kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1],
     ceil_mode=1)
@@ -205,6 +210,8 @@ for v in (18, 19, 21, 23):
     add('Pad', [v], [ints(-5, 5, 3, 4), Init(i64(1, 2, 2, 1)), Init(np.array(7, np.int64))], name='int_constant')
 for v in (19, 21, 23):
     add('Pad', [v], [f32(2, 3, 4), Init(i64(0, 2, 5, 0, 3, 1))], name='wrap', mode='wrap')
+    # negative pads crop first; wrap then repeats the cropped range
+    add('Pad', [v], [f32(3, 6), Init(i64(2, -2, -1, 4))], name='wrap_crop', mode='wrap')
 
 # ---- reduce ------------------------------------------------------------------------------------
 REDUCE_FLOAT_OPS = ('ReduceL1', 'ReduceL2', 'ReduceLogSum', 'ReduceLogSumExp', 'ReduceMax', 'ReduceMean',
@@ -226,6 +233,7 @@ for op in REDUCE_FLOAT_OPS:
 for op in ('ReduceMean', 'ReduceL1', 'ReduceL2', 'ReduceSumSquare', 'ReduceProd', 'ReduceMax', 'ReduceLogSum'):
     add(op, [18], [ints(1, 7, 3, 4, dtype=np.int32), Init(i64(1))], name='int32', keepdims=0)
 add('ReduceMean', [18], [ints(-9, 9, 3, 4, dtype=np.int64), Init(i64(0))], name='int64_negative_trunc')
+add('ReduceLogSumExp', [18], [ints(-5, 6, 6, 4, dtype=np.int32), Init(i64(1))], name='int32', keepdims=0)
 for op in ('ReduceMax', 'ReduceMin'):
     add(op, [20], [f32(3, 4, 5), Init(i64(-1, 0))], name='float', keepdims=0)
     add(op, [20], [RNG.random((3, 4)) > 0.5, Init(i64(1))], name='bool', keepdims=0)
@@ -269,6 +277,17 @@ for v in (18, 19):
     add('Resize', [v], [x, Init(np.array([0.1, 0.3, 0.8, 1.2], np.float32)), None, Init(i64(6, 3))],
         name='crop_nearest_axes', axes=[2, 3], coordinate_transformation_mode='tf_crop_and_resize')
     add('Resize', [v], [ints(0, 255, 1, 1, 3, 4, dtype=np.uint8), None, scales2], name='nearest_uint8')
+    # 2 / (4/7) = 3.4999998 in float32: ORT still rounds it as the .5 tie it is
+    add('Resize', [v], [f32(1, 1, 3, 7), None, None, Init(i64(1, 1, 3, 4))], name='nearest_tie_tolerance',
+        coordinate_transformation_mode='asymmetric', nearest_mode='round_prefer_ceil')
+    # output shape == input shape: ORT copies even though the scale is not 1
+    add('Resize', [v], [f32(1, 1, 9, 4), None, Init(np.array([1, 1, 1.09, 1.1], np.float32))], name='same_shape')
+    # an axis with scale 1 is not cropped by roi
+    add('Resize', [v], [x, Init(np.array([0, 0, 0.2, 0.1, 1, 1, 0.7, 0.9], np.float32)), None,
+                        Init(i64(1, 2, 5, 9))], name='crop_unscaled_axis', mode='linear',
+        coordinate_transformation_mode='tf_crop_and_resize')
+add('Resize', [19], [f32(1, 2, 3, 3), None, None, Init(i64(1, 2, 2, 11))], name='symmetric_nearest_sizes',
+    coordinate_transformation_mode='half_pixel_symmetric', nearest_mode='floor')
 for mode in ('nearest', 'linear', 'cubic'):
     add('Resize', [19], [f32(1, 2, 5, 6), None, Init(np.array([1, 1, 1.7, 0.45], np.float32))],
         name=f'symmetric_{mode}', mode=mode, coordinate_transformation_mode='half_pixel_symmetric')
@@ -298,6 +317,23 @@ add('Split', [18], [x, Init(i64(2, 5))], outputs=2, name='split_init', axis=1)
 add('Split', [18], [x, i64(1, 2, 4)], outputs=3, name='split_runtime', axis=-2)
 add('Split', [18], [x], outputs=1, name='single_output', axis=1, num_outputs=1)
 
+
+# ---- attention ---------------------------------------------------------------------------------
+q4, k4, v4 = f32(2, 2, 3, 4), f32(2, 2, 5, 4), f32(2, 2, 5, 6)
+add('Attention', [23], [q4, k4, v4], name='cross_4d')
+add('Attention', [23], [f32(2, 2, 4, 4), f32(2, 2, 4, 4), f32(2, 2, 4, 4)], name='causal_4d', is_causal=1)
+add('Attention', [23], [f32(2, 3, 8), f32(2, 5, 4), f32(2, 5, 6)], name='gqa_3d_causal', q_num_heads=4,
+    kv_num_heads=2, is_causal=1)
+mask_bool = RNG.random((3, 5)) > 0.3
+mask_bool[1] = False  # a fully masked query row must give zeros
+add('Attention', [23], [q4, k4, v4, mask_bool], name='bool_mask_fully_masked_row')
+add('Attention', [23], [q4, k4, v4, f32(2, 1, 3, 5)], name='float_mask_scale_softcap', scale=0.3, softcap=2.0)
+add('Attention', [23], [q4, k4, v4, None, f32(2, 2, 2, 4), f32(2, 2, 2, 6)], outputs=3, name='past_kv_causal',
+    is_causal=1)
+add('Attention', [23], [q4, k4, v4, Init(mask_bool)], outputs=4, name='qk_out_mode0')
+for qk_mode in (1, 2, 3):
+    add('Attention', [23], [q4, k4, v4, f32(3, 5)], outputs=4, name=f'qk_out_mode{qk_mode}',
+        qk_matmul_output_mode=qk_mode, softcap=1.5, softmax_precision=TensorProto.FLOAT)
 
 # ---- harness -----------------------------------------------------------------------------------
 def _build(case: Case):

@@ -12,6 +12,7 @@ happens once (module import) and never replaces a converter onnx2torch already h
 
 from . import (  # noqa: F401  (imported for their registration side effect)
     activation,
+    attention,
     cast,
     compare,
     constant,

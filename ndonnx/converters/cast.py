@@ -25,13 +25,14 @@ ONNX_TO_TORCH_DTYPE = {
     TensorProto.INT32: torch.int32,
     TensorProto.INT64: torch.int64,
     TensorProto.UINT8: torch.uint8,
-    TensorProto.UINT16: torch.uint16,
-    TensorProto.UINT32: torch.uint32,
-    TensorProto.UINT64: torch.uint64,
     TensorProto.BOOL: torch.bool,
     TensorProto.COMPLEX64: torch.complex64,
     TensorProto.COMPLEX128: torch.complex128,
 }
+# torch >= 2.3 has (limited) uint16/32/64 tensors; enough for Cast
+for _onnx_type, _name in ((TensorProto.UINT16, 'uint16'), (TensorProto.UINT32, 'uint32'), (TensorProto.UINT64, 'uint64')):
+    if hasattr(torch, _name):
+        ONNX_TO_TORCH_DTYPE[_onnx_type] = getattr(torch, _name)
 
 
 class Cast(nn.Module, OnnxToTorchModule):

@@ -21,16 +21,24 @@ _MODES = ('constant', 'reflect', 'edge', 'wrap')
 
 
 def _source_index(mode: str, begin: int, end: int, size: int, device: torch.device) -> torch.Tensor:
-    """Input positions feeding output positions ``-begin .. size + end - 1`` of one axis."""
+    """Input positions feeding each output position of one axis.
+
+    Negative pads crop first and the rest pads the cropped range (as ORT does; it matters for wrap,
+    whose period is the cropped length).
+    """
+    start = max(0, -begin)
+    size = size - start - max(0, -end)
+    begin, end = max(0, begin), max(0, end)
     index = torch.arange(-begin, size + end, device=device)
     if mode == 'edge' or (mode == 'reflect' and size == 1):
-        return index.clamp(0, size - 1)
-    if mode == 'wrap':
-        return torch.remainder(index, size)
-    # reflect without repeating the border: period 2*(size-1), folded back into [0, size-1]
-    period = 2 * (size - 1)
-    index = torch.remainder(index, period)
-    return torch.where(index >= size, period - index, index)
+        index = index.clamp(0, size - 1)
+    elif mode == 'wrap':
+        index = torch.remainder(index, size)
+    else:  # reflect without repeating the border: period 2*(size-1), folded back into [0, size-1]
+        period = 2 * (size - 1)
+        index = torch.remainder(index, period)
+        index = torch.where(index >= size, period - index, index)
+    return index + start
 
 
 class Pad(nn.Module, OnnxToTorchModule):

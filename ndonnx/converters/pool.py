@@ -7,6 +7,7 @@ mask, so ``count_include_pad``, ``ceil_mode`` overhang and asymmetric pads follo
 (no dilation, symmetric pads torch accepts) use ``F.avg_pool*d``, whose rules are the same.
 """
 
+import math
 from typing import List, Optional, Tuple
 
 import torch
@@ -18,6 +19,13 @@ from onnx2torch.onnx_node import OnnxNode
 from onnx2torch.utils.common import OnnxToTorchModule, OperationConverterResult, onnx_mapping_from_node
 
 from ._registry import alias, register
+
+
+def _trunc_div(numerator: int, denominator: int) -> int:
+    """C++ integer division (truncates toward zero)."""
+    quotient = abs(numerator) // abs(denominator)
+    return quotient if (numerator >= 0) == (denominator > 0) else -quotient
+
 
 _AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -50,34 +58,37 @@ class AveragePool(nn.Module, OnnxToTorchModule):
         self.ceil_mode = bool(ceil_mode)
         self.count_include_pad = bool(count_include_pad)
 
-    def _geometry(self, spatial: Tuple[int, ...]) -> Tuple[List[int], List[int], List[int]]:
-        """Per spatial dim: pad before, pad after (ONNX), extra zeros after for ceil_mode overhang."""
+    def _geometry(self, spatial: Tuple[int, ...]) -> Tuple[List[int], List[int], List[int], List[int]]:
+        """Per spatial dim: pad before, pad after, extra zeros after (ceil_mode overhang), output size.
+
+        Mirrors onnxruntime's PoolAttributes::ComputeSizePadDilations: SAME_* size the padding from
+        the undilated kernel, VALID is zero padding with the same (ceil_mode aware) formula, and a
+        ceil_mode window may not start in the end padding.
+        """
+        begins, ends, extras, outs = [], [], [], []
         rank = len(self.kernel)
-        begins, ends, extras = [], [], []
         for i in range(rank):
-            size, stride = spatial[i], self.strides[i]
-            window = (self.kernel[i] - 1) * self.dilations[i] + 1
+            size, stride, kernel, dilation = spatial[i], self.strides[i], self.kernel[i], self.dilations[i]
             if self.auto_pad in ('SAME_UPPER', 'SAME_LOWER'):
-                out = -(-size // stride)
-                total = max(0, (out - 1) * stride + window - size)
-                small = total // 2
-                begin, end = (small, total - small) if self.auto_pad == 'SAME_UPPER' else (total - small, small)
+                needed = (-(-size // stride) - 1) * stride + kernel - size
+                begin = _trunc_div(needed + 1 if self.auto_pad == 'SAME_LOWER' else needed, 2)
+                end = needed - begin
             elif self.auto_pad == 'VALID':
                 begin = end = 0
-                out = (size - window) // stride + 1
             else:
                 begin, end = self.pads[i], self.pads[i + rank]
-                span = size + begin + end - window
-                if self.ceil_mode:
-                    out = -(-span // stride) + 1
-                    if (out - 1) * stride >= size + begin:  # last window may not start in the end padding
-                        out -= 1
-                else:
-                    out = span // stride + 1
+            numerator = size + begin + end - dilation * (kernel - 1) - 1
+            out = _trunc_div(numerator, stride) + 1
+            if self.ceil_mode:
+                out = math.ceil(numerator / stride) + 1
+                if (out - 1) * stride >= size + begin:
+                    out -= 1
+            window = (kernel - 1) * dilation + 1
             begins.append(begin)
             ends.append(end)
             extras.append(max(0, (out - 1) * stride + window - (size + begin + end)))
-        return begins, ends, extras
+            outs.append(out)
+        return begins, ends, extras, outs
 
     def _fast_path(self) -> bool:
         rank = len(self.kernel)
@@ -103,7 +114,9 @@ class AveragePool(nn.Module, OnnxToTorchModule):
 
         x = input_tensor if input_tensor.dtype in (torch.float32, torch.float64) else input_tensor.float()
         spatial = tuple(x.shape[2:])
-        begins, ends, extras = self._geometry(spatial)
+        begins, ends, extras, outs = self._geometry(spatial)
+        if min(outs) <= 0:  # window longer than the padded input: ORT returns an empty tensor
+            return input_tensor.new_zeros((*input_tensor.shape[:2], *[max(0, o) for o in outs]))
 
         def _torch_pads(before: List[int], after: List[int]) -> List[int]:
             pads: List[int] = []
@@ -111,7 +124,9 @@ class AveragePool(nn.Module, OnnxToTorchModule):
                 pads.extend((b, a))
             return pads
 
-        padded = F.pad(x, _torch_pads(begins, [e + x_ for e, x_ in zip(ends, extras)]))
+        onnx_pads = _torch_pads(begins, ends)  # negative (SAME_* with stride > kernel) crops
+        overhang = _torch_pads([0] * rank, extras)
+        padded = F.pad(F.pad(x, onnx_pads), overhang)
         channels = x.shape[1]
         weight = torch.ones((channels, 1, *self.kernel), dtype=x.dtype, device=x.device)
         conv = _CONV[rank]
@@ -120,11 +135,7 @@ class AveragePool(nn.Module, OnnxToTorchModule):
         # count of taps per window that ORT divides by: real elements (+ ONNX padding if included),
         # never the ceil_mode overhang
         mask = torch.ones((1, 1, *spatial), dtype=x.dtype, device=x.device)
-        if self.count_include_pad:
-            mask = F.pad(mask, _torch_pads(begins, ends), value=1.0)
-            mask = F.pad(mask, _torch_pads([0] * rank, extras), value=0.0)
-        else:
-            mask = F.pad(mask, _torch_pads(begins, [e + x_ for e, x_ in zip(ends, extras)]), value=0.0)
+        mask = F.pad(F.pad(mask, onnx_pads, value=1.0 if self.count_include_pad else 0.0), overhang)
         counts = conv(mask, weight[:1], stride=self.strides, dilation=self.dilations)
         return (sums / counts).to(input_tensor.dtype)
 

@@ -72,8 +72,14 @@ def _reduce(op_type: str, x: torch.Tensor, dims: List[int], keepdim: bool) -> to
     elif op_type == 'ReduceLogSum':
         result = torch.log(_sum(values))
     elif op_type == 'ReduceLogSumExp':
-        # log(exp(x)) == x: no exp() so large inputs do not overflow when nothing is reduced
-        result = torch.logsumexp(values, dim=dims, keepdim=keepdim) if dims else values.clone()
+        if not dims:  # log(exp(x)) == x, without overflowing exp() for large x
+            result = values.clone()
+        elif floating:
+            result = torch.logsumexp(values, dim=dims, keepdim=keepdim)
+        else:  # ORT accumulates exp(x - max) in the integer type (each term truncated)
+            peak = torch.amax(values, dim=dims, keepdim=True)
+            total = torch.sum(torch.trunc(torch.exp(values - peak)), dim=dims, keepdim=keepdim)
+            result = torch.log(total) + (peak if keepdim else peak.squeeze(dims))
     else:
         raise NotImplementedError(f'{op_type} is not implemented')
     return result if floating else result.to(x.dtype)

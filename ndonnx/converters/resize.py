@@ -24,6 +24,7 @@ from onnx2torch.utils.common import OnnxToTorchModule, OperationConverterResult
 from ._registry import const_list, input_name, mapping, register
 
 _F32 = np.float32
+_TIE_EPS = 1e-6
 _COORDINATE_MODES = (
     'half_pixel',
     'half_pixel_symmetric',
@@ -110,9 +111,11 @@ class Resize(nn.Module, OnnxToTorchModule):
         if mode == 'pytorch_half_pixel':
             return (x + 0.5) / scale_t - 0.5 if out_len > 1 else torch.zeros_like(x)
         if mode == 'half_pixel_symmetric':
-            adjustment = torch.tensor(out_f, dtype=torch.float32) / (scale_t * in_f)
-            offset = torch.tensor(in_f / 2, dtype=torch.float32) * (1 - adjustment)
-            return offset + ((x + 0.5) / scale_t - 0.5)
+            # ORT: float offset, then the rest in double (its 0.5 literals are doubles), cast to float
+            adjustment = _F32(out_f) / (scale * _F32(in_f))
+            offset = _F32(in_f) / _F32(2) * (_F32(1) - adjustment)
+            x64 = torch.arange(out_len, dtype=torch.float64)
+            return ((float(offset) + (x64 + 0.5) / float(scale)) - 0.5).to(torch.float32)
         if mode == 'align_corners':
             if out_len == 1:
                 return torch.zeros_like(x)
@@ -120,8 +123,8 @@ class Resize(nn.Module, OnnxToTorchModule):
         # tf_crop_and_resize
         start_t = torch.tensor(start, dtype=torch.float32)
         end_t = torch.tensor(end, dtype=torch.float32)
-        if out_len == 1:
-            return torch.full_like(x, float(0.5 * (start_t + end_t) * (in_f - 1)))
+        if out_len == 1:  # computed in double by ORT
+            return torch.full_like(x, 0.5 * (float(start_t) + float(end_t)) * (in_f - 1))
         return start_t * (in_f - 1) + (x * (end_t - start_t) * (in_f - 1)) / (out_f - 1)
 
     # ---- one axis --------------------------------------------------------------------------
@@ -137,10 +140,12 @@ class Resize(nn.Module, OnnxToTorchModule):
             index = torch.floor(coords)
         elif self.nearest_mode == 'ceil':
             index = torch.ceil(coords)
-        elif self.nearest_mode == 'round_prefer_ceil':
-            index = _round_half_away(coords)
-        else:  # round_prefer_floor: ties go down, everything else like std::round
-            index = torch.where(coords == torch.trunc(coords) + 0.5, torch.floor(coords), _round_half_away(coords))
+        else:
+            # onnxruntime treats coordinates within 1e-6 of a .5 tie as the tie (measured on ORT 1.32;
+            # it absorbs float error such as 2 / (4/7) = 3.4999998), then breaks it per the mode
+            tie = torch.abs(coords - torch.floor(coords) - 0.5) < _TIE_EPS
+            broken = torch.floor(coords) if self.nearest_mode == 'round_prefer_floor' else torch.ceil(coords)
+            index = torch.where(tie, broken, _round_half_away(coords))
         index = index.to(torch.int64).clamp(0, x.shape[axis] - 1).to(x.device)
         return torch.index_select(x, axis, index)
 
@@ -201,6 +206,11 @@ class Resize(nn.Module, OnnxToTorchModule):
         out_sizes, axis_scales = self._geometry(tuple(input_tensor.shape), axes, scale_list, size_list)
 
         crop = self.coordinate_mode == 'tf_crop_and_resize'
+        out_shape = list(input_tensor.shape)
+        for axis, size in zip(axes, out_sizes):
+            out_shape[axis] = size
+        if out_shape == list(input_tensor.shape):
+            return input_tensor.clone()  # ORT copies when the shape is unchanged, whatever the scales
         result = input_tensor
         compute_dtype = input_tensor.dtype
         if self.mode != 'nearest' and not input_tensor.is_floating_point():
@@ -208,8 +218,8 @@ class Resize(nn.Module, OnnxToTorchModule):
         for i, axis in enumerate(axes):
             in_len, out_len, scale = input_tensor.shape[axis], out_sizes[i], axis_scales[i]
             start, end = (roi_list[i], roi_list[i + len(axes)]) if crop and roi_list else (0.0, 1.0)
-            # ORT skips the transform for an unscaled axis (identity), except when cropping
-            if scale == 1 and out_len == in_len and (not crop or (start, end) == (0.0, 1.0)):
+            # ORT maps an axis with scale exactly 1 one-to-one (no transform, roi ignored)
+            if scale == 1:
                 continue
             coords = self._coordinates(out_len, in_len, scale, start, end)
             if self.mode == 'nearest':
@@ -221,7 +231,7 @@ class Resize(nn.Module, OnnxToTorchModule):
             if crop:
                 outside = (coords < 0) | (coords > in_len - 1)
                 outside = self._along(outside.to(result.device), axis, rank)
-                result = torch.where(outside, torch.tensor(self.extrapolation_value, dtype=result.dtype), result)
+                result = torch.where(outside, result.new_tensor(self.extrapolation_value), result)
         return result.to(compute_dtype)
 
 
