@@ -29,19 +29,123 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _distill(args: argparse.Namespace) -> int:
-    from ndonnx.config import DistillConfig, PartitionConfig
     from ndonnx.distill.runner import distill
     from ndonnx_cli.progress import bar
     from ndonnx_cli.tables import candidates_table
 
-    cfg = DistillConfig(
+    rows = distill(args.model, args.run_dir, _distill_config(args), data_path=args.data, progress=bar)
+    candidates_table(rows)
+    return 0
+
+
+def _distill_config(args: argparse.Namespace):
+    from ndonnx.config import DistillConfig, PartitionConfig
+
+    return DistillConfig(
         partition=PartitionConfig(primary_input=args.primary_input, block_size=args.block_size),
         candidates=args.candidates, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
         device=args.device, jobs=args.jobs, lookahead=args.lookahead, data_free=args.data_free,
         labels=args.labels, force=args.force)
-    rows = distill(args.model, args.run_dir, cfg, data_path=args.data, progress=bar)
-    candidates_table(rows)
+
+
+def _compress_config(args: argparse.Namespace, distill_cfg=None):
+    from ndonnx.compress import CompressConfig
+    from ndonnx.config import DistillConfig
+
+    return CompressConfig(distill=distill_cfg or DistillConfig(), target=args.target_params, strategy=args.strategy,
+                          max_drop=args.max_drop, finetune_steps=args.finetune_steps)
+
+
+def _finish(report: dict, args: argparse.Namespace) -> None:
+    from ndonnx.compress import report_json
+    from ndonnx_cli.tables import compress_table
+
+    if args.report:
+        report_json(report, args.report)
+    compress_table(report)
+
+
+def _compress(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ndonnx.compress import DropTooLarge, compress
+    from ndonnx_cli.progress import bar
+
+    if args.model is None:
+        raise NdonnxError("give a teacher model, e.g. ndonnx compress models/resnet20_fmnist.onnx "
+                          "--data models/fmnist_subset.npz --labels labels")
+    if args.data is None and not args.data_free:
+        raise NdonnxError("give calibration data with --data FILE.npz, or use --data-free")
+    run_dir = args.run_dir or str(Path(args.model).with_suffix("")) + ".ndonnx-run"
+    try:
+        report = compress(args.model, run_dir, _compress_config(args, _distill_config(args)), data_path=args.data,
+                          output=args.output, progress=bar)
+    except DropTooLarge as e:
+        _finish(e.report, args)
+        raise
+    _finish(report, args)
     return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    from ndonnx.compress import DropTooLarge, build
+
+    try:
+        report = build(args.run_dir, _compress_config(args), args.output)
+    except DropTooLarge as e:
+        _finish(e.report, args)
+        raise
+    _finish(report, args)
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from ndonnx.data import load_data
+    from ndonnx.graph import load_teacher
+    from ndonnx.validate import validate
+
+    teacher = load_teacher(args.reference)
+    student = load_teacher(args.student)
+    data = load_data(args.data, teacher, args.labels).read_all()
+    labels = data.pop(args.labels) if args.labels else None
+    s_names, t_names = student.input_names, teacher.input_names
+    if s_names != t_names or [o.name for o in student.model.graph.output] != [o.name for o in teacher.model.graph.output]:
+        raise NdonnxError(f"{args.student} and {args.reference} have different inputs or outputs")
+    res = validate(student.model, teacher.model, data, labels, args.student, args.reference)
+    if args.json:
+        json.dump(res, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        from ndonnx_cli.tables import validation_table
+
+        validation_table(res)
+    return 0
+
+
+def _add_distill_options(s) -> None:
+    s.add_argument("--data", help="calibration data: .npz (arrays named after the inputs) or a folder of .npz shards")
+    s.add_argument("--data-free", action="store_true", help="train on Gaussian noise (matched to --data statistics if given)")
+    s.add_argument("--candidates", help='e.g. "width:0.1-0.9/0.1,lowrank:0.5,sparse:0.8,identity,teacher"')
+    s.add_argument("--steps", type=int, default=300, help="training steps per candidate (default 300)")
+    s.add_argument("--batch", type=int, default=64)
+    s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--lookahead", type=int, default=0, help="also match the next J teacher neighbourhoods (paper Eq. 4-5)")
+    s.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    s.add_argument("--jobs", type=int, default=0, help="worker processes (default: one per core on CPU)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--labels", help="name of a labels array in the data file (scores become accuracy)")
+    s.add_argument("--primary-input")
+    s.add_argument("--block-size", type=int, default=1)
+    s.add_argument("--force", action="store_true", help="start anew in a run directory made for another model")
+
+
+def _add_search_options(s) -> None:
+    s.add_argument("--target-params", required=True, help="budget: 18M, 250K, 1.5e6 or 60%% (of the teacher)")
+    s.add_argument("-o", "--output", help="student .onnx (default: <teacher>.ndonnx.onnx beside the teacher)")
+    s.add_argument("--report", help="write the report as JSON here")
+    s.add_argument("--strategy", default="greedy", help="greedy (budget-driven) | threshold (paper: smallest within --max-drop)")
+    s.add_argument("--max-drop", type=float, help="largest score drop accepted (exit 1 beyond it)")
+    s.add_argument("--finetune-steps", type=int, default=0, help="end-to-end KD steps after splicing (paper Eq. 3)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,22 +165,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("distill", help="train smaller student candidates for every neighbourhood")
     s.add_argument("model", help="teacher .onnx file")
-    s.add_argument("--data", help="calibration data: .npz (arrays named after the inputs) or a folder of .npz shards")
-    s.add_argument("--data-free", action="store_true", help="train on Gaussian noise (matched to --data statistics if given)")
     s.add_argument("--run-dir", required=True, help="where candidates, cache and journal live (resumable)")
-    s.add_argument("--candidates", help='e.g. "width:0.1-0.9/0.1,lowrank:0.5,sparse:0.8,identity,teacher"')
-    s.add_argument("--steps", type=int, default=300, help="training steps per candidate (default 300)")
-    s.add_argument("--batch", type=int, default=64)
-    s.add_argument("--lr", type=float, default=1e-3)
-    s.add_argument("--lookahead", type=int, default=0, help="also match the next J teacher neighbourhoods (paper Eq. 4-5)")
-    s.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    s.add_argument("--jobs", type=int, default=0, help="worker processes (default: one per core on CPU)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--labels", help="name of a labels array in the data file (kept for scoring)")
-    s.add_argument("--primary-input")
-    s.add_argument("--block-size", type=int, default=1)
-    s.add_argument("--force", action="store_true", help="start anew in a run directory made for another model")
+    _add_distill_options(s)
     s.set_defaults(run=_distill)
+
+    s = sub.add_parser("compress", help="distil, search and splice: a smaller model for a budget")
+    s.add_argument("model", nargs="?", help="teacher .onnx file")
+    s.add_argument("--run-dir", help="run directory (default: <teacher>.ndonnx-run beside the teacher)")
+    _add_distill_options(s)
+    _add_search_options(s)
+    s.set_defaults(run=_compress)
+
+    s = sub.add_parser("search", help="a model for another budget from a run directory, without training")
+    s.add_argument("run_dir")
+    _add_search_options(s)
+    s.set_defaults(run=_search)
+
+    s = sub.add_parser("validate", help="compare a student with its teacher in onnxruntime")
+    s.add_argument("student")
+    s.add_argument("--reference", required=True, help="the teacher .onnx")
+    s.add_argument("--data", required=True)
+    s.add_argument("--labels")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(run=_validate)
     return p
 
 

@@ -51,3 +51,41 @@ def candidates_table(rows: list[dict]) -> None:
         rel = f"{r['rel_mse']:.2e}" if r["rel_mse"] is not None else "-"
         t.add_row(str(r["neighbourhood"]), r["candidate"], f"{r['params']:,}", rel, status, f"{r['seconds']:.1f}")
     stdout.print(t)
+
+
+def compress_table(r: dict) -> None:
+    t = Table(title=f"{r['teacher']} -> {r['output']}")
+    for col in ("id", "teacher params", "student params", "candidate", r["metric"] + " (partial)"):
+        t.add_column(col, justify="left" if col == "candidate" else "right")
+    for n in r["neighbourhoods"]:
+        score = f"{n['score']:.4f}" if n["score"] is not None else "-"
+        t.add_row(str(n["id"]), f"{n['teacher_params']:,}", f"{n['student_params']:,}", n["candidate"], score)
+    t.add_row("all", f"{r['params_teacher']:,}", f"{r['params_student']:,}",
+              f"{r['params_student'] / r['params_teacher']:.1%} of the teacher", "", end_section=True)
+    stdout.print(t)
+    validation_table(r["validation"])
+    stdout.print("stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in r["timings"].items()))
+    if "error" in r:
+        stdout.print(f"[red]{r['error']}[/]")
+    else:
+        stdout.print(f"wrote {r['output']}")
+
+
+def validation_table(v: dict) -> None:
+    t = Table(title=f"validation on {v['samples']} held-out samples (onnxruntime)")
+    t.add_column("figure")
+    t.add_column("teacher", justify="right")
+    t.add_column("student", justify="right")
+    t.add_row("parameters", f"{v['params_teacher']:,}", f"{v['params_student']:,}")
+    if "accuracy_teacher" in v:
+        t.add_row("accuracy", f"{v['accuracy_teacher']:.4f}", f"{v['accuracy_student']:.4f}")
+    t.add_row(v["metric"], f"{v['score_teacher']:.4f}", f"{v['score_student']:.4f}")
+    if "top1_agreement" in v:
+        t.add_row("top-1 agreement with the teacher", "", f"{v['top1_agreement']:.4f}")
+    t.add_row("max abs / relative error vs teacher", "", f"{v['max_abs_err']:.3g} / {v['rel_err']:.3g}")
+    t.add_row("latency (student / teacher, same batch)", "", f"{v['latency_ratio']:.2f}x")
+    if "bytes_teacher" in v:
+        t.add_row("file size", f"{v['bytes_teacher']:,} B", f"{v['bytes_student']:,} B")
+    tc = v.get("torch_rel_err")
+    t.add_row("torch vs onnxruntime (student)", "", "does not convert" if tc is None else f"{tc:.1e}")
+    stdout.print(t)

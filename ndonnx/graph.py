@@ -227,7 +227,7 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
             g.initializer.append(numpy_helper.from_array(value, name))
     del g.node[:]
     g.node.extend(kept)
-    return _prune_initializers(model)
+    return prune_initializers(model)
 
 
 def _constant_value(node: onnx.NodeProto) -> TensorProto | None:
@@ -254,7 +254,7 @@ def _evaluate(model: onnx.ModelProto, nodes: list[onnx.NodeProto], outputs: list
     return dict(zip(outputs, sess.run(outputs, {})))
 
 
-def _prune_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+def prune_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     g = model.graph
     used = {n for node in g.node for n in node.input} | {o.name for o in g.output} | _subgraph_names(model)
     dropped = {i.name for i in g.initializer if i.name not in used}
@@ -281,7 +281,7 @@ def remove_dead_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
     model = _copy(model)
     del model.graph.node[:]
     model.graph.node.extend(reversed(keep))
-    return _prune_initializers(model)
+    return prune_initializers(model)
 
 
 # Ops whose trailing outputs are optional statistics or masks that inference never reads.

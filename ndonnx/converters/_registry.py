@@ -1,6 +1,6 @@
 """Shared helpers: registration into onnx2torch's registry and constant-input lookup."""
 
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from onnx import defs
@@ -16,6 +16,18 @@ from onnx2torch.utils.common import OnnxMapping, get_const_value
 
 # (op_type, version) keys this package added, in registration order.
 ADDED: List[Tuple[str, int]] = []
+
+
+class Replacement(NamedTuple):
+    """One of onnx2torch's own converters that ndonnx overrides, and why."""
+
+    op_type: str
+    version: int
+    reason: str
+
+
+# onnx2torch keys whose converter this package replaced, in replacement order.
+REPLACED_KEYS: List[Replacement] = []
 
 
 def _key(op_type: str, version: int) -> OperationDescription:
@@ -35,6 +47,29 @@ def register(op_type: str, *versions: int) -> Callable[[TConverter], TConverter]
                 continue
             add_converter(operation_type=op_type, version=version)(converter)
             ADDED.append((op_type, version))
+        return converter
+
+    return deco
+
+
+def replace(op_type: str, *versions: int, reason: str) -> Callable[[TConverter], TConverter]:
+    """Replace onnx2torch's own converter for existing keys (the only place ndonnx overrides one).
+
+    For onnx2torch converters that are wrong or refuse valid attributes for models we meet (e.g.
+    Reshape-14 ``allowzero=1``, which torch's dynamo exporter writes). Every key must exist in
+    onnx2torch's registry: replacing is never a silent way to add one (that is ``register``).
+    Each replacement is recorded with its ``reason`` in ``REPLACED`` (``ndonnx.converters``).
+    """
+
+    def deco(converter: TConverter) -> TConverter:
+        for version in versions:
+            key = _key(op_type, version)
+            if key not in _CONVERTER_REGISTRY:
+                raise KeyError(f'onnx2torch has no converter for {op_type}-{version} to replace')
+            if any(r.op_type == op_type and r.version == version for r in REPLACED_KEYS):
+                raise ValueError(f'{op_type}-{version} is replaced twice')
+            _CONVERTER_REGISTRY[key] = converter
+            REPLACED_KEYS.append(Replacement(op_type, version, reason))
         return converter
 
     return deco

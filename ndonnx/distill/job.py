@@ -110,8 +110,9 @@ class Batches:
         return self._from_cache(np.sort(self.rng.choice(train, b, replace=len(train) < b)))
 
     def holdout(self):
-        """Yields held-out batches: the cache's 10%, or a fixed noise set."""
-        if self.job.settings.data_free or self.cache is None:
+        """Yields held-out batches: the cache's 10% (in data-free runs without data, of seeded
+        synthetic inputs), or a fixed noise set when there is no cache at all."""
+        if self.cache is None:
             state = self.gen.get_state()
             self.gen.manual_seed(self.job.settings.seed + 7)
             for _ in range(0, NOISE_EVAL, EVAL_BATCH):

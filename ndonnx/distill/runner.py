@@ -37,10 +37,12 @@ from ndonnx.distill.job import Job, TrainSettings, run_group
 from ndonnx.errors import NdonnxError
 from ndonnx.graph import Teacher, load_teacher
 from ndonnx.partition import Partition, partition
-from ndonnx.sample import Sample, index_ranges, run_sample
+from ndonnx.config import SampleConfig
+from ndonnx.sample import Sample, index_ranges, make_inputs, run_sample
 
 log = logging.getLogger(__name__)
 BANK_ROWS = 256
+SYNTHETIC_SAMPLES = 256  # data-free runs without data: held-out inputs for scoring
 
 
 def _safe(candidate: str) -> str:
@@ -89,15 +91,20 @@ def distill(model_path: str | Path, run_dir: str | Path, cfg: DistillConfig, dat
         raise NdonnxError("give calibration data with --data FILE.npz, or use --data-free")
     device = resolve_device(cfg.device)
     teacher = load_teacher(model_path)
-    data = load_data(data_path, teacher, cfg.labels) if data_path is not None else None
+    real = data_path is not None
     run_dir = Path(run_dir)
     _open_run_dir(run_dir, teacher, cfg)
+    if not real:  # data-free: seeded synthetic inputs stand in as the held-out set for scores
+        data_path = run_dir / "synthetic.npz"
+        if not data_path.exists():
+            np.savez(data_path, **make_inputs(teacher, SampleConfig(seed=cfg.seed, batch=SYNTHETIC_SAMPLES)))
+    data = load_data(data_path, teacher, cfg.labels if real else None)
     part = partition(teacher, cfg.partition)
     sample = run_sample(teacher)
 
     rows_fixed: list[dict] = []  # neighbourhoods kept as the teacher without training
     jobs: list[Job] = []
-    cache_dir = run_dir / "cache" if data is not None else None
+    cache_dir = run_dir / "cache"
     subs: dict[int, Path] = {}
     skipped: dict[str, dict[str, str]] = {}
     for nbh in part.neighbourhoods:
@@ -118,7 +125,7 @@ def distill(model_path: str | Path, run_dir: str | Path, cfg: DistillConfig, dat
                 _save_model(st.model, spath)
             jobs.append(Job(
                 neighbourhood=nbh.id, candidate=name, student=str(spath), teacher=str(path), lookahead=(),
-                cache=str(cache_dir) if cache_dir else None, noise=None, sparsity=st.sparsity,
+                cache=str(cache_dir), noise=None, sparsity=st.sparsity,
                 train=name != "teacher" and st.params > 0, params=st.params, nonzero=st.nonzero,
                 weights_out=str(run_dir / "weights" / f"{nbh.id}__{_safe(name)}.safetensors"),
                 result_out=str(run_dir / "done" / f"{nbh.id}__{_safe(name)}.json"),
@@ -126,11 +133,11 @@ def distill(model_path: str | Path, run_dir: str | Path, cfg: DistillConfig, dat
                                        lookahead=cfg.lookahead, data_free=cfg.data_free)))
     atomic_write_text(run_dir / "skipped.json", json.dumps(skipped, indent=1))
 
-    names = sorted({n for nbh in part.neighbourhoods for n in (*nbh.inputs, *nbh.outputs, *nbh.side_inputs)})
-    if data is not None:
-        build_cache(teacher.model, names, data, cache_dir, cfg.seed, _fingerprint(teacher, data), progress=progress)
+    names = sorted({n for nbh in part.neighbourhoods for n in (*nbh.inputs, *nbh.outputs, *nbh.side_inputs)}
+                   | set(teacher.input_names) | {o.name for o in teacher.model.graph.output})
+    build_cache(teacher.model, names, data, cache_dir, cfg.seed, _fingerprint(teacher, data), progress=progress)
     if cfg.data_free:
-        _write_noise(part, teacher.model, sample, cache_dir, run_dir)
+        _write_noise(part, teacher.model, sample, cache_dir if real else None, run_dir)
     ids = [n.id for n in part.neighbourhoods]
     jobs = [_with_context(j, ids, subs, run_dir, cfg) for j in jobs]
     _run(jobs, device, cfg.jobs, progress)

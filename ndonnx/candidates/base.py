@@ -1,0 +1,90 @@
+"""The types every student family shares: what a candidate is, what a generator returns, and the
+registry generators join. `ndonnx.candidates` re-exports all of it."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import onnx
+
+from ndonnx.errors import NdonnxError
+
+
+@dataclass(frozen=True)
+class CandidateSpec:
+    """One student to try on a neighbourhood: a family and, for width/lowrank/sparse, its value."""
+
+    family: str
+    value: float | None = None
+
+    def __str__(self) -> str:
+        return self.family if self.value is None else f"{self.family}:{self.value:g}"
+
+
+@dataclass
+class Student:
+    """A student sub-model with the teacher neighbourhood's boundary names, shapes and dtypes.
+
+    params: dense float weights (`ndonnx.graph.weight_counts`); nonzero: the non-zeros it will hold
+    after training (below params only for sparse students); sparsity: the sparse family's target;
+    prunable: the initializers the trainer masks (sparse students only).
+    """
+
+    spec: CandidateSpec
+    model: onnx.ModelProto
+    params: int
+    nonzero: int
+    sparsity: float | None = None
+    prunable: tuple[str, ...] = ()
+
+
+class NotApplicable(Exception):
+    """A family does not apply to this neighbourhood; the message says why (one line)."""
+
+    @property
+    def reason(self) -> str:
+        return str(self.args[0]) if self.args else "not applicable"
+
+
+Generator = Callable[[onnx.ModelProto, CandidateSpec], Student]
+
+
+@dataclass(frozen=True)
+class Family:
+    """A registered student family: its generator and the values it accepts."""
+
+    name: str
+    generate: Generator
+    # None: takes no value; else (lo, hi, lo_inclusive, hi_inclusive)
+    values: tuple[float, float, bool, bool] | None
+
+    def accepts(self, value: float) -> bool:
+        lo, hi, lo_in, hi_in = self.values  # type: ignore[misc]
+        return (lo <= value if lo_in else lo < value) and (value <= hi if hi_in else value < hi)
+
+    def describe_values(self) -> str:
+        lo, hi, lo_in, hi_in = self.values  # type: ignore[misc]
+        return f"{'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}"
+
+
+# family name -> Family. Filled by `register` as ndonnx.candidates imports each family module by name.
+REGISTRY: dict[str, Family] = {}
+
+
+def register(family: str, *, values: tuple[float, float, bool, bool] | None = None):
+    """Decorator: add a generator under `family`. Registering a name twice is an error."""
+
+    def deco(fn: Generator) -> Generator:
+        if family in REGISTRY:
+            raise NdonnxError(f"student family {family!r} is already registered")
+        REGISTRY[family] = Family(family, fn, values)
+        return fn
+
+    return deco
+
+
+def scaled(size: int, k: float) -> int:
+    """round(k * size), halves rounded up (not to even), at least 1."""
+    return max(1, int(math.floor(k * size + 0.5 + 1e-9)))

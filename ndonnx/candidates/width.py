@@ -1,0 +1,433 @@
+"""width:k - the paper's bottleneck multiplier: shrink every inner channel group to round(k * size).
+
+An inner channel group is the output channels of a weighted op (Conv with group 1, Gemm, MatMul with
+a constant 2-D weight: the "producer") followed through ops that treat channels independently into
+the input axis of the next weighted op (the "consumers"). Followed:
+
+- activations and other elementwise unary ops (Relu, Clip, Sigmoid, HardSigmoid, HardSwish, Tanh,
+  LeakyRelu, Gelu, Erf, ...), Identity, Dropout, Cast;
+- BatchNormalization / InstanceNormalization on axis 1 (statistics sliced);
+- elementwise binary ops (Add, Sub, Mul, Div, Pow, Max, Min, PRelu) with a scalar or broadcast
+  per-channel constant (the constant is sliced), or with another tensor of a channel group: the two
+  groups are coupled (union-find, Torch-Pruning's dependency graph) and keep the same channels,
+  as in squeeze-excite's x * sigmoid(fc2(...)) or Gelu written as x * (1 + erf(x / sqrt 2)) / 2;
+- a depthwise Conv (group == channels, one filter per channel): its filters follow the group and
+  its `group` attribute becomes the new channel count (inverted residuals);
+- pooling and reductions that keep the channel axis (GlobalAveragePool, ReduceMean over spatial
+  axes feeding a squeeze-excite branch, MaxPool, ...), Flatten of [N, C, 1, 1], Squeeze/Unsqueeze
+  of other axes.
+
+A group is not shrinkable (left whole, never guessed) when any of its tensors reaches the
+neighbourhood's outputs (the boundary shape is fixed), meets a tensor of the same channel count that
+no group produces (a residual Add with the block input), or enters anything else: Reshape, Concat,
+Split, Transpose, Shape, Softmax, LayerNormalization, a grouped (non-depthwise) Conv, a MatMul of
+two activations. Attention heads are therefore never shrunk: the qkv projection's output goes
+through Reshape/Transpose/Split into head-wise MatMuls, so its group is refused, and the output
+projection's group reaches the residual Add. In a transformer layer only the feed-forward inner
+dimension shrinks.
+
+Which channels survive is decided by `ndonnx.candidates.importance` (L1 norm of the producers'
+output-channel weights by default); this module only slices. A BatchNormalization right after a
+Conv is folded into it first (students carry no BN).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from ndonnx.candidates import importance as imp
+from ndonnx.candidates.base import CandidateSpec, NotApplicable, Student, register, scaled
+from ndonnx.candidates.onnx_edit import (add_array, attr, consumers, copy_model, finish, fold_batchnorm, get_array,
+                                         names_in_use, param_count, set_array, set_attr, set_dim, shapes)
+
+UNARY = {
+    "Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "LeakyRelu", "Gelu", "Erf", "Elu", "Selu",
+    "Celu", "Softplus", "Softsign", "ThresholdedRelu", "Mish", "Abs", "Neg", "Exp", "Log", "Sqrt",
+    "Reciprocal", "Sin", "Cos", "Floor", "Ceil", "Round", "Sign", "Identity", "Dropout", "Cast",
+}
+BINARY = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "PRelu"}
+POOL = {"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "AveragePool", "MaxPool", "LpPool"}
+REDUCE = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+          "ReduceLogSumExp", "ReduceSumSquare"}
+CHANNEL_NORMS = {"BatchNormalization": (1, 2, 3, 4), "InstanceNormalization": (1, 2)}
+
+
+@dataclass
+class ChannelGroup:
+    """One set of coupled channels (after union-find). Slots are (node index, input slot, axis)."""
+
+    size: int
+    producers: list[tuple[int, str, int]] = field(default_factory=list)  # (node, weight name, out axis)
+    slices: list[tuple[int, int, int]] = field(default_factory=list)  # initializer inputs to slice
+    depthwise: list[int] = field(default_factory=list)  # Conv nodes whose `group` follows
+    tensors: list[tuple[str, int]] = field(default_factory=list)  # (tensor, channel axis)
+    blocked: list[str] = field(default_factory=list)  # why it cannot shrink
+
+    @property
+    def shrinkable(self) -> bool:
+        return not self.blocked and self.size > 1
+
+
+class _Analysis:
+    """One forward pass over the nodes (topological order), tagging each tensor that carries a
+    group's channels with (group id, axis)."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.shape = shapes(model)
+        self.consts = {t.name for t in model.graph.initializer}
+        self.parent: list[int] = []
+        self.raw: list[ChannelGroup] = []
+        self.tag: dict[str, tuple[int, int]] = {}
+        for i, node in enumerate(model.graph.node):
+            self._node(i, node)
+        for o in model.graph.output:
+            if o.name in self.tag:
+                self._block(self.tag[o.name][0], f"reaches the output {o.name!r}")
+
+    # union-find --------------------------------------------------------------------------
+    def find(self, g: int) -> int:
+        while self.parent[g] != g:
+            self.parent[g] = self.parent[self.parent[g]]
+            g = self.parent[g]
+        return g
+
+    def _union(self, a: int, b: int) -> int:
+        a, b = self.find(a), self.find(b)
+        if a != b:
+            self.parent[b] = a
+        return a
+
+    def _new(self, size: int) -> int:
+        self.parent.append(len(self.raw))
+        self.raw.append(ChannelGroup(size))
+        return len(self.raw) - 1
+
+    def _block(self, g: int, why: str) -> None:
+        self.raw[g].blocked.append(why)
+
+    def _set(self, name: str, g: int, axis: int) -> None:
+        self.tag[name] = (g, axis)
+        self.raw[g].tensors.append((name, axis))
+
+    def _rank(self, name: str) -> int | None:
+        s = self.shape.get(name)
+        return None if s is None else len(s)
+
+    def _dim(self, name: str, axis: int):
+        s = self.shape.get(name)
+        return None if s is None or axis >= len(s) else s[axis]
+
+    def _const(self, name: str) -> np.ndarray | None:
+        return get_array(self.model, name) if name in self.consts else None
+
+    def _block_inputs(self, node: onnx.NodeProto, why: str | None = None) -> None:
+        for name in node.input:
+            if name in self.tag:
+                self._block(self.tag[name][0], why or f"enters {node.op_type} {node.name!r}")
+
+    def _const_axes(self, node: onnx.NodeProto, slot: int = 1) -> list[int] | None:
+        axes = attr(node, "axes")
+        if axes is None and len(node.input) > slot and node.input[slot]:
+            a = self._const(node.input[slot])
+            axes = None if a is None else [int(v) for v in a.reshape(-1)]
+        return None if axes is None else list(axes)
+
+    # the pass ----------------------------------------------------------------------------
+    def _node(self, i: int, node: onnx.NodeProto) -> None:
+        op = node.op_type
+        tagged = [(k, n) for k, n in enumerate(node.input) if n in self.tag]
+        if node.domain not in ("", "ai.onnx"):
+            self._block_inputs(node)
+        elif op == "Conv":
+            self._conv(i, node)
+        elif op == "Gemm":
+            self._gemm(i, node)
+        elif op == "MatMul":
+            self._matmul(i, node)
+        elif not tagged:
+            return
+        elif op in CHANNEL_NORMS:
+            self._norm(i, node, CHANNEL_NORMS[op])
+        elif op in UNARY:
+            if [k for k, _ in tagged] != [0] or len([o for o in node.output if o]) != 1:
+                self._block_inputs(node)
+            else:
+                g, axis = self.tag[node.input[0]]
+                self._set(node.output[0], g, axis)
+        elif op in BINARY and len(node.input) == 2:
+            self._binary(i, node)
+        elif op in POOL:
+            g, axis = self.tag[node.input[0]]
+            if len(tagged) != 1 or tagged[0][0] != 0 or axis != 1 or len([o for o in node.output if o]) != 1:
+                self._block_inputs(node)
+            else:
+                self._set(node.output[0], g, 1)
+        elif op in REDUCE:
+            self._reduce(node)
+        elif op in ("Flatten", "Squeeze", "Unsqueeze"):
+            self._reshape_like(node)
+        else:
+            self._block_inputs(node)
+
+    def _conv(self, i: int, node: onnx.NodeProto) -> None:
+        w = self._const(node.input[1])
+        x = self.tag.get(node.input[0])
+        if w is None or any(n in self.tag for n in node.input[1:]):
+            return self._block_inputs(node)
+        groups = attr(node, "group", 1)
+        has_bias = len(node.input) > 2 and node.input[2]
+        if groups == 1:
+            if x is not None:
+                if x[1] == 1:
+                    self.raw[x[0]].slices.append((i, 1, 1))
+                else:
+                    self._block(x[0], f"enters Conv {node.name!r} on axis {x[1]}")
+            g = self._new(w.shape[0])
+            self.raw[g].producers.append((i, node.input[1], 0))
+            self.raw[g].slices.append((i, 1, 0))
+            if has_bias:
+                self.raw[g].slices.append((i, 2, 0))
+            self._set(node.output[0], g, 1)
+        elif x is not None and x[1] == 1 and w.shape[1] == 1 and groups == w.shape[0] == self.raw[self.find(x[0])].size:
+            self.raw[x[0]].depthwise.append(i)
+            self.raw[x[0]].slices.append((i, 1, 0))
+            if has_bias:
+                self.raw[x[0]].slices.append((i, 2, 0))
+            self._set(node.output[0], x[0], 1)
+        else:
+            self._block_inputs(node, f"enters grouped Conv {node.name!r}")
+
+    def _gemm(self, i: int, node: onnx.NodeProto) -> None:
+        b = self._const(node.input[1])
+        if b is None or b.ndim != 2 or any(n in self.tag for n in node.input[1:]):
+            return self._block_inputs(node)
+        trans_a, trans_b = attr(node, "transA", 0), attr(node, "transB", 0)
+        x = self.tag.get(node.input[0])
+        if x is not None:
+            if trans_a == 0 and x[1] == 1:
+                self.raw[x[0]].slices.append((i, 1, 1 if trans_b else 0))
+            else:
+                self._block(x[0], f"enters Gemm {node.name!r} on axis {x[1]} (transA={trans_a})")
+        out_axis = 0 if trans_b else 1
+        g = self._new(b.shape[out_axis])
+        self.raw[g].producers.append((i, node.input[1], out_axis))
+        self.raw[g].slices.append((i, 1, out_axis))
+        if len(node.input) > 2 and node.input[2]:
+            c = self._const(node.input[2])
+            if c is None:
+                self._block(g, f"Gemm {node.name!r} adds a non-constant C")
+            elif c.ndim >= 1 and c.shape[-1] == b.shape[out_axis] and c.shape[-1] > 1:
+                self.raw[g].slices.append((i, 2, c.ndim - 1))
+            elif c.ndim >= 1 and c.shape[-1] != 1:
+                self._block(g, f"Gemm {node.name!r} has a C of shape {c.shape}")
+        self._set(node.output[0], g, 1)
+
+    def _matmul(self, i: int, node: onnx.NodeProto) -> None:
+        w = self._const(node.input[1])
+        rank = self._rank(node.input[0])
+        if w is None or w.ndim != 2 or node.input[0] in self.consts or rank is None or rank < 2:
+            return self._block_inputs(node, f"enters MatMul {node.name!r} (not activation x constant 2-D weight)")
+        x = self.tag.get(node.input[0])
+        if x is not None:
+            if x[1] == rank - 1:
+                self.raw[x[0]].slices.append((i, 1, 0))
+            else:
+                self._block(x[0], f"enters MatMul {node.name!r} on axis {x[1]}")
+        g = self._new(w.shape[1])
+        self.raw[g].producers.append((i, node.input[1], 1))
+        self.raw[g].slices.append((i, 1, 1))
+        self._set(node.output[0], g, rank - 1)
+
+    def _norm(self, i: int, node: onnx.NodeProto, slots: tuple[int, ...]) -> None:
+        g, axis = self.tag.get(node.input[0], (None, None))
+        ok = (g is not None and axis == 1 and len([o for o in node.output if o]) == 1
+              and all(self._const(node.input[s]) is not None for s in slots)
+              and not any(n in self.tag for n in node.input[1:]))
+        if not ok:
+            return self._block_inputs(node)
+        for s in slots:
+            self.raw[g].slices.append((i, s, 0))
+        self._set(node.output[0], g, 1)
+
+    def _binary(self, i: int, node: onnx.NodeProto) -> None:
+        out = node.output[0]
+        r_out = self._rank(out)
+        if r_out is None:
+            return self._block_inputs(node, f"{node.op_type} {node.name!r} has no known shape")
+        sides = []  # (slot, name, out axis or None)
+        for k, name in enumerate(node.input):
+            t = self.tag.get(name)
+            r = self._rank(name)
+            if r is None:
+                return self._block_inputs(node, f"{node.op_type} {node.name!r} has no known shape")
+            sides.append((k, name, None if t is None else t[1] + r_out - r, r))
+        tagged = [(k, n, ax, r) for k, n, ax, r in sides if ax is not None]
+        if node.op_type == "PRelu" and tagged[0][0] != 0:
+            return self._block_inputs(node)
+        if len(tagged) == 2:
+            (_, n1, a1, _), (_, n2, a2, _) = tagged
+            g1, g2 = self.tag[n1][0], self.tag[n2][0]
+            if a1 != a2:
+                self._block(g1, f"meets another group on a different axis at {node.op_type} {node.name!r}")
+                self._block(g2, f"meets another group on a different axis at {node.op_type} {node.name!r}")
+                return
+            s1, s2 = self.raw[self.find(g1)].size, self.raw[self.find(g2)].size
+            if s1 == s2:
+                return self._set(out, self._union(g1, g2), a1)
+            small, big = (g1, g2) if s1 == 1 else (g2, g1) if s2 == 1 else (None, None)
+            if small is None:
+                self._block(g1, "size mismatch")
+                self._block(g2, "size mismatch")
+                return
+            self._block(small, f"broadcast against another group at {node.op_type} {node.name!r}")
+            return self._set(out, big, a1)
+        (k, name, axis, _), (ko, other, _, r_other) = tagged[0], next(s for s in sides if s[0] != tagged[0][0])
+        g = self.tag[name][0]
+        size = self.raw[self.find(g)].size
+        aligned = axis - (r_out - r_other)
+        dim = self._dim(other, aligned) if aligned >= 0 else 1
+        if other in self.consts:
+            if dim == size and size > 1:
+                self.raw[g].slices.append((i, ko, aligned))
+            elif dim != 1:
+                self._block(g, f"{node.op_type} {node.name!r} broadcasts a constant of shape {self.shape.get(other)}")
+        elif dim != 1:
+            self._block(g, f"joins {other!r}, which no channel group produces, at {node.op_type} {node.name!r}")
+        self._set(out, g, axis)
+
+    def _reduce(self, node: onnx.NodeProto) -> None:
+        g, axis = self.tag.get(node.input[0], (None, None))
+        rank = self._rank(node.input[0])
+        axes = self._const_axes(node)
+        if g is None or rank is None or not axes or any(n in self.tag for n in node.input[1:]):
+            return self._block_inputs(node, f"enters {node.op_type} {node.name!r} (all axes or unknown)")
+        axes = sorted(a % rank for a in axes)
+        if axis in axes:
+            return self._block_inputs(node, f"is reduced by {node.op_type} {node.name!r}")
+        keep = attr(node, "keepdims", 1)
+        self._set(node.output[0], g, axis if keep else axis - sum(a < axis for a in axes))
+
+    def _reshape_like(self, node: onnx.NodeProto) -> None:
+        g, axis = self.tag.get(node.input[0], (None, None))
+        shape = self.shape.get(node.input[0])
+        if g is None or shape is None or any(n in self.tag for n in node.input[1:]):
+            return self._block_inputs(node)
+        rank = len(shape)
+        if node.op_type == "Flatten":
+            at = attr(node, "axis", 1) % max(rank, 1)
+            if at == axis == 1 and all(d == 1 for d in shape[2:]):  # [N, C, 1, 1] -> [N, C]
+                return self._set(node.output[0], g, 1)
+            return self._block_inputs(node)
+        axes = self._const_axes(node)
+        if node.op_type == "Squeeze":
+            if axes is None:
+                axes = [k for k, d in enumerate(shape) if d == 1]
+            axes = [a % rank for a in axes]
+            if axis in axes:
+                return self._block_inputs(node)
+            return self._set(node.output[0], g, axis - sum(a < axis for a in axes))
+        if axes is None:
+            return self._block_inputs(node)
+        r_out = rank + len(axes)
+        axes = {a % r_out for a in axes}
+        kept = [k for k in range(r_out) if k not in axes]
+        self._set(node.output[0], g, kept[axis])
+
+    # result ------------------------------------------------------------------------------
+    def groups(self) -> list[ChannelGroup]:
+        merged: dict[int, ChannelGroup] = {}
+        for g, raw in enumerate(self.raw):
+            root = self.find(g)
+            m = merged.setdefault(root, ChannelGroup(self.raw[root].size))
+            m.producers += raw.producers
+            m.slices += raw.slices
+            m.depthwise += raw.depthwise
+            m.tensors += raw.tensors
+            m.blocked += raw.blocked
+        return list(merged.values())
+
+
+def channel_groups(model: onnx.ModelProto) -> list[ChannelGroup]:
+    """Every channel group of a (BN-folded) sub-model, shrinkable or not, with the reasons."""
+    return _Analysis(model).groups()
+
+
+def shrink(sub: onnx.ModelProto, k: float, score: str = "l1") -> tuple[onnx.ModelProto, list[tuple[int, int]]]:
+    """The width-k student of a teacher sub-model, and (old, new) size of each shrinkable group.
+
+    Raises NotApplicable when no group can shrink. k = 1.0 gives the BN-folded teacher."""
+    model = fold_batchnorm(sub)
+    every = channel_groups(model)
+    groups = [g for g in every if g.shrinkable]
+    if not groups:
+        nodes = model.graph.node
+        why = [f"{nodes[g.producers[0][0]].name or nodes[g.producers[0][0]].op_type} "
+               f"{g.blocked[0] if g.blocked else 'has one channel'}" for g in every]
+        more = f"; +{len(why) - 3} more" if len(why) > 3 else ""
+        raise NotApplicable("no shrinkable inner channel group" + (f" ({'; '.join(why[:3])}{more})" if why else
+                                                                   " (no Conv/Gemm/MatMul weight)"))
+    scorer = imp.IMPORTANCE[score]
+    nodes = model.graph.node
+    edits: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}
+    sizes = []
+    for g in groups:
+        n = scaled(g.size, k)
+        sizes.append((g.size, n))
+        if n == g.size:
+            continue
+        keep = imp.keep_indices(scorer([(get_array(model, w), ax) for _, w, ax in g.producers]), n)
+        for node, slot, axis in dict.fromkeys(g.slices):
+            edits.setdefault((node, slot), []).append((axis, keep))
+        for node in g.depthwise:
+            set_attr(nodes[node], "group", n)
+        for name, axis in g.tensors:
+            set_dim(model, name, axis, n)
+    _apply_slices(model, edits)
+    return model, sizes
+
+
+def _apply_slices(model: onnx.ModelProto, edits: dict[tuple[int, int], list[tuple[int, np.ndarray]]]) -> None:
+    """Slice initializers per input slot; an initializer shared by slots that need different
+    slices (or none) is copied under a new name for the slots that differ."""
+    nodes = model.graph.node
+    cons = consumers(model)
+    taken = names_in_use(model)
+    by_init: dict[str, list[tuple[int, int]]] = {}
+    for node, slot in edits:
+        by_init.setdefault(nodes[node].input[slot], []).append((node, slot))
+
+    def key(e):
+        return tuple((a, tuple(k.tolist())) for a, k in sorted(e, key=lambda x: x[0]))
+
+    for name, slots in by_init.items():
+        base = get_array(model, name)
+        variants = {key(edits[s]) for s in slots}
+        in_place = len(variants) == 1 and len(slots) == len(cons.get(name, []))
+        done: dict[tuple, str] = {}
+        for s in slots:
+            kk = key(edits[s])
+            if kk not in done:
+                arr = base
+                for axis, keep in edits[s]:
+                    arr = np.take(arr, keep, axis=axis)
+                if in_place:
+                    set_array(model, name, arr)
+                    done[kk] = name
+                else:
+                    done[kk] = add_array(model, f"{name}_w", arr, taken)
+            nodes[s[0]].input[s[1]] = done[kk]
+
+
+@register("width", values=(0.0, 1.0, False, True))
+def generate(sub: onnx.ModelProto, spec: CandidateSpec) -> Student:
+    model, sizes = shrink(sub, float(spec.value))
+    if all(old == new for old, new in sizes):
+        raise NotApplicable(f"width {spec.value:g} removes no channel (groups of "
+                            f"{', '.join(str(o) for o, _ in sizes)} channels)")
+    finish(sub, model, str(spec))
+    n = param_count(model)
+    return Student(spec, model, n, n)

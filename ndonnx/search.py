@@ -1,0 +1,258 @@
+"""Student search: score each trained candidate by the paper's partial model (the teacher with only
+that neighbourhood replaced) on the held-out split, then pick one candidate per neighbourhood under
+a parameter budget. Errors compound when many neighbourhoods change (the thresholding effect), so
+the composed student is evaluated and the choice revised where it falls short of the prediction."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from ndonnx.convert import extract
+from ndonnx.distill.cache import CacheReader, atomic_write_text
+from ndonnx.errors import NdonnxError
+from ndonnx.graph import Teacher
+from ndonnx.partition import Neighbourhood, Partition
+from ndonnx.sample import Sample, ort_session
+from ndonnx.splice import splice
+from ndonnx.trainable import write_weights
+
+
+def parse_target(text: str, teacher_params: int) -> int:
+    """'18M', '250K', '1.5e6', '60%' (of the teacher) -> a parameter count."""
+    t = str(text).strip().replace("_", "").replace(",", "")
+    m = re.fullmatch(r"(\d+(?:\.\d*)?(?:[eE][+-]?\d+)?)\s*([kKmMgGbB%]?)", t)
+    if not m:
+        raise NdonnxError(f"--target-params {text!r}: expected a count like 18M, 250K, 1.5e6 or 60%")
+    value, unit = float(m.group(1)), m.group(2).upper()
+    if unit == "%":
+        if not 0 < value <= 100:
+            raise NdonnxError(f"--target-params {text!r}: a percentage must be in (0, 100]")
+        return int(teacher_params * value / 100)
+    scale = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "B": 1e9}[unit]
+    return int(value * scale)
+
+
+def metric_name(outputs: list[np.ndarray], labels: np.ndarray | None) -> str:
+    if labels is not None:
+        return "accuracy"
+    o = outputs[0]
+    return "agreement" if o.ndim == 2 and o.shape[1] > 1 else "fidelity"
+
+
+def score_outputs(outputs: list[np.ndarray], reference: list[np.ndarray], labels: np.ndarray | None) -> float:
+    """Higher is better: accuracy with labels; top-1 agreement with the teacher for classifier
+    outputs; otherwise 1 - relative error against the teacher's outputs."""
+    kind = metric_name(reference, labels)
+    if kind == "accuracy":
+        return float((outputs[0].argmax(-1) == labels).mean())
+    if kind == "agreement":
+        return float((outputs[0].argmax(-1) == reference[0].argmax(-1)).mean())
+    num = sum(float(np.sum((o.astype(np.float64) - r) ** 2)) for o, r in zip(outputs, reference))
+    den = sum(float(np.sum(r.astype(np.float64) ** 2)) for r in reference)
+    return 1.0 - (num / den) ** 0.5 if den > 0 else 0.0
+
+
+@dataclass
+class Option:
+    neighbourhood: int
+    candidate: str
+    params: int
+    rel_mse: float | None
+    model: onnx.ModelProto | None = field(default=None, repr=False)  # None: keep the teacher
+    score: float | None = None
+
+
+def load_options(run_dir: Path, rows: list[dict]) -> dict[int, list[Option]]:
+    """Every usable candidate per neighbourhood, with its trained weights written in."""
+    out: dict[int, list[Option]] = {}
+    for r in rows:
+        if r["status"] == "failed":
+            continue
+        model = None
+        if r["candidate"] != "teacher":
+            safe = r["candidate"].replace(":", "_").replace("/", "_")
+            model = onnx.load(str(run_dir / "students" / f"{r['neighbourhood']}__{safe}.onnx"))
+            if r.get("weights"):
+                from ndonnx.distill.job import load_weights
+
+                model = write_weights(model, load_weights(run_dir / "weights" / r["weights"]))
+        out.setdefault(r["neighbourhood"], []).append(
+            Option(r["neighbourhood"], r["candidate"], r["params"], r["rel_mse"], model))
+    return out
+
+
+class Scorer:
+    """Scores on the held-out split of the activation cache."""
+
+    def __init__(self, teacher: Teacher, part: Partition, sample: Sample, cache: CacheReader, labels: bool):
+        self.teacher, self.part, self.sample, self.cache = teacher, part, sample, cache
+        idx = cache.holdout
+        self.inputs = {n: cache.read(n, idx) for n in teacher.input_names}
+        self.out_names = [o.name for o in teacher.model.graph.output]
+        self.reference = [cache.read(n, idx) for n in self.out_names]
+        self.labels = cache.labels(idx) if labels else None
+        self.metric = metric_name(self.reference, self.labels)
+        self.teacher_score = score_outputs(self.reference, self.reference, self.labels)
+        self._idx = idx
+        self._suffix: dict[int, object] = {}
+
+    def _suffix_session(self, nbh: Neighbourhood):
+        """The teacher from the end of `nbh` to its outputs, as an onnxruntime session."""
+        if nbh.id not in self._suffix:
+            later = [n for n in self.part.neighbourhoods if n.id > nbh.id]
+            if not later:
+                self._suffix[nbh.id] = None
+            else:
+                sides = tuple(sorted({s for n in later for s in n.side_inputs}))
+                merged = Neighbourhood(id=-1, inputs=nbh.outputs, side_inputs=sides, outputs=later[-1].outputs,
+                                       nodes=tuple(sorted(i for n in later for i in n.nodes)), weights=(), params=0)
+                self._suffix[nbh.id] = (ort_session(extract(self.teacher, merged, self.sample)), merged)
+        return self._suffix[nbh.id]
+
+    def single(self, opt: Option) -> float:
+        """The partial model: the teacher with only this neighbourhood replaced."""
+        if opt.model is None:
+            return self.teacher_score
+        nbh = next(n for n in self.part.neighbourhoods if n.id == opt.neighbourhood)
+        feeds = {n: self.cache.read(n, self._idx) for n in (*nbh.inputs, *nbh.side_inputs)}
+        outs = ort_session(opt.model).run(list(nbh.outputs), feeds)
+        suffix = self._suffix_session(nbh)
+        if suffix is not None:
+            sess, merged = suffix
+            feeds = dict(zip(nbh.outputs, outs))
+            feeds.update({n: self.cache.read(n, self._idx) for n in merged.side_inputs})
+            outs = sess.run(list(merged.outputs), feeds)
+        final = dict(zip(self.part.neighbourhoods[-1].outputs, outs))
+        return score_outputs([final[n] for n in self.out_names], self.reference, self.labels)
+
+    def compose(self, choice: dict[int, Option]) -> onnx.ModelProto:
+        students = {nid: o.model for nid, o in choice.items() if o.model is not None}
+        meta = {"choices": {str(nid): o.candidate for nid, o in sorted(choice.items())}}
+        return splice(self.teacher.model, self.part, students, meta)
+
+    def composed(self, choice: dict[int, Option]) -> float:
+        outs = ort_session(self.compose(choice)).run(self.out_names, self.inputs)
+        return score_outputs(outs, self.reference, self.labels)
+
+
+@dataclass
+class SearchResult:
+    choice: dict[int, Option]
+    params: int
+    score: float
+    predicted: float
+    pareto: list[dict]
+
+
+def total_params(teacher_params: int, part: Partition, choice: dict[int, Option]) -> int:
+    by_id = {n.id: n for n in part.neighbourhoods}
+    return teacher_params - sum(by_id[nid].params - o.params for nid, o in choice.items())
+
+
+def search(scorer: Scorer, options: dict[int, list[Option]], target: int, strategy: str = "greedy",
+           max_drop: float | None = None, rounds: int = 4) -> SearchResult:
+    """Pick one option per neighbourhood with total parameters <= target."""
+    part, tparams = scorer.part, scorer.teacher.params
+    for opts in options.values():
+        for o in opts:
+            if o.score is None:
+                o.score = scorer.single(o)
+    teacher_opt = {nid: next(o for o in opts if o.candidate == "teacher") for nid, opts in options.items()}
+    smallest = {nid: min(opts, key=lambda o: o.params) for nid, opts in options.items()}
+    floor = total_params(tparams, part, smallest)
+    if floor > target:
+        raise TargetUnreachable(target, floor)
+    pareto: list[dict] = []
+    if strategy == "threshold":  # the paper's: the smallest candidate whose drop is within max_drop
+        limit = 0.01 if max_drop is None else max_drop
+        choice = {nid: min((o for o in opts if scorer.teacher_score - o.score <= limit), key=lambda o: o.params)
+                  for nid, opts in options.items()}
+        params = total_params(tparams, part, choice)
+        if params > target:
+            raise TargetUnreachable(target, params, f"with --strategy threshold and --max-drop {limit}")
+        score = scorer.composed(choice)
+        predicted = scorer.teacher_score - sum(scorer.teacher_score - o.score for o in choice.values())
+        pareto.append({"params": params, "score": score, "choices": _names(choice)})
+        return SearchResult(choice, params, score, predicted, pareto)
+    if strategy != "greedy":
+        raise NdonnxError(f"--strategy must be greedy or threshold, got {strategy!r}")
+    cost = {(o.neighbourhood, o.candidate): scorer.teacher_score - o.score for opts in options.values() for o in opts}
+    best = None
+    for _ in range(rounds):
+        choice = _greedy(options, teacher_opt, cost, tparams, part, target)
+        params = total_params(tparams, part, choice)
+        score = scorer.composed(choice)
+        predicted = scorer.teacher_score - sum(cost[(o.neighbourhood, o.candidate)] for o in choice.values())
+        pareto.append({"params": params, "score": score, "predicted": predicted, "choices": _names(choice)})
+        if best is None or score > best.score:
+            best = SearchResult(choice, params, score, predicted, pareto)
+        if score >= predicted - 1e-9:
+            break
+        # Back off: measure each change's real cost inside the composed student (restore it to the
+        # teacher and see what comes back), and search again with those costs.
+        changed = [nid for nid, o in choice.items() if o.candidate != "teacher"]
+        for nid in changed:
+            restored = dict(choice)
+            restored[nid] = teacher_opt[nid]
+            gain = scorer.composed(restored) - score
+            key = (nid, choice[nid].candidate)
+            cost[key] = max(cost[key], gain)
+    best.pareto = _pareto(pareto)
+    return best
+
+
+def _greedy(options, teacher_opt, cost, tparams, part, target) -> dict[int, Option]:
+    """From the teacher, repeatedly take the change that loses the least score per parameter saved."""
+    choice = dict(teacher_opt)
+    while total_params(tparams, part, choice) > target:
+        best, best_key = None, None
+        for nid, opts in options.items():
+            cur = choice[nid]
+            for o in opts:
+                saved = cur.params - o.params
+                if saved <= 0:
+                    continue
+                lost = cost[(nid, o.candidate)] - cost[(nid, cur.candidate)]
+                key = (lost / saved, -saved)
+                if best_key is None or key < best_key:
+                    best, best_key = o, key
+        if best is None:
+            break
+        choice[best.neighbourhood] = best
+    return choice
+
+
+def _names(choice: dict[int, Option]) -> dict[str, str]:
+    return {str(nid): o.candidate for nid, o in sorted(choice.items())}
+
+
+def _pareto(points: list[dict]) -> list[dict]:
+    pts = sorted(points, key=lambda p: (p["params"], -p["score"]))
+    out, best = [], -np.inf
+    for p in pts:
+        if p["score"] > best:
+            out.append(p)
+            best = p["score"]
+    return out
+
+
+class TargetUnreachable(NdonnxError):
+    exit_code = 1
+
+    def __init__(self, target: int, smallest: int, how: str = "with the candidates at hand"):
+        super().__init__(f"target of {target:,} parameters cannot be met: the smallest model reachable "
+                         f"{how} has {smallest:,}")
+        self.smallest = smallest
+
+
+def save_scores(run_dir: Path, options: dict[int, list[Option]], scorer: Scorer) -> None:
+    rows = [{"neighbourhood": o.neighbourhood, "candidate": o.candidate, "params": o.params, "score": o.score}
+            for opts in options.values() for o in opts]
+    atomic_write_text(run_dir / "scores.json", json.dumps({"metric": scorer.metric, "teacher": scorer.teacher_score,
+                                                           "rows": rows}, indent=1))

@@ -1,0 +1,78 @@
+"""Validation: onnx.checker, then the student against the teacher in onnxruntime on held-out data,
+and the student's own torch-vs-onnxruntime consistency."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from ndonnx.convert import rel_err
+from ndonnx.graph import weight_counts
+from ndonnx.sample import ort_session
+from ndonnx.search import metric_name, score_outputs
+
+
+def _latency(sess, feeds: dict, repeats: int = 5) -> float:
+    sess.run(None, feeds)  # warm up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sess.run(None, feeds)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def validate(student: onnx.ModelProto, teacher: onnx.ModelProto, inputs: dict[str, np.ndarray],
+             labels: np.ndarray | None = None, student_path: Path | None = None,
+             teacher_path: Path | None = None) -> dict:
+    """Figures for the report; every comparison is on the same inputs."""
+    s_sess, t_sess = ort_session(student), ort_session(teacher)
+    names = [o.name for o in teacher.graph.output]
+    s_out, t_out = s_sess.run(names, inputs), t_sess.run(names, inputs)
+    diff = [np.abs(s.astype(np.float64) - t) for s, t in zip(s_out, t_out)]
+    res = {
+        "samples": int(len(next(iter(inputs.values())))),
+        "params_teacher": sum(weight_counts(teacher).values()),
+        "params_student": sum(weight_counts(student).values()),
+        "max_abs_err": float(max(d.max() for d in diff)),
+        "rel_err": float(max(rel_err(s, t) for s, t in zip(s_out, t_out))),
+        "metric": metric_name(t_out, labels),
+        "score_teacher": score_outputs(t_out, t_out, labels),
+        "score_student": score_outputs(s_out, t_out, labels),
+    }
+    if t_out[0].ndim == 2 and t_out[0].shape[1] > 1:
+        res["top1_agreement"] = float((s_out[0].argmax(-1) == t_out[0].argmax(-1)).mean())
+    if labels is not None:
+        res["accuracy_teacher"] = float((t_out[0].argmax(-1) == labels).mean())
+        res["accuracy_student"] = float((s_out[0].argmax(-1) == labels).mean())
+    batch = {k: v[:64] for k, v in inputs.items()}
+    res["latency_ratio"] = _latency(s_sess, batch) / _latency(t_sess, batch)
+    if student_path is not None and teacher_path is not None:
+        res["bytes_student"] = _size(student_path)
+        res["bytes_teacher"] = _size(teacher_path)
+    res["torch_rel_err"] = torch_consistency(student, {k: v[:16] for k, v in inputs.items()})
+    return res
+
+
+def _size(path: Path) -> int:
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def torch_consistency(model: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> float | None:
+    """rel_err of the model converted to torch against onnxruntime (None: does not convert)."""
+    from ndonnx.trainable import Trainable
+
+    try:
+        module = Trainable(model)
+        with torch.no_grad():
+            got = module(*[torch.from_numpy(np.ascontiguousarray(inputs[n])) for n in module.input_names])
+    except Exception:
+        return None
+    want = ort_session(model).run(module.output_names, inputs)
+    return float(max(rel_err(g.numpy(), w) for g, w in zip(got, want)))
