@@ -140,7 +140,7 @@ def _add_distill_options(s) -> None:
 
 
 def _add_search_options(s) -> None:
-    s.add_argument("--target-params", required=True, help="budget: 18M, 250K, 1.5e6 or 60%% (of the teacher)")
+    s.add_argument("--target-params", default="50%", help="budget: 18M, 250K, 1.5e6 or 60%% of the teacher (default 50%%)")
     s.add_argument("-o", "--output", help="student .onnx (default: <teacher>.ndonnx.onnx beside the teacher)")
     s.add_argument("--report", help="write the report as JSON here")
     s.add_argument("--strategy", default="greedy", help="greedy (budget-driven) | threshold (paper: smallest within --max-drop)")
@@ -148,11 +148,18 @@ def _add_search_options(s) -> None:
     s.add_argument("--finetune-steps", type=int, default=0, help="end-to-end KD steps after splicing (paper Eq. 3)")
 
 
+class Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr (and `--help` for the rest), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"ndonnx: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ndonnx", description="Make ONNX models smaller by Neighbourhood Distillation.")
+    p = Parser(prog="ndonnx", description="Make ONNX models smaller by Neighbourhood Distillation.")
     p.add_argument("--version", action="version", version=f"ndonnx {__version__}")
     p.add_argument("--verbose", action="store_true", help="show tracebacks and debug logs")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     s = sub.add_parser("inspect", help="show the weights and neighbourhoods ndonnx finds in a model")
     s.add_argument("model", help="teacher .onnx file")
@@ -192,7 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # usage errors and --help
+        return int(e.code or 0)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="ndonnx: warning: %(message)s" if not args.verbose else "%(levelname)s %(name)s: %(message)s")
     try:
