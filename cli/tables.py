@@ -72,7 +72,7 @@ def compress_table(r: dict) -> None:
 
 
 def validation_table(v: dict) -> None:
-    t = Table(title=f"validation on {v['samples']} held-out samples (onnxruntime)")
+    t = Table(title=f"validation on {v['samples']} samples ({v.get('data', 'given data')}), onnxruntime")
     t.add_column("figure")
     t.add_column("teacher", justify="right")
     t.add_column("student", justify="right")

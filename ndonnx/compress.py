@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -15,7 +15,8 @@ import torch
 
 from ndonnx.config import DistillConfig, PartitionConfig
 from ndonnx.distill.cache import CacheReader, atomic_write_text
-from ndonnx.distill.runner import distill, write_candidates
+from ndonnx.data import load_data
+from ndonnx.distill.runner import distill
 from ndonnx.errors import GoalNotMet, NdonnxError
 from ndonnx.graph import load_teacher
 from ndonnx.partition import partition
@@ -36,6 +37,7 @@ class CompressConfig:
     finetune_lr: float = 1e-4
     temperature: float = 4.0
     kd_lambda: float = 0.5  # weight of cross-entropy on labels next to the soft targets (Eq. 3)
+    eval_data: str | None = None  # validate on this data (e.g. a test set) instead of the held-out split
 
 
 def default_output(teacher_path: Path) -> Path:
@@ -98,7 +100,14 @@ def build(run_dir: Path, cfg: CompressConfig, output: str | Path | None, timings
         timings["finetune"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    val = validate(student, teacher.model, scorer.inputs, scorer.labels)
+    inputs, eval_labels = scorer.inputs, scorer.labels
+    if cfg.eval_data:
+        labels_key = meta["config"].get("labels")
+        arrays = load_data(cfg.eval_data, teacher, labels_key).read_all()
+        eval_labels = arrays.pop(labels_key) if labels_key else None
+        inputs = arrays
+    val = validate(student, teacher.model, inputs, eval_labels)
+    val["data"] = str(cfg.eval_data) if cfg.eval_data else "held-out split of the calibration data"
     timings["validate"] = time.perf_counter() - t0
     drop = val["score_teacher"] - val["score_student"]
     report = {

@@ -40,7 +40,7 @@ import onnx
 
 from ndonnx.candidates import importance as imp
 from ndonnx.candidates.base import CandidateSpec, NotApplicable, Student, register, scaled
-from ndonnx.candidates.onnx_edit import (add_array, attr, consumers, copy_model, finish, fold_batchnorm, get_array,
+from ndonnx.candidates.onnx_edit import (add_array, attr, consumers, finish, fold_batchnorm, get_array,
                                          names_in_use, param_count, set_array, set_attr, set_dim, shapes)
 
 UNARY = {
@@ -369,7 +369,7 @@ def shrink(sub: onnx.ModelProto, k: float, score: str = "l1") -> tuple[onnx.Mode
                f"{g.blocked[0] if g.blocked else 'has one channel'}" for g in every]
         more = f"; +{len(why) - 3} more" if len(why) > 3 else ""
         raise NotApplicable("no shrinkable inner channel group" + (f" ({'; '.join(why[:3])}{more})" if why else
-                                                                   " (no Conv/Gemm/MatMul weight)"))
+                                                                   " (no Conv with group 1, Gemm or MatMul by a constant)"))
     scorer = imp.IMPORTANCE[score]
     nodes = model.graph.node
     edits: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}

@@ -5,9 +5,12 @@ which an op last changed, so e.g. any opset-19 model fails on Constant-19 and an
 ReduceMean-18, even where nothing relevant changed. torch's dynamo exporter (opset 18 and up)
 produces such versions all the time. Importing this package registers converters for the missing
 keys in onnx2torch's own registry, so ``onnx2torch.convert`` just works afterwards. Registration
-happens once (module import) and never replaces a converter onnx2torch already has.
+happens once (module import).
 
-``REGISTERED`` lists the (op_type, version) keys added here.
+``REGISTERED`` lists the (op_type, version) keys added here. A few of onnx2torch's own converters are
+wrong or refuse valid attributes that real exports use (Reshape-14 ``allowzero=1`` from torch's dynamo
+exporter, AveragePool-11 asymmetric pads, ...); those keys are overridden, only through
+``_registry.replace``, and ``REPLACED`` lists them as (op_type, version, reason).
 """
 
 from . import (  # noqa: F401  (imported for their registration side effect)
@@ -29,8 +32,9 @@ from . import (  # noqa: F401  (imported for their registration side effect)
     shape,
     split,
 )
-from ._registry import ADDED
+from ._registry import ADDED, REPLACED_KEYS, Replacement
 
 REGISTERED = tuple(ADDED)
+REPLACED = tuple(REPLACED_KEYS)
 
-__all__ = ['REGISTERED']
+__all__ = ['REGISTERED', 'REPLACED', 'Replacement']

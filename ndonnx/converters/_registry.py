@@ -1,6 +1,6 @@
 """Shared helpers: registration into onnx2torch's registry and constant-input lookup."""
 
-from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from onnx import defs
@@ -28,6 +28,8 @@ class Replacement(NamedTuple):
 
 # onnx2torch keys whose converter this package replaced, in replacement order.
 REPLACED_KEYS: List[Replacement] = []
+# onnx2torch's own converters that were replaced (tests show what they got wrong)
+ORIGINALS: Dict[Tuple[str, int], TConverter] = {}
 
 
 def _key(op_type: str, version: int) -> OperationDescription:
@@ -68,6 +70,7 @@ def replace(op_type: str, *versions: int, reason: str) -> Callable[[TConverter],
                 raise KeyError(f'onnx2torch has no converter for {op_type}-{version} to replace')
             if any(r.op_type == op_type and r.version == version for r in REPLACED_KEYS):
                 raise ValueError(f'{op_type}-{version} is replaced twice')
+            ORIGINALS[(op_type, version)] = _CONVERTER_REGISTRY[key]
             _CONVERTER_REGISTRY[key] = converter
             REPLACED_KEYS.append(Replacement(op_type, version, reason))
         return converter

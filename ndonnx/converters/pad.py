@@ -3,6 +3,8 @@
 onnx2torch's Pad maps reflect/edge onto ``F.pad``, which only pads the last 1-3 dims of a batched
 tensor. Here non-constant modes gather along each padded axis with computed indices, which works for
 any axis set, any rank and negative pads (= cropping); constant mode uses ``F.pad`` (any rank).
+The same converter replaces onnx2torch's Pad-11/13 (inputs data, pads, constant_value), which fails
+on reflect/edge padding of the batch/channel dims and on negative pads in those modes.
 """
 
 from typing import List, Optional
@@ -15,7 +17,7 @@ from onnx2torch.onnx_graph import OnnxGraph
 from onnx2torch.onnx_node import OnnxNode
 from onnx2torch.utils.common import OnnxToTorchModule, OperationConverterResult
 
-from ._registry import const_list, input_name, mapping, register
+from ._registry import const_list, input_name, mapping, register, replace
 
 _MODES = ('constant', 'reflect', 'edge', 'wrap')
 
@@ -89,6 +91,7 @@ class Pad(nn.Module, OnnxToTorchModule):
         return result
 
 
+@replace('Pad', 11, 13, reason='onnx2torch pads only the last dims in reflect/edge mode')
 @register('Pad', 18, 19, 21, 23)
 def _pad(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
     pads = const_list(node, 1, graph)

@@ -5,6 +5,10 @@ SAME auto_pad. The general path here sums each window with a depthwise all-ones 
 has dilation) over the explicitly padded input and divides by a count obtained the same way from a
 mask, so ``count_include_pad``, ``ceil_mode`` overhang and asymmetric pads follow ORT. Plain cases
 (no dilation, symmetric pads torch accepts) use ``F.avg_pool*d``, whose rules are the same.
+
+The module also replaces onnx2torch's AveragePool-7/10/11, which refuses asymmetric pads (onnx's
+inception_v1 has them) and SAME_* auto_pad. Version 7 has no ``ceil_mode`` and before 19 there are
+no ``dilations``: absent attributes take their defaults.
 """
 
 import math
@@ -18,7 +22,7 @@ from onnx2torch.onnx_graph import OnnxGraph
 from onnx2torch.onnx_node import OnnxNode
 from onnx2torch.utils.common import OnnxToTorchModule, OperationConverterResult, onnx_mapping_from_node
 
-from ._registry import alias, register
+from ._registry import alias, register, replace
 
 
 def _trunc_div(numerator: int, denominator: int) -> int:
@@ -140,6 +144,7 @@ class AveragePool(nn.Module, OnnxToTorchModule):
         return (sums / counts).to(input_tensor.dtype)
 
 
+@replace('AveragePool', 7, 10, 11, reason='onnx2torch refuses asymmetric pads and SAME_* auto_pad')
 @register('AveragePool', 19, 22)
 def _average_pool(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:  # pylint: disable=unused-argument
     attrs = node.attributes

@@ -7,6 +7,11 @@ attribute-based reducers get wrong or do not have:
 - negative axes mixed with keepdims=0 for Max/Min/Prod;
 - integer inputs keep their dtype (torch.sum/prod would promote to int64); ReduceMean truncates and
   ReduceL2/LogSum/LogSumExp are computed in floating point, then truncated, as ORT does.
+
+The same converter replaces onnx2torch's for the earlier versions (axes as attribute before 18, as
+input for ReduceSum-13): there ReduceMax/Min/Prod give the wrong shape for negative axes with
+keepdims=0, ReduceSum-13 raises for empty axes with keepdims=0, and integer inputs either raise or
+come back in another dtype (see ``_WHY``).
 """
 
 from typing import List, Optional
@@ -18,7 +23,7 @@ from onnx2torch.onnx_graph import OnnxGraph
 from onnx2torch.onnx_node import OnnxNode
 from onnx2torch.utils.common import OnnxToTorchModule, OperationConverterResult
 
-from ._registry import const_list, input_name, mapping, register
+from ._registry import const_list, input_name, mapping, register, replace
 
 REDUCE_OPS = (
     'ReduceL1',
@@ -31,6 +36,9 @@ REDUCE_OPS = (
     'ReduceProd',
     'ReduceSumSquare',
 )
+# versions of onnx2torch's converters (axes attribute; ReduceSum-13 takes axes as input)
+_OLD_VERSIONS = {op_type: (1, 11, 13) for op_type in REDUCE_OPS}
+_OLD_VERSIONS.update(ReduceMax=(1, 11, 12, 13), ReduceMin=(1, 11, 12, 13), ReduceSum=(1, 11, 13))
 
 
 def _reduce(op_type: str, x: torch.Tensor, dims: List[int], keepdim: bool) -> torch.Tensor:
@@ -60,6 +68,8 @@ def _reduce(op_type: str, x: torch.Tensor, dims: List[int], keepdim: bool) -> to
         return torch.div(torch.sum(x, dim=dims, keepdim=keepdim), count, rounding_mode='trunc').to(x.dtype)
 
     floating = x.is_floating_point() or x.is_complex()
+    if op_type == 'ReduceSum':
+        return _sum(x)
     if op_type == 'ReduceL1':
         return _sum(torch.abs(x))
     if op_type == 'ReduceSumSquare':
@@ -111,8 +121,11 @@ class Reduce(nn.Module, OnnxToTorchModule):
 
 
 def _convert(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
-    axes_name = input_name(node, 1)
-    axes = const_list(node, 1, graph)
+    if 'axes' in node.attributes or len(node.input_values) < 2:  # attribute (before 18) or absent
+        axes_name, axes = '', node.attributes.get('axes')
+        axes = list(axes) if axes is not None else None
+    else:
+        axes_name, axes = input_name(node, 1), const_list(node, 1, graph)
     module = Reduce(
         op_type=node.operation_type,
         axes=axes,
@@ -127,3 +140,18 @@ for _op_type in REDUCE_OPS:
     register(_op_type, 18)(_convert)
 register('ReduceMax', 20)(_convert)
 register('ReduceMin', 20)(_convert)
+_NEG_AXES = 'wrong shape for negative axes with keepdims=0'
+_WHY = {  # what onnx2torch's converters for these keys get wrong
+    'ReduceL1': 'onnx2torch raises on integer inputs (torch.norm)',
+    'ReduceL2': 'onnx2torch raises on integer inputs (torch.norm)',
+    'ReduceMean': 'onnx2torch raises on integer inputs (torch.mean)',
+    'ReduceLogSum': 'onnx2torch returns float32 for integer inputs',
+    'ReduceLogSumExp': 'onnx2torch returns float32 for integer inputs',
+    'ReduceSumSquare': 'onnx2torch promotes integer inputs to int64',
+    'ReduceMax': f'onnx2torch: {_NEG_AXES}',
+    'ReduceMin': f'onnx2torch: {_NEG_AXES}',
+    'ReduceProd': f'onnx2torch: {_NEG_AXES}; promotes integer inputs to int64',
+    'ReduceSum': 'onnx2torch raises on empty axes with keepdims=0 (13); promotes integer inputs to int64',
+}
+for _op_type, _versions in _OLD_VERSIONS.items():
+    replace(_op_type, *_versions, reason=_WHY[_op_type])(_convert)

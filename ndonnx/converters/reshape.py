@@ -5,6 +5,11 @@ Semantics are those of the previous versions (the bumps add tensor types), excep
 onnx2torch's are wrong for some valid attribute values: Flatten ``axis=0`` (rank-1 result instead of
 ``[1, N]``), Unsqueeze with negative axes mixed with others (they are relative to the *output* rank),
 Squeeze with mixed-sign axes.
+
+The same converters replace onnx2torch's for the earlier versions (see ``replace`` below): Reshape-14
+refuses ``allowzero=1``, which torch's dynamo exporter writes at opset 18, and the Flatten, Squeeze and
+Unsqueeze bugs above are onnx2torch's converters' bugs at every version. Squeeze/Unsqueeze before 13
+take ``axes`` as an attribute; the converters read it when present.
 """
 
 import math
@@ -17,7 +22,7 @@ from onnx2torch.onnx_graph import OnnxGraph
 from onnx2torch.onnx_node import OnnxNode
 from onnx2torch.utils.common import OnnxToTorchModule, OperationConverterResult
 
-from ._registry import alias, const_list, input_name, mapping, register
+from ._registry import alias, const_list, input_name, mapping, register, replace
 
 
 class Reshape(nn.Module, OnnxToTorchModule):
@@ -35,6 +40,7 @@ class Reshape(nn.Module, OnnxToTorchModule):
         return torch.reshape(input_tensor, target)
 
 
+@replace('Reshape', 5, 13, 14, reason='onnx2torch refuses allowzero=1 (torch dynamo exports write it)')
 @register('Reshape', 19, 21, 23)
 def _reshape(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
     shape = const_list(node, 1, graph)
@@ -57,6 +63,7 @@ class Flatten(nn.Module, OnnxToTorchModule):
         return input_tensor.reshape(math.prod(shape[:axis]), math.prod(shape[axis:]))
 
 
+@replace('Flatten', 9, 11, 13, reason='onnx2torch gives a rank-1 result for axis=0')
 @register('Flatten', 21, 23)
 def _flatten(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:  # pylint: disable=unused-argument
     module = Flatten(axis=node.attributes.get('axis', 1))
@@ -78,10 +85,13 @@ class Squeeze(nn.Module, OnnxToTorchModule):
         return torch.squeeze(input_tensor, dim=tuple(d + rank if d < 0 else d for d in dims))
 
 
+@replace('Squeeze', 1, 11, 13, 21, reason='onnx2torch errs on mixed-sign axes')
 @register('Squeeze', 23)
 def _squeeze(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
-    axes = const_list(node, 1, graph)
-    axes_name = input_name(node, 1)
+    if 'axes' in node.attributes:  # Squeeze-1/11
+        axes, axes_name = list(node.attributes['axes']), ''
+    else:
+        axes, axes_name = const_list(node, 1, graph), input_name(node, 1)
     module = Squeeze(axes=axes)
     inputs = [node.input_values[0], '' if axes is not None else axes_name]
     return OperationConverterResult(torch_module=module, onnx_mapping=mapping(node, inputs))
@@ -104,8 +114,12 @@ class Unsqueeze(nn.Module, OnnxToTorchModule):
         return result
 
 
+@replace('Unsqueeze', 1, 11, 13, reason='onnx2torch misplaces negative axes mixed with others')
 @register('Unsqueeze', 21, 23)
 def _unsqueeze(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
+    if 'axes' in node.attributes:  # Unsqueeze-1/11
+        module = Unsqueeze(axes=list(node.attributes['axes']))
+        return OperationConverterResult(torch_module=module, onnx_mapping=mapping(node, node.input_values[:1]))
     axes = const_list(node, 1, graph)
     module = Unsqueeze(axes=axes)
     inputs = [node.input_values[0], '' if axes is not None else node.input_values[1]]

@@ -7,6 +7,11 @@ output position to a source coordinate (in float32, the way onnxruntime does), t
 blend (linear: 2 taps, cubic: 4 taps) input positions along that axis. Applying the axes one after
 the other is exactly multilinear/bicubic interpolation since the kernels are separable.
 
+The module replaces onnx2torch's Resize-11/13 too: those map onto ``F.interpolate`` and are inexact
+for ONNX's defaults (half_pixel + round_prefer_floor nearest) and most other settings. Resize-11 also
+has ``tf_half_pixel_for_nn``. Resize-10 (asymmetric, scales only; opset-10 models are upgraded to 13
+on loading) keeps onnx2torch's converter.
+
 Not implemented (raises): ``antialias=1`` for linear/cubic.
 """
 
@@ -21,12 +26,13 @@ from onnx2torch.onnx_graph import OnnxGraph
 from onnx2torch.onnx_node import OnnxNode
 from onnx2torch.utils.common import OnnxToTorchModule, OperationConverterResult
 
-from ._registry import const_list, input_name, mapping, register
+from ._registry import const_list, input_name, mapping, register, replace
 
 _F32 = np.float32
 _TIE_EPS = 1e-6
 _COORDINATE_MODES = (
     'half_pixel',
+    'tf_half_pixel_for_nn',  # Resize-11 only
     'half_pixel_symmetric',
     'pytorch_half_pixel',
     'align_corners',
@@ -108,6 +114,8 @@ class Resize(nn.Module, OnnxToTorchModule):
             return x / scale_t
         if mode == 'half_pixel':
             return (x + 0.5) / scale_t - 0.5
+        if mode == 'tf_half_pixel_for_nn':
+            return (x + 0.5) / scale_t
         if mode == 'pytorch_half_pixel':
             return (x + 0.5) / scale_t - 0.5 if out_len > 1 else torch.zeros_like(x)
         if mode == 'half_pixel_symmetric':
@@ -235,6 +243,7 @@ class Resize(nn.Module, OnnxToTorchModule):
         return result.to(compute_dtype)
 
 
+@replace('Resize', 11, 13, reason='onnx2torch maps onto F.interpolate: inexact for most settings')
 @register('Resize', 18, 19)
 def _resize(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
     attrs = node.attributes

@@ -1,7 +1,8 @@
 """ScatterND-18 (``max``/``min`` reductions) and ScatterElements (all versions: onnx2torch has none).
 
 onnx2torch's ScatterND refuses every reduction; this one handles none/add/mul/max/min. Indices may
-be negative (counted from the end), as onnxruntime accepts.
+be negative (counted from the end), as onnxruntime accepts. It replaces onnx2torch's ScatterND-16
+(16 added add/mul, which onnx2torch refuses; its 11/13, without reductions, are kept).
 """
 
 import torch
@@ -11,7 +12,7 @@ from onnx2torch.onnx_graph import OnnxGraph
 from onnx2torch.onnx_node import OnnxNode
 from onnx2torch.utils.common import OnnxToTorchModule, OperationConverterResult, onnx_mapping_from_node
 
-from ._registry import register
+from ._registry import register, replace
 
 # ONNX reduction -> torch index_reduce_/scatter_reduce name (None = plain assignment)
 _REDUCTIONS = {'none': None, 'add': 'sum', 'mul': 'prod', 'max': 'amax', 'min': 'amin'}
@@ -53,6 +54,7 @@ class ScatterND(nn.Module, OnnxToTorchModule):
         return flat.scatter_reduce_(0, index, rows, self.reduction, include_self=True).reshape(data.shape)
 
 
+@replace('ScatterND', 16, reason='onnx2torch refuses reduction add/mul')
 @register('ScatterND', 18)
 def _scatter_nd(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:  # pylint: disable=unused-argument
     return OperationConverterResult(

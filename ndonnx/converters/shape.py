@@ -1,7 +1,8 @@
 """Shape-19/21/23, Size (all versions: onnx2torch has none), Identity-19/21/23.
 
 Shape gets its own module because onnx2torch's builds the result with ``torch.tensor(list)``, which
-is float32 (not int64) when the slice is empty (rank-0 input, or start >= end).
+is float32 (not int64) when the slice is empty (rank-0 input, or start >= end); the same module
+replaces onnx2torch's Shape-1/13/15 for that reason.
 """
 
 from typing import Optional
@@ -13,7 +14,7 @@ from onnx2torch.onnx_graph import OnnxGraph
 from onnx2torch.onnx_node import OnnxNode
 from onnx2torch.utils.common import OnnxToTorchModule, OperationConverterResult, onnx_mapping_from_node
 
-from ._registry import alias, register
+from ._registry import alias, register, replace
 
 
 class Shape(nn.Module, OnnxToTorchModule):
@@ -29,6 +30,7 @@ class Shape(nn.Module, OnnxToTorchModule):
         return torch.tensor(dims, dtype=torch.int64, device=input_tensor.device)
 
 
+@replace('Shape', 1, 13, 15, reason='onnx2torch returns float32 for an empty slice (rank-0 input, start >= end)')
 @register('Shape', 19, 21, 23)
 def _shape(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:  # pylint: disable=unused-argument
     module = Shape(start=node.attributes.get('start', 0), end=node.attributes.get('end', None))
