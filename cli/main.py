@@ -122,6 +122,31 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ndonnx.distill.cache import atomic_write_text
+    from ndonnx.gates import GateConfig, as_json, junit, run_gates
+
+    cfg = GateConfig(max_params=args.max_params, max_size=args.max_size, max_nonzero=args.max_nonzero,
+                     reference=args.reference, data=args.data, labels=args.labels,
+                     min_agreement=args.min_agreement, max_rel_err=args.max_rel_err)
+    gates = run_gates(args.model, cfg)
+    if args.junit:
+        atomic_write_text(Path(args.junit), junit(args.model, gates))
+    if args.json:
+        json.dump(as_json(args.model, gates), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        for g in gates:
+            print(g.line())
+    failed = [g for g in gates if not g.passed]
+    if failed:
+        print(f"ndonnx: check failed: {', '.join(g.name for g in failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _add_distill_options(s) -> None:
     s.add_argument("--data", help="calibration data: .npz (arrays named after the inputs) or a folder of .npz shards")
     s.add_argument("--data-free", action="store_true", help="train on Gaussian noise (matched to --data statistics if given)")
@@ -197,6 +222,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--labels")
     s.add_argument("--json", action="store_true")
     s.set_defaults(run=_validate)
+
+    s = sub.add_parser("check", help="CI gates: exit 0 when every gate passes, 1 when one fails")
+    s.add_argument("model")
+    s.add_argument("--max-params", help="parameters (dense float weights): 18M, 250K, 1.5e6")
+    s.add_argument("--max-size", help="file size with external data: 10MB, 512KiB, ...")
+    s.add_argument("--max-nonzero", help="non-zero weights (sparse students)")
+    s.add_argument("--reference", help="teacher .onnx for the quality gates")
+    s.add_argument("--data", help="data for the quality gates")
+    s.add_argument("--labels")
+    s.add_argument("--min-agreement", type=float, help="top-1 agreement with the reference, 0..1")
+    s.add_argument("--max-rel-err", type=float, help="||student - reference|| / ||reference|| on the outputs")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--junit", help="also write a JUnit XML report here")
+    s.set_defaults(run=_check)
     return p
 
 

@@ -1,0 +1,119 @@
+"""`ndonnx check`: size and quality gates for CI. Each gate reports measured vs allowed."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from xml.sax.saxutils import escape, quoteattr
+
+import numpy as np
+from onnx import numpy_helper
+
+from ndonnx.errors import NdonnxError
+from ndonnx.graph import load_teacher
+from ndonnx.search import parse_target
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    max_params: str | None = None
+    max_size: str | None = None
+    max_nonzero: str | None = None
+    reference: str | None = None
+    data: str | None = None
+    labels: str | None = None
+    min_agreement: float | None = None
+    max_rel_err: float | None = None
+
+
+@dataclass
+class Gate:
+    name: str
+    measured: float
+    allowed: float
+    passed: bool
+    unit: str = ""
+
+    def line(self) -> str:
+        verb = "ok  " if self.passed else "FAIL"
+        cmp = "<=" if self.name.startswith("max") else ">="
+        return f"{verb} {self.name}: {_fmt(self.measured)}{self.unit} (allowed {cmp} {_fmt(self.allowed)}{self.unit})"
+
+
+def _fmt(v: float) -> str:
+    return f"{int(v):,}" if float(v).is_integer() else f"{v:.4g}"
+
+
+def parse_size(text: str) -> int:
+    t = text.strip().upper().replace(" ", "")
+    for unit, scale in (("GIB", 1 << 30), ("MIB", 1 << 20), ("KIB", 1 << 10), ("GB", 10**9), ("MB", 10**6),
+                        ("KB", 10**3), ("B", 1)):
+        if t.endswith(unit):
+            t, mult = t[: -len(unit)], scale
+            break
+    else:
+        mult = 1
+    try:
+        value = float(t)
+    except ValueError:
+        raise NdonnxError(f"--max-size {text!r}: expected a size like 10MB, 512KiB or 2000000") from None
+    return int(value * mult)
+
+
+def file_size(path: Path) -> int:
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def run_gates(model_path: str | Path, cfg: GateConfig) -> list[Gate]:
+    if not any([cfg.max_params, cfg.max_size, cfg.max_nonzero, cfg.min_agreement is not None, cfg.max_rel_err is not None]):
+        raise NdonnxError("no gate given: use --max-params, --max-size, --max-nonzero, --min-agreement or --max-rel-err")
+    model_path = Path(model_path)
+    student = load_teacher(model_path)
+    gates = []
+    if cfg.max_params:
+        allowed = parse_target(cfg.max_params, student.params)
+        gates.append(Gate("max-params", student.params, allowed, student.params <= allowed))
+    if cfg.max_size:
+        size, allowed = file_size(model_path), parse_size(cfg.max_size)
+        gates.append(Gate("max-size", size, allowed, size <= allowed, " B"))
+    if cfg.max_nonzero:
+        inits = {i.name: i for i in student.model.graph.initializer}
+        nonzero = sum(int(np.count_nonzero(numpy_helper.to_array(inits[n]))) for n in student.weights)
+        allowed = parse_target(cfg.max_nonzero, student.params)
+        gates.append(Gate("max-nonzero", nonzero, allowed, nonzero <= allowed))
+    if cfg.min_agreement is not None or cfg.max_rel_err is not None:
+        if not cfg.reference or not cfg.data:
+            raise NdonnxError("--min-agreement and --max-rel-err need --reference TEACHER and --data FILE")
+        from ndonnx.data import load_data
+        from ndonnx.validate import validate
+
+        teacher = load_teacher(cfg.reference)
+        if student.input_names != teacher.input_names:
+            raise NdonnxError(f"{model_path} and {cfg.reference} have different inputs")
+        arrays = load_data(cfg.data, teacher, cfg.labels).read_all()
+        labels = arrays.pop(cfg.labels) if cfg.labels else None
+        v = validate(student.model, teacher.model, arrays, labels)
+        if cfg.min_agreement is not None:
+            agree = v.get("top1_agreement")
+            if agree is None:
+                raise NdonnxError("--min-agreement needs classifier outputs (N x classes); use --max-rel-err")
+            gates.append(Gate("min-agreement", agree, cfg.min_agreement, agree >= cfg.min_agreement))
+        if cfg.max_rel_err is not None:
+            gates.append(Gate("max-rel-err", v["rel_err"], cfg.max_rel_err, v["rel_err"] <= cfg.max_rel_err))
+    return gates
+
+
+def junit(model: str, gates: list[Gate]) -> str:
+    """A JUnit XML report: one test case per gate, so CI systems show each gate."""
+    fails = sum(not g.passed for g in gates)
+    cases = []
+    for g in gates:
+        body = "" if g.passed else f"<failure message={quoteattr(g.line())}>{escape(g.line())}</failure>"
+        cases.append(f'  <testcase classname="ndonnx.check" name={quoteattr(f"{g.name} {model}")}>{body}</testcase>')
+    return (f'<?xml version="1.0" encoding="utf-8"?>\n<testsuite name="ndonnx check" tests="{len(gates)}" '
+            f'failures="{fails}">\n' + "\n".join(cases) + "\n</testsuite>\n")
+
+
+def as_json(model: str, gates: list[Gate]) -> dict:
+    return {"model": model, "passed": all(g.passed for g in gates), "gates": [asdict(g) for g in gates]}

@@ -1,0 +1,57 @@
+"""`ndonnx check`: each gate passing and failing, JSON and JUnit output, bad input."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pytest
+
+from ndonnx_cli.main import main
+
+
+@pytest.fixture(scope="module")
+def data(zoo, tmp_path_factory):
+    path = tmp_path_factory.mktemp("check") / "d.npz"
+    np.savez(path, input=np.random.default_rng(0).standard_normal((16, 3, 16, 16)).astype(np.float32))
+    return path
+
+
+@pytest.mark.parametrize("gate,ok,bad", [
+    ("--max-params", "6362", "6361"), ("--max-params", "7K", "6K"), ("--max-size", "1MB", "10KB"),
+    ("--max-nonzero", "6362", "100"),
+])
+def test_size_gates(zoo, capsys, gate, ok, bad):
+    m = str(zoo["resnet_legacy"])
+    assert main(["check", m, gate, ok]) == 0
+    assert "ok" in capsys.readouterr().out
+    assert main(["check", m, gate, bad]) == 1
+    out, err = capsys.readouterr()
+    assert "FAIL" in out and "allowed" in out and "check failed" in err
+
+
+def test_quality_gates(zoo, data, capsys):
+    m = str(zoo["resnet_legacy"])
+    same = ["check", m, "--reference", m, "--data", str(data)]
+    assert main(same + ["--min-agreement", "1.0", "--max-rel-err", "1e-6"]) == 0
+    other = ["check", str(zoo["resnet_opset11"]), "--reference", m, "--data", str(data)]
+    assert main(other + ["--min-agreement", "0.99"]) == 0  # the same network, another opset
+    assert main(["check", str(zoo["resnet_constants"]), "--reference", m, "--data", str(data), "--max-rel-err", "-1"]) == 1
+
+
+def test_json_and_junit(zoo, tmp_path, capsys):
+    m = str(zoo["resnet_legacy"])
+    xml = tmp_path / "gates.xml"
+    assert main(["check", m, "--max-params", "6K", "--max-size", "1MB", "--json", "--junit", str(xml)]) == 1
+    r = json.loads(capsys.readouterr().out)
+    assert r["passed"] is False and [g["passed"] for g in r["gates"]] == [False, True]
+    suite = ET.parse(xml).getroot()
+    assert suite.get("tests") == "2" and suite.get("failures") == "1"
+
+
+@pytest.mark.parametrize("argv", [["--max-params", "lots"], ["--max-size", "big"], [], ["--min-agreement", "0.9"]])
+def test_bad_input_exit_2(zoo, capsys, argv):
+    assert main(["check", str(zoo["resnet_legacy"]), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ndonnx: error:")
