@@ -256,3 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ndonnx: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug of ours, not a user mistake: say so on one line
+        if args.verbose:
+            raise
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        print(f"ndonnx: internal error: {type(e).__name__}: {first} (rerun with --verbose for the traceback)",
+              file=sys.stderr)
+        return 3

@@ -25,9 +25,15 @@ class Sample:
 def ort_session(model: onnx.ModelProto):
     import onnxruntime as ort
 
+    from ndonnx.errors import NdonnxError
+
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime refuses graphs the checker lets through (bad attributes, ops)
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise NdonnxError(f"onnxruntime cannot run the model: {first}") from e
 
 
 def _dims(vi: onnx.ValueInfoProto) -> Shape | None:
