@@ -100,3 +100,36 @@ def test_cli_distill(zoo, calib, tmp_path, capsys):
     assert main(["distill", str(zoo["resnet_legacy"]), "--data", str(bad), "--run-dir", str(tmp_path / "r3")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("ndonnx: error:") and "3x16x16" in err[-1] or "16" in err[-1]
+
+
+def test_sigkill_mid_run_then_resume(zoo, calib, tmp_path):
+    """kill -9 while jobs run: the run directory stays consistent and a rerun keeps finished jobs."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    argv = [sys.executable, "-m", "ndonnx_cli", "distill", str(zoo["resnet_legacy"]), "--data", str(calib),
+            "--run-dir", str(run), "--candidates", "width:0.5,lowrank:0.5", "--steps", "40",
+            "--batch", "16", "--jobs", "1"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list((run / "done").glob("*.json")) if (run / "done").exists() else []) < 1:
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = {p.name: p.read_bytes() for p in (run / "done").glob("*.json")}
+    assert finished, "no job finished before the kill"
+    assert proc.returncode == -signal.SIGKILL
+    for name in finished:  # every journalled job has its weights (written before the record)
+        rec = json.loads(finished[name])
+        if rec["weights"]:
+            assert (run / "weights" / rec["weights"]).exists()
+    r = subprocess.run(argv, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    for name, data in finished.items():
+        assert (run / "done" / name).read_bytes() == data  # not retrained
+    rows = _rows(run)
+    assert len(rows) == len(list((run / "done").glob("*.json")))
