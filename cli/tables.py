@@ -79,7 +79,8 @@ def validation_table(v: dict) -> None:
     t.add_row("parameters", f"{v['params_teacher']:,}", f"{v['params_student']:,}")
     if "accuracy_teacher" in v:
         t.add_row("accuracy", f"{v['accuracy_teacher']:.4f}", f"{v['accuracy_student']:.4f}")
-    t.add_row(v["metric"], f"{v['score_teacher']:.4f}", f"{v['score_student']:.4f}")
+    if v["metric"] != "accuracy":
+        t.add_row(v["metric"], f"{v['score_teacher']:.4f}", f"{v['score_student']:.4f}")
     if "top1_agreement" in v:
         t.add_row("top-1 agreement with the teacher", "", f"{v['top1_agreement']:.4f}")
     t.add_row("max abs / relative error vs teacher", "", f"{v['max_abs_err']:.3g} / {v['rel_err']:.3g}")
