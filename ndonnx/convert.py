@@ -73,7 +73,7 @@ def run_torch(module: torch.nn.Module, sub: onnx.ModelProto, values: dict[str, n
     names = [i.name for i in sub.graph.input]
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out = module(*[torch.from_numpy(np.ascontiguousarray(values[n])) for n in names])
+        out = module(*[torch.as_tensor(np.array(values[n])) for n in names])
     out = out if isinstance(out, (tuple, list)) else [out]
     return [o.detach().cpu().numpy() for o in out]
 

@@ -148,6 +148,8 @@ def _upgrade_opset(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
     old = onnx_opset(model)
     try:
         upgraded = version_converter.convert_version(model, UPGRADE_TO)
+        # the converter keeps the old IR version, which the new opset does not allow in sub-models
+        upgraded.ir_version = max(upgraded.ir_version, helper.find_min_ir_version_for(upgraded.opset_import))
         onnx.checker.check_model(upgraded)
         return upgraded
     except Exception as e:

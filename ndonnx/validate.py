@@ -71,7 +71,7 @@ def torch_consistency(model: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> 
     try:
         module = Trainable(model)
         with torch.no_grad():
-            got = module(*[torch.from_numpy(np.ascontiguousarray(inputs[n])) for n in module.input_names])
+            got = module(*[torch.as_tensor(np.array(inputs[n])) for n in module.input_names])
     except Exception:
         return None
     want = ort_session(model).run(module.output_names, inputs)

@@ -6,7 +6,7 @@ LayerNorm of a post-norm transformer layer). The student keeps the nodes that co
 constants, e.g. LayerNorm's scale and shift, still count as parameters) and ends with
 Identity(x) (Relu(x) when the block ends with one), so input and output names stay distinct.
 
-Applies only when the output is exactly Add(x, f) or Relu(Add(x, f)), x has the output's shape and
+Applies only when the output is exactly Add(x, f) or Relu(Add(x, f)) (a two-input Sum counts as Add), x has the output's shape and
 dtype (no broadcasting), and f holds a weighted op. Not for stems, heads, downsampling blocks whose
 shortcut is a projection, or several outputs.
 """
@@ -32,9 +32,14 @@ def _ancestors(model: onnx.ModelProto, name: str, prod: dict[str, int]) -> set[i
     return seen
 
 
-def _type(model: onnx.ModelProto, name: str) -> bytes | None:
+def _type(model: onnx.ModelProto, name: str) -> tuple | None:
+    """(elem type, dims) with every symbolic dim as None: exporters name the same batch dim
+    differently on different tensors (unk__18, unk__156)."""
     vi = value_infos(model).get(name)
-    return None if vi is None else vi.type.SerializeToString()
+    if vi is None or not vi.type.tensor_type.HasField("shape"):
+        return None
+    t = vi.type.tensor_type
+    return t.elem_type, tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
 
 
 def skip_student(sub: onnx.ModelProto) -> onnx.ModelProto:
@@ -48,7 +53,7 @@ def skip_student(sub: onnx.ModelProto) -> onnx.ModelProto:
     last = g.node[prod[out]] if out in prod else None
     relu = last is not None and last.op_type == "Relu"
     add = g.node[prod[last.input[0]]] if relu and last.input[0] in prod else last
-    if add is None or add.op_type != "Add" or len(add.input) != 2:
+    if add is None or add.op_type not in ("Add", "Sum") or len(add.input) != 2:  # Sum: Caffe2-era exports
         raise NotApplicable("the output is not Add(x, f(x)) or Relu(Add(x, f(x)))")
     branches = []
     for name in add.input:

@@ -45,7 +45,7 @@ def set_array(model: onnx.ModelProto, name: str, array: np.ndarray) -> None:
     """Replace an existing initializer's value, keeping its name and place."""
     t = initializer(model, name)
     assert t is not None, name
-    t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(array), name))
+    t.CopyFrom(numpy_helper.from_array(np.asarray(array, order="C"), name))
 
 
 def names_in_use(model: onnx.ModelProto) -> set[str]:
@@ -69,7 +69,7 @@ def unique_name(taken: set[str], base: str) -> str:
 def add_array(model: onnx.ModelProto, base: str, array: np.ndarray, taken: set[str] | None = None) -> str:
     """A new initializer under a fresh name derived from `base`; returns the name."""
     name = unique_name(taken if taken is not None else names_in_use(model), base)
-    model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+    model.graph.initializer.append(numpy_helper.from_array(np.asarray(array, order="C"), name))
     return name
 
 
@@ -209,6 +209,10 @@ class ContractError(AssertionError):
 def finish(teacher: onnx.ModelProto, student: onnx.ModelProto, what: str) -> onnx.ModelProto:
     """Tidy a student and check the contract: same boundary as the teacher, valid ONNX."""
     tidy(student)
+    if student.ir_version < 4:
+        # IR < 4 wants every initializer listed as a graph input too; blocks extracted from such a
+        # teacher (onnx's light models, upgraded to opset 13 but left at IR 3) already break that.
+        student.ir_version = 4
     if io_signature(student) != io_signature(teacher):
         raise ContractError(f"{what}: the student's inputs/outputs differ from the teacher's")
     try:
