@@ -11,6 +11,15 @@ from ndonnx import __version__
 from ndonnx.errors import NdonnxError
 
 
+def _emit(report: dict, as_json: bool, table) -> None:
+    """JSON on stdout for tools, or the human table."""
+    if as_json:
+        json.dump(report, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        table(report)
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from ndonnx.config import PartitionConfig
     from ndonnx.inspection import inspect_model
@@ -19,12 +28,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
     cfg = PartitionConfig(primary_input=args.primary_input, block_size=args.block_size)
     progress = None if args.json else bar
-    report = inspect_model(args.model, cfg, check=not args.no_check, progress=progress)
-    if args.json:
-        json.dump(report, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        inspect_table(report)
+    _emit(inspect_model(args.model, cfg, check=not args.no_check, progress=progress), args.json, inspect_table)
     return 0
 
 
@@ -111,14 +115,10 @@ def _validate(args: argparse.Namespace) -> int:
     s_names, t_names = student.input_names, teacher.input_names
     if s_names != t_names or [o.name for o in student.model.graph.output] != [o.name for o in teacher.model.graph.output]:
         raise NdonnxError(f"{args.student} and {args.reference} have different inputs or outputs")
-    res = validate(student.model, teacher.model, data, labels, args.student, args.reference)
-    if args.json:
-        json.dump(res, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        from ndonnx_cli.tables import validation_table
+    from ndonnx_cli.tables import validation_table
 
-        validation_table(res)
+    _emit(validate(student.model, teacher.model, data, labels, args.student, args.reference), args.json,
+          validation_table)
     return 0
 
 
@@ -134,12 +134,7 @@ def _check(args: argparse.Namespace) -> int:
     gates = run_gates(args.model, cfg)
     if args.junit:
         atomic_write_text(Path(args.junit), junit(args.model, gates))
-    if args.json:
-        json.dump(as_json(args.model, gates), sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        for g in gates:
-            print(g.line())
+    _emit(as_json(args.model, gates), args.json, lambda r: print("\n".join(g.line() for g in gates)))
     failed = [g for g in gates if not g.passed]
     if failed:
         print(f"ndonnx: check failed: {', '.join(g.name for g in failed)}", file=sys.stderr)
