@@ -14,6 +14,7 @@ from pathlib import Path
 import onnx
 
 from ndonnx import __version__
+from ndonnx.errors import NdonnxError
 from ndonnx.graph import prune_initializers
 from ndonnx.partition import Partition
 
@@ -129,6 +130,8 @@ def save_atomic(model: onnx.ModelProto, path: str | Path) -> Path:
         else:
             onnx.save(model, str(tmp))
         os.replace(tmp, path)
+    except OSError as e:  # a full disk or a read-only folder: the target is left as it was
+        raise NdonnxError(f"cannot write {path}: {e.strerror or e}") from e
     finally:
         if tmp.exists():
             tmp.unlink()
