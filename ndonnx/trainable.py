@@ -18,6 +18,7 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
+import ndonnx.converters  # noqa: F401  (registers converters; jobs may run in fresh processes)
 from ndonnx.graph import weight_counts
 
 CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
