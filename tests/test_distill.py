@@ -133,3 +133,11 @@ def test_sigkill_mid_run_then_resume(zoo, calib, tmp_path):
         assert (run / "done" / name).read_bytes() == data  # not retrained
     rows = _rows(run)
     assert len(rows) == len(list((run / "done").glob("*.json")))
+
+
+def test_parallel_workers_on_a_dynamo_export(zoo, tmp_path):
+    """Worker processes start fresh: they must register ndonnx's converters (opset-18 ops) too."""
+    rows = distill(zoo["resnet_dynamo"], tmp_path / "run",
+                   DistillConfig(candidates="width:0.5,lowrank:0.5", steps=3, batch=8, jobs=2, data_free=True))
+    assert {r["status"] for r in rows} == {"trained", "frozen"}
+    assert any(r["neighbourhood"] == 4 and r["status"] == "trained" for r in rows)  # the ReduceMean-18 head
