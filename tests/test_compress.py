@@ -123,3 +123,17 @@ def test_validate_command(done, capsys):
                  "--labels", "labels", "--json"]) == 0
     v = json.loads(capsys.readouterr().out)
     assert v["samples"] == 120 and v["accuracy_teacher"] == 1.0 and 0 <= v["top1_agreement"] <= 1
+
+
+def test_params_exact_with_tied_weights(zoo, tmp_path):
+    """The encoder's layers share LayerNorm weights (outside params): the reported count must be
+    the count of the written file, whichever candidates are chosen."""
+    cfg = CompressConfig(distill=DistillConfig(candidates="width:0.5,teacher", steps=3, batch=8, jobs=1,
+                                               data_free=True), target="85%")
+    r = compress(zoo["encoder"], tmp_path / "run", cfg, output=tmp_path / "enc.onnx")
+    assert r["params_student"] == r["validation"]["params_student"] <= int(0.85 * r["params_teacher"])
+    assert any(n["candidate"] == "teacher" for n in r["neighbourhoods"])
+    assert any(n["candidate"] != "teacher" for n in r["neighbourhoods"])
+    for t in (0.97, 0.9):
+        b = build(tmp_path / "run", CompressConfig(target=f"{int(t * 100)}%"), tmp_path / f"e{t}.onnx")
+        assert b["params_student"] == b["validation"]["params_student"]

@@ -120,13 +120,17 @@ def distill(model_path: str | Path, run_dir: str | Path, cfg: DistillConfig, dat
         skipped[str(nbh.id)] = reasons
         for st in students:
             name = str(st.spec)
+            # The teacher's size is what it owns: weights it shares with other neighbourhoods are
+            # counted once, outside (a student gets its own copy, so its count includes them).
+            params = nbh.params if name == "teacher" else st.params
+            nonzero = nbh.params if name == "teacher" else st.nonzero
             spath = run_dir / "students" / f"{nbh.id}__{_safe(name)}.onnx"
             if not spath.exists():
                 _save_model(st.model, spath)
             jobs.append(Job(
                 neighbourhood=nbh.id, candidate=name, student=str(spath), teacher=str(path), lookahead=(),
                 cache=str(cache_dir), noise=None, sparsity=st.sparsity,
-                train=name != "teacher" and st.params > 0, params=st.params, nonzero=st.nonzero,
+                train=name != "teacher" and st.params > 0, params=params, nonzero=nonzero,
                 weights_out=str(run_dir / "weights" / f"{nbh.id}__{_safe(name)}.safetensors"),
                 result_out=str(run_dir / "done" / f"{nbh.id}__{_safe(name)}.json"),
                 settings=TrainSettings(steps=cfg.steps, batch=cfg.batch, lr=cfg.lr, seed=cfg.seed, device=device,
