@@ -18,7 +18,7 @@ from ndonnx.distill.cache import CacheReader, atomic_write_text
 from ndonnx.data import load_data
 from ndonnx.distill.runner import distill
 from ndonnx.errors import GoalNotMet, NdonnxError
-from ndonnx.graph import load_teacher
+from ndonnx.graph import load_teacher, restore_interface, with_dynamic_batch
 from ndonnx.partition import partition
 from ndonnx.sample import run_sample
 from ndonnx.search import Scorer, load_options, parse_target, save_scores, search
@@ -70,7 +70,8 @@ def build(run_dir: Path, cfg: CompressConfig, output: str | Path | None, timings
     if output.resolve() == teacher_path.resolve():
         raise NdonnxError(f"-o {output}: that is the teacher file; it is never overwritten")
     t0 = time.perf_counter()
-    teacher = load_teacher(teacher_path)
+    declared = load_teacher(teacher_path)
+    teacher = with_dynamic_batch(declared)
     pcfg = PartitionConfig(**meta["config"]["partition"])
     part = partition(teacher, pcfg)
     sample = run_sample(teacher)
@@ -122,7 +123,7 @@ def build(run_dir: Path, cfg: CompressConfig, output: str | Path | None, timings
         report["error"] = f"{scorer.metric} dropped by {drop:.4f}, more than --max-drop {cfg.max_drop}"
         raise DropTooLarge(report["error"], report)
     t0 = time.perf_counter()
-    save_atomic(student, output)
+    save_atomic(restore_interface(student, declared.model), output)
     val["bytes_student"] = output.stat().st_size
     val["bytes_teacher"] = teacher_path.stat().st_size
     timings["save"] = time.perf_counter() - t0

@@ -28,7 +28,7 @@ def ort_session(model: onnx.ModelProto):
     from ndonnx.errors import NdonnxError
 
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # failures reach the user as one-line errors, not runtime logs
     try:
         return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime refuses graphs the checker lets through (bad attributes, ops)

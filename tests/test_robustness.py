@@ -70,3 +70,41 @@ def test_large_model_written_with_external_data(zoo, tmp_path, monkeypatch):
     out = save_atomic(onnx.load(str(zoo["resnet_legacy"])), tmp_path / "big.onnx")
     assert (tmp_path / "big.onnx.data").exists() and not list(tmp_path.glob("*.tmp"))
     assert load_teacher(out).params == 6362
+
+
+def test_fixed_batch_of_one_is_relaxed_and_kept_in_the_output(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import models
+    from ndonnx.compress import CompressConfig, compress
+
+    path = models.tiny_resnet(tmp_path / "fixed.onnx", dynamic_batch=False)
+    assert onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim[0].dim_value == 2
+    path = models.export(models.TinyResNet(), (__import__("torch").randn(1, 3, 16, 16),), tmp_path / "one.onnx",
+                         dynamic_batch=False)
+    cfg = CompressConfig(distill=DistillConfig(candidates="width:0.5,teacher", steps=3, batch=8, jobs=1, data_free=True),
+                         target="80%")
+    r = compress(path, tmp_path / "run", cfg, output=tmp_path / "s.onnx")
+    s = onnx.load(str(tmp_path / "s.onnx"))
+    assert s.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1  # the teacher's interface
+    assert r["params_student"] <= int(0.8 * r["params_teacher"])
+    with pytest.raises(NdonnxError, match="fixed batch dimension"):  # batch fixed at 2: refused
+        distill(tmp_path / "fixed.onnx", tmp_path / "run2", DistillConfig(steps=1, data_free=True, jobs=1))
+
+
+def test_baked_batch_in_reshape_is_refused(tmp_path):
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import models
+
+    torch.manual_seed(0)
+    path = models.export(models.TinyEncoder(), (torch.randint(0, 50, (1, 7)), torch.ones(1, 7, dtype=torch.bool)),
+                         tmp_path / "enc1.onnx", input_names=("ids", "mask"), dynamic_batch=False)
+    with pytest.raises(NdonnxError, match="does not run on other batch sizes"):
+        distill(path, tmp_path / "run", DistillConfig(steps=1, data_free=True, jobs=1))

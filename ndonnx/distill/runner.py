@@ -35,7 +35,7 @@ from ndonnx.data import Dataset, load_data, teacher_hash
 from ndonnx.distill.cache import CacheReader, atomic_write_text, build_cache
 from ndonnx.distill.job import Job, TrainSettings, run_group
 from ndonnx.errors import NdonnxError
-from ndonnx.graph import Teacher, load_teacher
+from ndonnx.graph import Teacher, load_teacher, with_dynamic_batch
 from ndonnx.partition import Partition, partition
 from ndonnx.config import SampleConfig
 from ndonnx.sample import Sample, index_ranges, make_inputs, run_sample
@@ -90,7 +90,7 @@ def distill(model_path: str | Path, run_dir: str | Path, cfg: DistillConfig, dat
     if data_path is None and not cfg.data_free:
         raise NdonnxError("give calibration data with --data FILE.npz, or use --data-free")
     device = resolve_device(cfg.device)
-    teacher = load_teacher(model_path)
+    teacher = with_dynamic_batch(load_teacher(model_path))
     real = data_path is not None
     run_dir = Path(run_dir)
     _open_run_dir(run_dir, teacher, cfg)
