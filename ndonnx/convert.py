@@ -31,9 +31,8 @@ def _value_info(name: str, sample: Sample) -> onnx.ValueInfoProto:
     """Real dims from the sample run, with the batch dim kept symbolic: converters read these
     (onnx2torch takes LayerNormalization's normalized_shape from them), so no unknown dims."""
     value, declared = sample.values[name], sample.shapes[name]
-    shape = list(value.shape)
-    if shape and declared and isinstance(declared[0], str):
-        shape[0] = declared[0]
+    shape = [d if isinstance(d, str) and (d == sample.batch or j == 0) else r
+             for j, (d, r) in enumerate(zip(declared, value.shape))]
     return helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(value.dtype), shape)
 
 

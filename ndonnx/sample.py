@@ -20,6 +20,7 @@ class Sample:
     feeds: dict[str, np.ndarray]  # graph inputs
     values: dict[str, np.ndarray]  # every recorded tensor, graph inputs included
     shapes: dict[str, Shape]  # display/declared shapes: symbolic batch where the model has one
+    batch: str | None = None  # the symbol of the primary batch dimension, if any
 
 
 def ort_session(model: onnx.ModelProto):
@@ -27,6 +28,8 @@ def ort_session(model: onnx.ModelProto):
 
     from ndonnx.errors import NdonnxError
 
+    if len(model.graph.value_info):  # recorded inner shapes help converters, but pin sample sizes in onnxruntime
+        model = _without_value_info(model)
     opts = ort.SessionOptions()
     opts.log_severity_level = 4  # failures reach the user as one-line errors, not runtime logs
     try:
@@ -34,6 +37,13 @@ def ort_session(model: onnx.ModelProto):
     except Exception as e:  # onnxruntime refuses graphs the checker lets through (bad attributes, ops)
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise NdonnxError(f"onnxruntime cannot run the model: {first}") from e
+
+
+def _without_value_info(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.value_info[:]
+    return out
 
 
 def _dims(vi: onnx.ValueInfoProto) -> Shape | None:
@@ -102,10 +112,11 @@ def run_sample(teacher: Teacher, cfg: SampleConfig = SampleConfig(), feeds: dict
     out_names = [o.name for o in sess.get_outputs()]
     values = dict(feeds)
     values.update(zip(out_names, sess.run(out_names, feeds)))
-    return Sample(feeds=feeds, values=values, shapes=_declared_shapes(teacher, values, cfg))
+    shapes, batch = _declared_shapes(teacher, values, cfg)
+    return Sample(feeds=feeds, values=values, shapes=shapes, batch=batch)
 
 
-def _declared_shapes(teacher: Teacher, values: dict[str, np.ndarray], cfg: SampleConfig) -> dict[str, Shape]:
+def _declared_shapes(teacher: Teacher, values: dict[str, np.ndarray], cfg: SampleConfig) -> tuple[dict[str, Shape], str | None]:
     """Inferred shapes where onnx knows them (symbolic dims kept), real ones where it lost them."""
     try:
         inferred_model = onnx.shape_inference.infer_shapes(teacher.model, data_prop=True)
@@ -124,4 +135,4 @@ def _declared_shapes(teacher: Teacher, values: dict[str, np.ndarray], cfg: Sampl
             known = ["?"] * v.ndim
         shapes[name] = [k if k not in (0, "?") else (batch if j == 0 and batch and r == cfg.batch else r)
                         for j, (k, r) in enumerate(zip(known, v.shape))]
-    return shapes
+    return shapes, batch

@@ -41,6 +41,7 @@ def build_cache(model: onnx.ModelProto, names: list[str], data: Dataset, cache_d
     inputs = [s.name for s in data.specs]
     files: dict[str, np.ndarray] = {}
     maxabs: dict[str, float] = {}
+    axes: dict[str, int] = {}  # the batch axis of each tensor (seq-first transformers carry it at 1)
     pos = 0
     shards = list(data.iter_shards()) if progress is None else progress(data.iter_shards(), len(data.shards), "cache")
     for shard in shards:
@@ -49,7 +50,10 @@ def build_cache(model: onnx.ModelProto, names: list[str], data: Dataset, cache_d
             feeds = {k: shard[k][lo:lo + batch] for k in inputs}
             outs = dict(zip(names, sess.run(names, feeds)))
             outs.update({k: v for k, v in feeds.items() if k in names})
+            if not axes:
+                axes = _batch_axes(sess, names, feeds, outs)
             for k, v in outs.items():
+                v = np.moveaxis(v, axes[k], 0)  # stored batch-first
                 if k not in files:
                     files[k] = np.lib.format.open_memmap(cache_dir / f"{len(files):04d}.f32.npy", mode="w+",
                                                          dtype=v.dtype, shape=(data.size, *v.shape[1:]))
@@ -74,12 +78,28 @@ def build_cache(model: onnx.ModelProto, names: list[str], data: Dataset, cache_d
             del half
             path.unlink()
             path = small
-        entries[k] = path.name
+        entries[k] = {"file": path.name, "batch_axis": axes.get(k, 0)}
     perm = np.random.default_rng(seed).permutation(data.size)
     hold = max(1, int(round(HOLDOUT * data.size))) if data.size > 1 else 0
     np.save(cache_dir / "holdout.npy", np.sort(perm[:hold]))
     np.save(cache_dir / "train.npy", np.sort(perm[hold:]) if data.size > 1 else perm)
     atomic_write_text(manifest_path, json.dumps({"fingerprint": fingerprint, "size": data.size, "files": entries}, indent=1))
+
+
+def _batch_axes(sess, names: list[str], feeds: dict, outs: dict) -> dict[str, int]:
+    """The axis of each tensor that follows the batch: the one whose size changes when the same
+    graph runs on one sample instead of the whole first batch (axis 0 when nothing tells)."""
+    n = len(next(iter(feeds.values())))
+    if n < 2:
+        return {k: 0 for k in outs}
+    one = {k: v[:1] for k, v in feeds.items()}
+    small = dict(zip(names, sess.run(names, one)))
+    small.update({k: v for k, v in one.items() if k in names})
+    axes = {}
+    for k, v in outs.items():
+        diff = [j for j, (a, b) in enumerate(zip(v.shape, small[k].shape)) if a != b]
+        axes[k] = diff[0] if len(diff) == 1 else 0
+    return axes
 
 
 @dataclass
@@ -91,7 +111,8 @@ class CacheReader:
     def __post_init__(self):
         meta = json.loads((self.directory / "manifest.json").read_text())
         self.size = meta["size"]
-        self.arrays = {k: np.load(self.directory / f, mmap_mode="r") for k, f in meta["files"].items()}
+        self.arrays = {k: np.load(self.directory / f["file"], mmap_mode="r") for k, f in meta["files"].items()}
+        self.batch_axis = {k: f["batch_axis"] for k, f in meta["files"].items()}
         if sum(a.nbytes for a in self.arrays.values()) < RAM_LIMIT:
             self.arrays = {k: np.asarray(a) for k, a in self.arrays.items()}
         self.train = np.load(self.directory / "train.npy")
@@ -99,7 +120,8 @@ class CacheReader:
 
     def read(self, name: str, idx: np.ndarray) -> np.ndarray:
         a = self.arrays[name][idx]  # callers pass sorted indices: sequential reads from a memmap
-        return a.astype(np.float32) if a.dtype == np.float16 else np.asarray(a)
+        a = a.astype(np.float32) if a.dtype == np.float16 else np.asarray(a)
+        return np.moveaxis(a, 0, self.batch_axis.get(name, 0))
 
     def labels(self, idx: np.ndarray) -> np.ndarray | None:
         return self.read("__labels__", idx) if "__labels__" in self.arrays else None

@@ -88,16 +88,19 @@ class Batches:
         return x, sides, ys
 
     def _from_noise(self, n: int):
-        shape = (n, *self.noise[f"shape:{self.main}"].tolist())
+        shape = self.noise[f"shape:{self.main}"].tolist()
+        axis = int(self.noise[f"axis:{self.main}"])
+        shape[axis] = n
         if f"high:{self.main}" in self.noise:
             x = torch.randint(int(self.noise[f"high:{self.main}"]), shape, generator=self.gen).to(self.device)
         else:
             mean, std = self.noise[f"mean:{self.main}"], self.noise[f"std:{self.main}"]
             x = (torch.randn(shape, generator=self.gen) * std + mean).to(self.device)
         sides = {}
-        for name in self.sides:  # side inputs stay valid: rows drawn from real ones
+        for name in self.sides:  # side inputs stay valid: rows drawn from real ones (stored batch-first)
             bank = self.noise[f"bank:{name}"]
-            sides[name] = bank[torch.randint(len(bank), (n,), generator=self.gen)].to(self.device)
+            rows = bank[torch.randint(len(bank), (n,), generator=self.gen)]
+            sides[name] = torch.movedim(rows, 0, int(self.noise[f"axis:{name}"])).to(self.device)
         with torch.no_grad():
             ys = call(self.teacher, x, sides)
         return x, sides, ys

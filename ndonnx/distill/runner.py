@@ -38,7 +38,7 @@ from ndonnx.errors import NdonnxError
 from ndonnx.graph import Teacher, load_teacher, with_dynamic_batch
 from ndonnx.partition import Partition, partition
 from ndonnx.config import SampleConfig
-from ndonnx.sample import Sample, index_ranges, make_inputs, run_sample
+from ndonnx.sample import index_ranges, make_inputs, run_sample
 
 log = logging.getLogger(__name__)
 BANK_ROWS = 256
@@ -141,7 +141,7 @@ def distill(model_path: str | Path, run_dir: str | Path, cfg: DistillConfig, dat
                    | set(teacher.input_names) | {o.name for o in teacher.model.graph.output})
     build_cache(teacher.model, names, data, cache_dir, cfg.seed, _fingerprint(teacher, data), progress=progress)
     if cfg.data_free:
-        _write_noise(part, teacher.model, sample, cache_dir if real else None, run_dir)
+        _write_noise(part, teacher.model, cache_dir, real, run_dir)
     ids = [n.id for n in part.neighbourhoods]
     jobs = [_with_context(j, ids, subs, run_dir, cfg) for j in jobs]
     _run(jobs, device, cfg.jobs, progress)
@@ -175,32 +175,33 @@ def _fingerprint(teacher: Teacher, data: Dataset) -> str:
     return f"{teacher_hash(teacher.model)}|{data.labels_key}|{'|'.join(stats)}"
 
 
-def _write_noise(part: Partition, part_model: onnx.ModelProto, sample: Sample, cache_dir: Path | None,
-                 run_dir: Path) -> None:
+def _write_noise(part: Partition, part_model: onnx.ModelProto, cache_dir: Path, real: bool, run_dir: Path) -> None:
     """Per-channel mean/std of each boundary from real data when some is given, else N(0, 1);
-    banks of real side-input rows so that masks and ids stay valid."""
-    reader = CacheReader(cache_dir) if cache_dir else None
+    banks of side-input rows (real, or the synthetic held-out inputs) so masks and ids stay valid.
+    Shapes and banks keep each tensor's batch axis (seq-first transformers carry it at 1)."""
+    reader = CacheReader(cache_dir)
     sides = sorted({n for nbh in part.neighbourhoods for n in nbh.side_inputs})
     for nbh in part.neighbourhoods:
         main = nbh.inputs[0]
-        ref = sample.values[main]
-        arrays = {f"shape:{main}": np.array(ref.shape[1:], np.int64)}
+        ref = reader.read(main, reader.train[:2048])
+        axis = reader.batch_axis.get(main, 0)
+        arrays = {f"shape:{main}": np.array(ref.shape, np.int64), f"axis:{main}": np.array(axis, np.int64)}
         if not np.issubdtype(ref.dtype, np.floating):  # token ids: uniform over the embedding table
             arrays[f"high:{main}"] = np.array(index_ranges(part_model).get(main, 2), np.int64)
         else:
-            # Statistics per channel: axis 1 of images (NCHW), the last axis of sequences (NTD).
+            # Statistics per channel: axis 1 of images (NCHW), the last axis of sequences.
             ch = 1 if ref.ndim == 4 else ref.ndim - 1
             axes = tuple(k for k in range(ref.ndim) if k != ch)
-            if reader is not None:
-                x = reader.read(main, reader.train[:2048])
-                mean, std = x.mean(axis=axes, keepdims=True)[0], x.std(axis=axes, keepdims=True)[0]
+            if real:
+                mean, std = ref.mean(axis=axes, keepdims=True), ref.std(axis=axes, keepdims=True)
             else:
-                mean, std = np.zeros((1,) * (ref.ndim - 1), np.float32), np.ones((1,) * (ref.ndim - 1), np.float32)
+                mean, std = np.zeros((1,) * ref.ndim, np.float32), np.ones((1,) * ref.ndim, np.float32)
             arrays[f"mean:{main}"] = mean.astype(np.float32)
             arrays[f"std:{main}"] = np.maximum(std, 1e-6).astype(np.float32)
         for name in sides:  # every side input, so look-ahead neighbourhoods find theirs too
-            bank = reader.read(name, reader.train[:BANK_ROWS]) if reader is not None else sample.values[name]
-            arrays[f"bank:{name}"] = np.ascontiguousarray(bank)
+            bank = reader.read(name, reader.train[:BANK_ROWS])
+            arrays[f"bank:{name}"] = np.ascontiguousarray(np.moveaxis(bank, reader.batch_axis.get(name, 0), 0))
+            arrays[f"axis:{name}"] = np.array(reader.batch_axis.get(name, 0), np.int64)
         tmp = run_dir / "noise" / f"{nbh.id}.safetensors.tmp"
         save_file(arrays, str(tmp))
         os.replace(tmp, run_dir / "noise" / f"{nbh.id}.safetensors")
