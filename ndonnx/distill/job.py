@@ -156,6 +156,9 @@ def _loss(out, targets, lookahead, sides, scale) -> torch.Tensor:
 def run_group(jobs: list[Job]) -> list[dict]:
     """Train every job of one neighbourhood from the same batches; write each job's weights and
     journal record atomically as it finishes. Returns the records."""
+    import warnings
+
+    warnings.simplefilter("ignore")  # converter deprecation chatter would garble the progress display
     s = jobs[0].settings
     torch.set_num_threads(max(1, s.threads))
     torch.manual_seed(s.seed + 1000 * jobs[0].neighbourhood)
