@@ -102,3 +102,14 @@ def test_trainable_binds_every_weight_and_writes_back(zoo, name):
         got = tr(*[torch.from_numpy(s.values[n]) for n in tr.input_names])[0].detach().numpy()
         assert rel_err(got, want) < 1e-4
         assert rel_err(want, s.values[nbh.outputs[0]]) > 1e-4  # the change did reach the ONNX weights
+
+
+def test_cache_keeps_large_values_in_float32(zoo, tmp_path):
+    t = load_teacher(zoo["resnet_legacy"])
+    x = _images(20) * 1e5  # activations beyond float16's range
+    np.savez(tmp_path / "d.npz", input=x)
+    build_cache(t.model, ["input", "logits"], load_data(tmp_path / "d.npz", t), tmp_path / "c", seed=0,
+                fingerprint="f", batch=8)
+    r = CacheReader(tmp_path / "c")
+    assert r.arrays["input"].dtype == np.float32 and np.isfinite(r.read("logits", np.arange(20))).all()
+    np.testing.assert_allclose(r.read("input", np.arange(20))[8:], x[8:], rtol=1e-6)

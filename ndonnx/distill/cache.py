@@ -15,7 +15,7 @@ from ndonnx.data import Dataset
 from ndonnx.sample import ort_session
 
 HOLDOUT = 0.1
-FLOAT16_MAX = 60000.0  # above this a tensor stays float32 (float16 would overflow to inf)
+FLOAT16_MAX = 60000.0  # a tensor with larger values is stored float32 (float16 would overflow to inf)
 RAM_LIMIT = 2 << 30  # caches smaller than this are read fully into memory
 
 
@@ -40,7 +40,6 @@ def build_cache(model: onnx.ModelProto, names: list[str], data: Dataset, cache_d
     sess = ort_session(m)
     inputs = [s.name for s in data.specs]
     files: dict[str, np.ndarray] = {}
-    maxabs: dict[str, float] = {}
     axes: dict[str, int] = {}  # the batch axis of each tensor (seq-first transformers carry it at 1)
     pos = 0
     shards = list(data.iter_shards()) if progress is None else progress(data.iter_shards(), len(data.shards), "cache")
@@ -55,11 +54,13 @@ def build_cache(model: onnx.ModelProto, names: list[str], data: Dataset, cache_d
             for k, v in outs.items():
                 v = np.moveaxis(v, axes[k], 0)  # stored batch-first
                 if k not in files:
-                    files[k] = np.lib.format.open_memmap(cache_dir / f"{len(files):04d}.f32.npy", mode="w+",
-                                                         dtype=v.dtype, shape=(data.size, *v.shape[1:]))
+                    # float16 from the start (half the bytes to write); upgraded if a value overflows
+                    dtype = np.float16 if v.dtype == np.float32 else v.dtype
+                    files[k] = np.lib.format.open_memmap(cache_dir / f"{len(files):04d}.npy", mode="w+",
+                                                         dtype=dtype, shape=(data.size, *v.shape[1:]))
+                if files[k].dtype == np.float16 and np.abs(v).max(initial=0.0) >= FLOAT16_MAX:
+                    files[k] = _to_float32(files[k])
                 files[k][pos:pos + len(v)] = v
-                if np.issubdtype(v.dtype, np.floating):
-                    maxabs[k] = max(maxabs.get(k, 0.0), float(np.abs(v).max(initial=0.0)))
             pos += len(feeds[inputs[0]])
         if data.labels_key:
             files.setdefault("__labels__", np.lib.format.open_memmap(
@@ -67,23 +68,25 @@ def build_cache(model: onnx.ModelProto, names: list[str], data: Dataset, cache_d
             files["__labels__"][pos - n:pos] = shard[data.labels_key]
     entries = {}
     for k, arr in files.items():
-        path = Path(arr.filename)
         arr.flush()
-        if k in maxabs and maxabs[k] < FLOAT16_MAX and arr.dtype != np.float16:
-            small = path.with_name(path.name.replace(".f32", ".f16"))
-            half = np.lib.format.open_memmap(small, mode="w+", dtype=np.float16, shape=arr.shape)
-            for lo in range(0, len(arr), 4096):
-                half[lo:lo + 4096] = arr[lo:lo + 4096]
-            half.flush()
-            del half
-            path.unlink()
-            path = small
-        entries[k] = {"file": path.name, "batch_axis": axes.get(k, 0)}
+        entries[k] = {"file": Path(arr.filename).name, "batch_axis": axes.get(k, 0)}
     perm = np.random.default_rng(seed).permutation(data.size)
     hold = max(1, int(round(HOLDOUT * data.size))) if data.size > 1 else 0
     np.save(cache_dir / "holdout.npy", np.sort(perm[:hold]))
     np.save(cache_dir / "train.npy", np.sort(perm[hold:]) if data.size > 1 else perm)
     atomic_write_text(manifest_path, json.dumps({"fingerprint": fingerprint, "size": data.size, "files": entries}, indent=1))
+
+
+def _to_float32(half: np.memmap) -> np.memmap:
+    """Rewrite a float16 cache file as float32 (values written so far were in range)."""
+    path = Path(half.filename)
+    full = np.lib.format.open_memmap(path.with_suffix(".f32.npy"), mode="w+", dtype=np.float32, shape=half.shape)
+    for lo in range(0, len(half), 4096):
+        full[lo:lo + 4096] = half[lo:lo + 4096]
+    full.flush()
+    del half
+    path.unlink()
+    return full
 
 
 def _batch_axes(sess, names: list[str], feeds: dict, outs: dict) -> dict[str, int]:

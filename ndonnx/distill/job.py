@@ -79,7 +79,7 @@ class Batches:
         self.noise = {k: torch.from_numpy(v) for k, v in load_file(job.noise).items()} if job.noise else None
 
     def _tensor(self, a: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(np.array(a)).to(self.device)
+        return torch.from_numpy(a if a.ndim and a.flags.c_contiguous else np.array(a)).to(self.device)
 
     def _from_cache(self, idx: np.ndarray):
         x = self._tensor(self.cache.read(self.main, idx))
