@@ -69,10 +69,23 @@ def _finish(report: dict, args: argparse.Namespace) -> None:
     compress_table(report)
 
 
+def _reported(run, args: argparse.Namespace) -> int:
+    """Run a compress/search; show and save the report, also when the result exceeds --max-drop."""
+    from ndonnx.compress import DropTooLarge
+
+    try:
+        report = run()
+    except DropTooLarge as e:
+        _finish(e.report, args)
+        raise
+    _finish(report, args)
+    return 0
+
+
 def _compress(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ndonnx.compress import DropTooLarge, compress
+    from ndonnx.compress import compress
     from ndonnx_cli.progress import bar
 
     if args.model is None:
@@ -81,26 +94,15 @@ def _compress(args: argparse.Namespace) -> int:
     if args.data is None and not args.data_free:
         raise NdonnxError("give calibration data with --data FILE.npz, or use --data-free")
     run_dir = args.run_dir or str(Path(args.model).with_suffix("")) + ".ndonnx-run"
-    try:
-        report = compress(args.model, run_dir, _compress_config(args, _distill_config(args)), data_path=args.data,
-                          output=args.output, progress=bar)
-    except DropTooLarge as e:
-        _finish(e.report, args)
-        raise
-    _finish(report, args)
-    return 0
+    cfg = _compress_config(args, _distill_config(args))
+    return _reported(lambda: compress(args.model, run_dir, cfg, data_path=args.data, output=args.output,
+                                      progress=bar), args)
 
 
 def _search(args: argparse.Namespace) -> int:
-    from ndonnx.compress import DropTooLarge, build
+    from ndonnx.compress import build
 
-    try:
-        report = build(args.run_dir, _compress_config(args), args.output)
-    except DropTooLarge as e:
-        _finish(e.report, args)
-        raise
-    _finish(report, args)
-    return 0
+    return _reported(lambda: build(args.run_dir, _compress_config(args), args.output), args)
 
 
 def _validate(args: argparse.Namespace) -> int:
