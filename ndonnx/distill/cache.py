@@ -116,8 +116,10 @@ class CacheReader:
         self.size = meta["size"]
         self.arrays = {k: np.load(self.directory / f["file"], mmap_mode="r") for k, f in meta["files"].items()}
         self.batch_axis = {k: f["batch_axis"] for k, f in meta["files"].items()}
-        if sum(a.nbytes for a in self.arrays.values()) < RAM_LIMIT:
-            self.arrays = {k: np.asarray(a) for k, a in self.arrays.items()}
+        widened = sum(a.nbytes * (2 if a.dtype == np.float16 else 1) for a in self.arrays.values())
+        if widened < RAM_LIMIT:  # small: in RAM, already float32, so a batch is one indexing
+            self.arrays = {k: np.asarray(a, np.float32 if a.dtype == np.float16 else a.dtype)
+                           for k, a in self.arrays.items()}
         self.train = np.load(self.directory / "train.npy")
         self.holdout = np.load(self.directory / "holdout.npy")
 
