@@ -16,13 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import onnx
 import torch
 

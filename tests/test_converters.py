@@ -5,7 +5,7 @@ both as initializers (baked into the torch module) and as graph inputs (read at 
 """
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import numpy as np
 import onnx

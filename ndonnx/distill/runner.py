@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import shutil
-import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import replace
 from pathlib import Path
