@@ -9,7 +9,14 @@ stderr = Console(stderr=True)
 
 
 def describe(item) -> str:
-    return f"neighbourhood {item.id}" if hasattr(item, "id") else ""
+    """What the bar says it is working on: a neighbourhood, a group of distillation jobs, a label."""
+    if isinstance(item, str):
+        return item
+    if hasattr(item, "id"):
+        return f"neighbourhood {item.id}"
+    if isinstance(item, list) and item and hasattr(item[0], "neighbourhood"):
+        return f"neighbourhood {item[0].neighbourhood}: {len(item)} candidates"
+    return ""
 
 
 def bar(items, total: int, label: str):

@@ -218,24 +218,29 @@ def _run(jobs: list[Job], device: str, workers: int, progress: Callable | None) 
     workers = max(1, min(workers, len(groups)))
     threads = 1 if device == "cuda" else max(1, cores // workers)
     batches = [[replace(j, settings=replace(j.settings, threads=threads)) for j in g] for g in groups.values()]
-    label = "distill"
-    bar = progress(iter(range(len(batches))), len(batches), label) if progress else None
     if workers == 1:
-        for g in batches:
+        for g in _shown(batches, progress):
             run_group(g)
-            if bar is not None:
-                next(bar, None)
-    else:
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            futures = [pool.submit(run_group, g) for g in batches]
+        return
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        futures = {pool.submit(run_group, g): g for g in batches}
+
+        def finished():
             for f in as_completed(futures):
                 f.result()
-                if bar is not None:
-                    next(bar, None)
-    if bar is not None:
-        for _ in bar:
+                yield f"finished neighbourhood {futures[f][0].neighbourhood} ({workers} workers)"
+
+        for _ in _shown(finished(), progress, len(batches)):
             pass
+
+
+def _shown(items, progress: Callable | None, total: int | None = None):
+    """`items` through the progress bar when there is one; labels say which neighbourhood."""
+    if progress is None:
+        return items
+    items = items if total is not None else list(items)
+    return progress(items, total if total is not None else len(items), "distill")
 
 
 def write_candidates(run_dir: Path, extra_rows: list[dict] = ()) -> list[dict]:
