@@ -144,6 +144,23 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sensitivity(args: argparse.Namespace) -> int:
+    from ndonnx.sensitivity import plot, sensitivity
+    from ndonnx_cli.tables import sensitivity_table
+
+    try:
+        eps = tuple(float(e) for e in args.eps.split(","))
+    except ValueError:
+        raise NdonnxError(f"--eps {args.eps!r}: expected comma-separated numbers, e.g. 0.01,0.1,1") from None
+    if not eps or any(e < 0 for e in eps):
+        raise NdonnxError("--eps values must be >= 0")
+    report = sensitivity(args.model, args.data, args.labels, tuple(sorted(eps)), args.max_drop, args.samples, args.seed)
+    if args.plot:
+        plot(report, args.plot)
+    _emit(report, args.json, sensitivity_table)
+    return 0
+
+
 def _add_distill_options(s) -> None:
     s.add_argument("--data", help="calibration data: .npz (arrays named after the inputs) or a folder of .npz shards")
     s.add_argument("--data-free", action="store_true", help="train on Gaussian noise (matched to --data statistics if given)")
@@ -219,6 +236,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--labels")
     s.add_argument("--json", action="store_true")
     s.set_defaults(run=_validate)
+
+    s = sub.add_parser("sensitivity", help="score lost when each neighbourhood's output gets Gaussian noise")
+    s.add_argument("model")
+    s.add_argument("--data", required=True)
+    s.add_argument("--labels")
+    s.add_argument("--eps", default="0.01,0.03,0.1,0.3,1", help="noise amplitudes, times each output's std")
+    s.add_argument("--max-drop", type=float, default=0.01, help="tolerance that defines each threshold")
+    s.add_argument("--samples", type=int, default=512)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--plot", help="write the drop-vs-eps curves as a PNG here")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(run=_sensitivity)
 
     s = sub.add_parser("check", help="CI gates: exit 0 when every gate passes, 1 when one fails")
     s.add_argument("model")

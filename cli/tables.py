@@ -90,3 +90,18 @@ def validation_table(v: dict) -> None:
     tc = v.get("torch_rel_err")
     t.add_row("torch vs onnxruntime (student)", "", "does not convert" if tc is None else f"{tc:.1e}")
     stdout.print(t)
+
+
+def sensitivity_table(r: dict) -> None:
+    t = Table(title=f"{r['metric']} drop with noise eps x std on one neighbourhood's output "
+                    f"({r['samples']} samples, {r['metric']} {r['score']:.4f})")
+    t.add_column("neighbourhood", justify="right")
+    t.add_column("params", justify="right")
+    for e in r["eps"]:
+        t.add_column(f"eps {e:g}", justify="right")
+    t.add_column(f"threshold (drop <= {r['max_drop']:g})", justify="right")
+    rows = [(str(n["neighbourhood"]), f"{n['params']:,}", n["drops"], n["threshold"]) for n in r["neighbourhoods"]]
+    rows.append(("all", "", r["all"]["drops"], r["all"]["threshold"]))
+    for name, params, drops, thr in rows:
+        t.add_row(name, params, *[f"{d:+.4f}" for d in drops], "-" if thr is None else f"{thr:g}")
+    stdout.print(t)
