@@ -57,7 +57,8 @@ def _compress_config(args: argparse.Namespace, distill_cfg=None):
     from ndonnx.config import DistillConfig
 
     return CompressConfig(distill=distill_cfg or DistillConfig(), target=args.target_params, strategy=args.strategy,
-                          max_drop=args.max_drop, finetune_steps=args.finetune_steps, eval_data=args.eval_data)
+                          max_drop=args.max_drop, finetune_steps=args.finetune_steps, eval_data=args.eval_data,
+                          tolerances=args.tolerances)
 
 
 def _finish(report: dict, args: argparse.Namespace) -> None:
@@ -185,6 +186,8 @@ def _add_search_options(s) -> None:
     s.add_argument("--strategy", default="greedy", help="greedy (budget-driven) | threshold (paper: smallest within --max-drop)")
     s.add_argument("--max-drop", type=float, help="largest score drop accepted (exit 1 beyond it)")
     s.add_argument("--finetune-steps", type=int, default=0, help="end-to-end KD steps after splicing (paper Eq. 3)")
+    s.add_argument("--tolerances", help="with --strategy threshold: per-neighbourhood noise thresholds from "
+                   "`ndonnx sensitivity --json` (a candidate fits when its relative MSE <= threshold^2)")
     s.add_argument("--eval-data", help="validate on this .npz (e.g. a test set; labels as in --labels) "
                    "instead of the held-out 10%% of the calibration data")
 

@@ -38,6 +38,7 @@ class CompressConfig:
     temperature: float = 4.0
     kd_lambda: float = 0.5  # weight of cross-entropy on labels next to the soft targets (Eq. 3)
     eval_data: str | None = None  # validate on this data (e.g. a test set) instead of the held-out split
+    tolerances: str | None = None  # `ndonnx sensitivity --json` output: per-neighbourhood noise thresholds
 
 
 def default_output(teacher_path: Path) -> Path:
@@ -82,7 +83,7 @@ def build(run_dir: Path, cfg: CompressConfig, output: str | Path | None, timings
     options = load_options(run_dir, rows)
     _load_scores(run_dir, options)
     target = parse_target(cfg.target, teacher.params)
-    result = search(scorer, options, target, cfg.strategy, cfg.max_drop)
+    result = search(scorer, options, target, cfg.strategy, cfg.max_drop, tolerances=_tolerances(cfg, part))
     save_scores(run_dir, options, scorer)
     timings["search"] = time.perf_counter() - t0
 
@@ -134,6 +135,22 @@ class DropTooLarge(GoalNotMet):
     def __init__(self, message: str, report: dict):
         super().__init__(message)
         self.report = report
+
+
+def _tolerances(cfg: CompressConfig, part) -> dict[int, float] | None:
+    if cfg.tolerances is None:
+        return None
+    if cfg.strategy != "threshold":
+        raise NdonnxError("--tolerances applies to --strategy threshold")
+    try:
+        rows = json.loads(Path(cfg.tolerances).read_text())["neighbourhoods"]
+        tol = {int(r["neighbourhood"]): float(r["threshold"] or 0.0) for r in rows}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise NdonnxError(f"--tolerances {cfg.tolerances}: not the JSON of `ndonnx sensitivity --json` ({e})") from e
+    if sorted(tol) != [n.id for n in part.neighbourhoods]:
+        raise NdonnxError(f"--tolerances {cfg.tolerances}: made for another partition "
+                          f"({len(tol)} neighbourhoods, this run has {len(part.neighbourhoods)})")
+    return tol
 
 
 def _load_scores(run_dir: Path, options) -> None:

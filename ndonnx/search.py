@@ -156,7 +156,7 @@ def total_params(teacher_params: int, part: Partition, choice: dict[int, Option]
 
 
 def search(scorer: Scorer, options: dict[int, list[Option]], target: int, strategy: str = "greedy",
-           max_drop: float | None = None, rounds: int = 4) -> SearchResult:
+           max_drop: float | None = None, rounds: int = 4, tolerances: dict[int, float] | None = None) -> SearchResult:
     """Pick one option per neighbourhood with total parameters <= target."""
     part, tparams = scorer.part, scorer.teacher.params
     for opts in options.values():
@@ -171,11 +171,21 @@ def search(scorer: Scorer, options: dict[int, list[Option]], target: int, strate
     pareto: list[dict] = []
     if strategy == "threshold":  # the paper's: the smallest candidate whose drop is within max_drop
         limit = 0.01 if max_drop is None else max_drop
-        choice = {nid: min((o for o in opts if scorer.teacher_score - o.score <= limit), key=lambda o: o.params)
+        if tolerances is not None:
+            # Sensitivity thresholds: noise of eps x std has MSE / variance = eps^2, so a candidate
+            # whose held-out relative MSE stays below eps^2 perturbs no more than tolerated noise.
+            def ok(o):
+                return (o.rel_mse or 0.0) <= tolerances.get(o.neighbourhood, 0.0) ** 2
+            how = "with --strategy threshold and the sensitivity tolerances"
+        else:
+            def ok(o):
+                return scorer.teacher_score - o.score <= limit
+            how = f"with --strategy threshold and --max-drop {limit}"
+        choice = {nid: min((o for o in opts if ok(o) or o.candidate == "teacher"), key=lambda o: o.params)
                   for nid, opts in options.items()}
         params = total_params(tparams, part, choice)
         if params > target:
-            raise TargetUnreachable(target, params, f"with --strategy threshold and --max-drop {limit}")
+            raise TargetUnreachable(target, params, how)
         score = scorer.composed(choice)
         predicted = scorer.teacher_score - sum(scorer.teacher_score - o.score for o in choice.values())
         pareto.append({"params": params, "score": score, "choices": _names(choice)})

@@ -137,3 +137,24 @@ def test_params_exact_with_tied_weights(zoo, tmp_path):
     for t in (0.97, 0.9):
         b = build(tmp_path / "run", CompressConfig(target=f"{int(t * 100)}%"), tmp_path / f"e{t}.onnx")
         assert b["params_student"] == b["validation"]["params_student"]
+
+
+def test_sensitivity_tolerances_drive_threshold_search(done, tmp_path, capsys):
+    d, teacher, _ = done
+    assert main(["sensitivity", str(teacher), "--data", str(d / "calib.npz"), "--eps", "0.1,0.3,1", "--json"]) == 0
+    sens = tmp_path / "sens.json"
+    sens.write_text(capsys.readouterr().out)
+    tol = {n["neighbourhood"]: n["threshold"] or 0.0 for n in json.loads(sens.read_text())["neighbourhoods"]}
+    r = build(d / "run", CompressConfig(target="100%", strategy="threshold", tolerances=str(sens)), tmp_path / "t.onnx")
+    changed = [n for n in r["neighbourhoods"] if n["candidate"] != "teacher"]
+    assert all(n["rel_mse"] <= tol[n["id"]] ** 2 for n in changed)
+    # and every neighbourhood left as the teacher had no candidate within its tolerance
+    rows = json.loads((d / "run" / "candidates.json").read_text())
+    for n in r["neighbourhoods"]:
+        if n["candidate"] == "teacher":
+            assert not [c for c in rows if c["neighbourhood"] == n["id"] and c["candidate"] != "teacher"
+                        and c["params"] < n["teacher_params"] and c["rel_mse"] <= tol[n["id"]] ** 2]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"neighbourhoods": [{"neighbourhood": 0, "threshold": 0.1}]}))
+    assert main(["search", str(d / "run"), "--strategy", "threshold", "--tolerances", str(bad), "-o", str(tmp_path / "x.onnx")]) == 2
+    assert "another partition" in capsys.readouterr().err
