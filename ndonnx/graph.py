@@ -337,6 +337,7 @@ def with_dynamic_batch(teacher: Teacher) -> Teacher:
              and vi.type.tensor_type.shape.dim and vi.type.tensor_type.shape.dim[0].HasField("dim_value")]
     if not fixed:
         return teacher
+    from ndonnx.config import SampleConfig
     from ndonnx.sample import make_inputs, ort_session
 
     model = _copy(teacher.model)
@@ -352,7 +353,7 @@ def with_dynamic_batch(teacher: Teacher) -> Teacher:
                          f"dynamic batch axis")
     if any(f.type.tensor_type.shape.dim[0].dim_value != 1 for f in fixed):
         raise refuse
-    singles = [make_inputs(teacher, _sample_config(seed)) for seed in (0, 1)]
+    singles = [make_inputs(teacher, SampleConfig(seed=seed)) for seed in (0, 1)]
     try:
         want = [ort_session(teacher.model).run(None, s) for s in singles]
         got = ort_session(model).run(None, {k: np.concatenate([s[k] for s in singles]) for k in singles[0]})
@@ -365,12 +366,6 @@ def with_dynamic_batch(teacher: Teacher) -> Teacher:
     log.warning("input %r had a fixed batch of 1; distilling with a dynamic batch (the student keeps the "
                 "teacher's declared shapes)", fixed[0].name)
     return Teacher(path=teacher.path, model=model, opset=teacher.opset, weights=teacher.weights)
-
-
-def _sample_config(seed: int):
-    from ndonnx.config import SampleConfig
-
-    return SampleConfig(seed=seed)
 
 
 def restore_interface(model: onnx.ModelProto, like: onnx.ModelProto) -> onnx.ModelProto:

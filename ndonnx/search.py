@@ -76,8 +76,9 @@ def load_options(run_dir: Path, rows: list[dict]) -> dict[int, list[Option]]:
             continue
         model = None
         if r["candidate"] != "teacher":
-            safe = r["candidate"].replace(":", "_").replace("/", "_")
-            model = onnx.load(str(run_dir / "students" / f"{r['neighbourhood']}__{safe}.onnx"))
+            from ndonnx.distill.runner import job_stem
+
+            model = onnx.load(str(run_dir / "students" / f"{job_stem(r['neighbourhood'], r['candidate'])}.onnx"))
             if r.get("weights"):
                 from ndonnx.distill.job import load_weights
 
@@ -100,7 +101,13 @@ class Scorer:
         self.metric = metric_name(self.reference, self.labels)
         self.teacher_score = score_outputs(self.reference, self.reference, self.labels)
         self._idx = idx
+        self._held: dict[str, np.ndarray] = {}  # boundary tensors of the held-out split, read once
         self._suffix: dict[int, object] = {}
+
+    def _held_out(self, name: str) -> np.ndarray:
+        if name not in self._held:
+            self._held[name] = self.cache.read(name, self._idx)
+        return self._held[name]
 
     def _suffix_session(self, nbh: Neighbourhood):
         """The teacher from the end of `nbh` to its outputs, as an onnxruntime session."""
@@ -120,13 +127,13 @@ class Scorer:
         if opt.model is None:
             return self.teacher_score
         nbh = next(n for n in self.part.neighbourhoods if n.id == opt.neighbourhood)
-        feeds = {n: self.cache.read(n, self._idx) for n in (*nbh.inputs, *nbh.side_inputs)}
+        feeds = {n: self._held_out(n) for n in (*nbh.inputs, *nbh.side_inputs)}
         outs = ort_session(opt.model).run(list(nbh.outputs), feeds)
         suffix = self._suffix_session(nbh)
         if suffix is not None:
             sess, merged = suffix
             feeds = dict(zip(nbh.outputs, outs))
-            feeds.update({n: self.cache.read(n, self._idx) for n in merged.side_inputs})
+            feeds.update({n: self._held_out(n) for n in merged.side_inputs})
             outs = sess.run(list(merged.outputs), feeds)
         final = dict(zip(self.part.neighbourhoods[-1].outputs, outs))
         return score_outputs([final[n] for n in self.out_names], self.reference, self.labels)

@@ -44,8 +44,9 @@ BANK_ROWS = 256
 SYNTHETIC_SAMPLES = 256  # data-free runs without data: held-out inputs for scoring
 
 
-def _safe(candidate: str) -> str:
-    return candidate.replace(":", "_").replace("/", "_")
+def job_stem(nid: int, candidate: str) -> str:
+    """File stem shared by a candidate's student, weights and journal record."""
+    return f"{nid}__{candidate.replace(':', '_').replace('/', '_')}"
 
 
 def resolve_device(device: str) -> str:
@@ -123,15 +124,15 @@ def distill(model_path: str | Path, run_dir: str | Path, cfg: DistillConfig, dat
             # counted once, outside (a student gets its own copy, so its count includes them).
             params = nbh.params if name == "teacher" else st.params
             nonzero = nbh.params if name == "teacher" else st.nonzero
-            spath = run_dir / "students" / f"{nbh.id}__{_safe(name)}.onnx"
+            spath = run_dir / "students" / f"{job_stem(nbh.id, name)}.onnx"
             if not spath.exists():
                 _save_model(st.model, spath)
             jobs.append(Job(
                 neighbourhood=nbh.id, candidate=name, student=str(spath), teacher=str(path), lookahead=(),
                 cache=str(cache_dir), noise=None, sparsity=st.sparsity,
                 train=name != "teacher" and st.params > 0, params=params, nonzero=nonzero,
-                weights_out=str(run_dir / "weights" / f"{nbh.id}__{_safe(name)}.safetensors"),
-                result_out=str(run_dir / "done" / f"{nbh.id}__{_safe(name)}.json"),
+                weights_out=str(run_dir / "weights" / f"{job_stem(nbh.id, name)}.safetensors"),
+                result_out=str(run_dir / "done" / f"{job_stem(nbh.id, name)}.json"),
                 settings=TrainSettings(steps=cfg.steps, batch=cfg.batch, lr=cfg.lr, seed=cfg.seed, device=device,
                                        lookahead=cfg.lookahead, data_free=cfg.data_free)))
     atomic_write_text(run_dir / "skipped.json", json.dumps(skipped, indent=1))
