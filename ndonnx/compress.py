@@ -62,26 +62,15 @@ def build(run_dir: Path, cfg: CompressConfig, output: str | Path | None, timings
     """Search, splice, fine-tune, validate: no distillation (what `ndonnx search RUN_DIR` runs)."""
     timings = dict(timings or {})
     run_dir = Path(run_dir)
-    meta_path = run_dir / "run.json"
-    if not meta_path.exists() or not (run_dir / "candidates.json").exists():
-        raise NdonnxError(f"{run_dir}: not a finished ndonnx run directory (no run.json / candidates.json)")
-    meta = json.loads(meta_path.read_text())
+    meta = _run_meta(run_dir)
     teacher_path = Path(meta["teacher"])
     output = Path(output) if output else default_output(teacher_path)
     if output.resolve() == teacher_path.resolve():
         raise NdonnxError(f"-o {output}: that is the teacher file; it is never overwritten")
     t0 = time.perf_counter()
-    declared = load_teacher(teacher_path)
-    teacher = with_dynamic_batch(declared)
-    pcfg = PartitionConfig(**meta["config"]["partition"])
-    part = partition(teacher, pcfg)
-    sample = run_sample(teacher)
-    cache = CacheReader(run_dir / "cache")
-    labels = meta["config"].get("labels") is not None
-    scorer = Scorer(teacher, part, sample, cache, labels)
-    rows = json.loads((run_dir / "candidates.json").read_text())
-    options = load_options(run_dir, rows)
-    _load_scores(run_dir, options)
+    run = open_run(run_dir)
+    declared, teacher, part, cache, scorer, options = (run.declared, run.teacher, run.part, run.cache, run.scorer,
+                                                       run.options)
     target = parse_target(cfg.target, teacher.params)
     result = search(scorer, options, target, cfg.strategy, cfg.max_drop, tolerances=_tolerances(cfg, part))
     save_scores(run_dir, options, scorer)
@@ -129,6 +118,40 @@ def build(run_dir: Path, cfg: CompressConfig, output: str | Path | None, timings
     val["bytes_teacher"] = teacher_path.stat().st_size
     timings["save"] = time.perf_counter() - t0
     return report
+
+
+@dataclass
+class Run:
+    """A finished run directory, opened: the teacher, its partition, the cache and every trained option."""
+
+    dir: Path
+    meta: dict
+    declared: object  # the teacher as loaded, with its declared interface
+    teacher: object  # the same with a dynamic batch, as the run used it
+    part: object
+    cache: CacheReader
+    scorer: Scorer
+    options: dict
+
+
+def _run_meta(run_dir: Path) -> dict:
+    meta_path = run_dir / "run.json"
+    if not meta_path.exists() or not (run_dir / "candidates.json").exists():
+        raise NdonnxError(f"{run_dir}: not a finished ndonnx run directory (no run.json / candidates.json)")
+    return json.loads(meta_path.read_text())
+
+
+def open_run(run_dir: str | Path) -> Run:
+    run_dir = Path(run_dir)
+    meta = _run_meta(run_dir)
+    declared = load_teacher(Path(meta["teacher"]))
+    teacher = with_dynamic_batch(declared)
+    part = partition(teacher, PartitionConfig(**meta["config"]["partition"]))
+    cache = CacheReader(run_dir / "cache")
+    scorer = Scorer(teacher, part, run_sample(teacher), cache, meta["config"].get("labels") is not None)
+    options = load_options(run_dir, json.loads((run_dir / "candidates.json").read_text()))
+    _load_scores(run_dir, options)
+    return Run(run_dir, meta, declared, teacher, part, cache, scorer, options)
 
 
 class DropTooLarge(GoalNotMet):

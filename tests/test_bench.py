@@ -1,0 +1,46 @@
+"""bench/nd_vs_kd.py --quick on a tiny slice of the bundled images: every reported key, sane values, a plot."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def test_nd_vs_kd_quick_tiny(tmp_path):
+    import nd_vs_kd
+
+    out = tmp_path / "results.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "nd_vs_kd.py"), "--quick", "--from-npz", "--train-images", "384",
+           "--test-images", "200", "--nd-images", "256", "--nd-steps", "4", "--search-steps", "3", "--epochs", "0.7", "--tune-epochs", "0.4",
+           "--ft-epochs", "0.4", "--ft-tune-epochs", "0.2", "--evals", "2", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+
+    assert set(nd_vs_kd.KEYS) <= res.keys()
+    for key in ("teacher_acc", "kd_acc", "prune_kd_acc", "nd_acc", "ndft_acc", "search_acc", "uniform_acc", "ce_acc",
+                "datafree_acc"):
+        assert 0.0 <= res[key] <= 1.0, key
+    # the 200 bundled test images: the teacher is far above chance even on a slice
+    assert res["teacher_acc"] > 0.8
+    # every arm has the same budget: the KD students' exported graph counts exactly what ND's does
+    assert res["params_kd_student"] == res["params_student"] < res["params_teacher"] == 271_402
+    assert res["nd_seconds"] > 0 and res["ndft_seconds"] > res["nd_seconds"] and res["kd_seconds"] > 0
+    # the fine-tuned ONNX student gives the accuracy torch measured while training
+    assert abs(res["ndft_onnx_acc"] - res["ndft_acc"]) <= 1 / 200
+    # the ND+FT curve starts where ND ended, at ND's accuracy
+    assert res["curves"]["ndft"][0] == [res["nd_seconds"], res["nd_acc"]]
+    assert [b["width"] for b in res["budgets"]] == [0.25, 0.5, 0.75]
+    assert all(b["search_params"] <= b["params"] for b in res["budgets"])
+    assert [b["params"] for b in res["budgets"]] == sorted(b["params"] for b in res["budgets"])
+    assert len(res["kd_grid"]) == 2 and len(res["ft_grid"]) == 2 and res["ft_lr"] in (1e-4, 3e-4) and (res["kd_T"], res["kd_lambda"]) in {(g["T"], g["lambda"]) for g in res["kd_grid"]}
+    for key in ("speedup", "speedup_vs_prune_kd"):
+        assert res[key] is None or res[key] >= 0
+    assert set(res["goals"]) and all(isinstance(v, bool) for v in res["goals"].values())
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "speedup" in proc.stdout and "search" in proc.stdout
