@@ -110,18 +110,22 @@ def normalise(images_u8: np.ndarray | torch.Tensor) -> torch.Tensor:
     return (x.float() / 255.0 - MEAN) / STD
 
 
-def augment(padded_u8: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random 28x28 crop from the zero-padded (B, 32, 32) uint8 batch + random horizontal flip."""
-    b = padded_u8.shape[0]
+def crop_flip(padded: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random 28x28 crop from the padded (B, 32, 32) batch + random horizontal flip (any dtype)."""
+    b = padded.shape[0]
     oy = torch.randint(0, 2 * PAD + 1, (b,), generator=gen)
     ox = torch.randint(0, 2 * PAD + 1, (b,), generator=gen)
     ar = torch.arange(28)
     rows = (oy[:, None] + ar)[:, :, None]  # (B, 28, 1)
     cols = (ox[:, None] + ar)[:, None, :]  # (B, 1, 28)
-    crops = padded_u8[torch.arange(b)[:, None, None], rows, cols]
+    crops = padded[torch.arange(b)[:, None, None], rows, cols]
     flip = torch.rand(b, generator=gen) < 0.5
-    crops = torch.where(flip[:, None, None], crops.flip(-1), crops)
-    return normalise(crops)
+    return torch.where(flip[:, None, None], crops.flip(-1), crops)
+
+
+def augment(padded_u8: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """crop_flip of the zero-padded uint8 batch, normalised."""
+    return normalise(crop_flip(padded_u8, gen))
 
 
 # ---------------------------------------------------------------------------------------------- model

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -34,7 +36,7 @@ def test_nd_vs_kd_quick_tiny(tmp_path):
     # the fine-tuned ONNX student gives the accuracy torch measured while training
     assert abs(res["ndft_onnx_acc"] - res["ndft_acc"]) <= 1 / 200
     # the ND+FT curve starts where ND ended, at ND's accuracy
-    assert res["curves"]["ndft"][0] == [res["nd_seconds"], res["nd_acc"]]
+    assert res["curves"]["ndft"][0] == pytest.approx([res["nd_seconds"], res["nd_acc"]])
     assert [b["width"] for b in res["budgets"]] == [0.25, 0.5, 0.75]
     assert all(b["search_params"] <= b["params"] for b in res["budgets"])
     assert [b["params"] for b in res["budgets"]] == sorted(b["params"] for b in res["budgets"])
