@@ -86,8 +86,8 @@ class BenchConfig:
 
 
 QUICK = dict(train_images=8000, test_images=2000, epochs=4.0, tune_epochs=1.0, grid=((4.0, 0.5), (4.0, 0.1)),
-             ft_epochs=2.0, ft_lrs=(1e-4, 3e-4), ft_tune_epochs=1.0, nd_images=4000, nd_steps=400, search_steps=300,
-             widths=(0.25, 0.5, 0.75), evals=8)
+             ft_epochs=2.0, ft_lrs=(1e-4, 3e-4), ft_tune_epochs=1.0, nd_images=4000, nd_steps=400, search_steps=200,
+             widths=(0.25, 0.5, 0.75), evals=6)
 
 
 # ------------------------------------------------------------------------------------------------ data
