@@ -154,6 +154,7 @@ class OnnxStudent(nn.Module):
 
     def __init__(self, model):
         super().__init__()
+        self.model = model
         self.net = Trainable(model)  # its bound ONNX weights are the only parameters that train
 
     def forward(self, x):
@@ -162,14 +163,7 @@ class OnnxStudent(nn.Module):
     def to_onnx(self):
         from ndonnx.trainable import write_weights
 
-        return write_weights(self.net._sub, self.net.weights())
-
-
-def onnx_params(model) -> int:
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "m.onnx"
-        path.write_bytes(model.SerializeToString())
-        return load_teacher(path).params
+        return write_weights(self.model, self.net.weights())
 
 
 def export_params(model: nn.Module) -> int:
@@ -205,8 +199,8 @@ def onnx_accuracy(model, x: torch.Tensor, y: torch.Tensor) -> float:
 class TeacherLogits:
     """The teacher's logits on a training batch (onnxruntime), at the same cost for every KD arm."""
 
-    def __init__(self):
-        self.sess = ort_session(load_teacher(TEACHER).model)
+    def __init__(self, teacher):
+        self.sess = ort_session(teacher)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.sess.run(["logits"], {"input": x.numpy()})[0])
@@ -431,7 +425,7 @@ def run(cfg: BenchConfig, from_npz: bool, work: Path) -> dict:
                  "torch": torch.__version__, "params_teacher": teacher_model.params}
     res["teacher_acc"] = onnx_accuracy(teacher_model.model, data["test_x"], data["test_y"])
     print(f"teacher: {res['teacher_acc']:.4f}", flush=True)
-    logits = TeacherLogits()
+    logits = TeacherLogits(teacher_model.model)
     curves: dict[str, Curve] = {}
 
     # (d), (e), (c): ndonnx's width students; the pruned start is the same student before distillation

@@ -18,8 +18,8 @@ from ndonnx.distill.cache import CacheReader, atomic_write_text
 from ndonnx.data import load_data
 from ndonnx.distill.runner import distill
 from ndonnx.errors import GoalNotMet, NdonnxError
-from ndonnx.graph import load_teacher, restore_interface, with_dynamic_batch
-from ndonnx.partition import partition
+from ndonnx.graph import Teacher, load_teacher, restore_interface, with_dynamic_batch
+from ndonnx.partition import Partition, partition
 from ndonnx.sample import run_sample
 from ndonnx.search import Scorer, load_options, parse_target, save_scores, search
 from ndonnx.splice import check, save_atomic
@@ -126,9 +126,9 @@ class Run:
 
     dir: Path
     meta: dict
-    declared: object  # the teacher as loaded, with its declared interface
-    teacher: object  # the same with a dynamic batch, as the run used it
-    part: object
+    declared: Teacher  # the teacher as loaded, with its declared interface
+    teacher: Teacher  # the same with a dynamic batch, as the run used it
+    part: Partition
     cache: CacheReader
     scorer: Scorer
     options: dict
