@@ -40,11 +40,11 @@ def extract(teacher: Teacher, nbh: Neighbourhood, sample: Sample) -> onnx.ModelP
     """The neighbourhood as its own model: boundary inputs (main, then side), its nodes in
     teacher order, every initializer they read, and recorded shapes for the tensors inside."""
     model = teacher.model
-    nodes = [model.graph.node[i] for i in nbh.nodes]
+    nodes = [model.graph.node[i] for i in sorted({*nbh.nodes, *nbh.shape_nodes})]
     inits = {i.name: i for i in model.graph.initializer}
     reads = {n for node in nodes for n in node.input if n}
     produced = {o for node in nodes for o in node.output}
-    io = [*nbh.inputs, *nbh.side_inputs]
+    io = list(nbh.feeds)
     inner = sorted(n for n in produced if n in sample.values and n not in nbh.outputs)
     graph = helper.make_graph(
         nodes, f"neighbourhood_{nbh.id}",

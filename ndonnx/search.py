@@ -17,7 +17,7 @@ from ndonnx.convert import extract
 from ndonnx.distill.cache import CacheReader, atomic_write_text
 from ndonnx.errors import NdonnxError
 from ndonnx.graph import Teacher
-from ndonnx.partition import Neighbourhood, Partition
+from ndonnx.partition import Neighbourhood, Partition, merge
 from ndonnx.sample import Sample, ort_session
 from ndonnx.splice import splice
 from ndonnx.trainable import write_weights
@@ -116,9 +116,7 @@ class Scorer:
             if not later:
                 self._suffix[nbh.id] = None
             else:
-                sides = tuple(sorted({s for n in later for s in n.side_inputs}))
-                merged = Neighbourhood(id=-1, inputs=nbh.outputs, side_inputs=sides, outputs=later[-1].outputs,
-                                       nodes=tuple(sorted(i for n in later for i in n.nodes)), weights=(), params=0)
+                merged = merge(later, inputs=nbh.outputs)
                 self._suffix[nbh.id] = (ort_session(extract(self.teacher, merged, self.sample)), merged)
         return self._suffix[nbh.id]
 
@@ -127,13 +125,13 @@ class Scorer:
         if opt.model is None:
             return self.teacher_score
         nbh = next(n for n in self.part.neighbourhoods if n.id == opt.neighbourhood)
-        feeds = {n: self._held_out(n) for n in (*nbh.inputs, *nbh.side_inputs)}
+        feeds = {n: self._held_out(n) for n in nbh.feeds}
         outs = ort_session(opt.model).run(list(nbh.outputs), feeds)
         suffix = self._suffix_session(nbh)
         if suffix is not None:
             sess, merged = suffix
             feeds = dict(zip(nbh.outputs, outs))
-            feeds.update({n: self._held_out(n) for n in merged.side_inputs})
+            feeds.update({n: self._held_out(n) for n in merged.feeds if n not in feeds})
             outs = sess.run(list(merged.outputs), feeds)
         final = dict(zip(self.part.neighbourhoods[-1].outputs, outs))
         return score_outputs([final[n] for n in self.out_names], self.reference, self.labels)

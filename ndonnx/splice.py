@@ -15,7 +15,7 @@ import onnx
 
 from ndonnx import __version__
 from ndonnx.errors import NdonnxError
-from ndonnx.graph import prune_initializers
+from ndonnx.graph import prune_initializers, remove_dead_nodes
 from ndonnx.partition import Partition
 
 TWO_GB = 2 << 30
@@ -56,7 +56,7 @@ def splice(teacher_model: onnx.ModelProto, part: Partition, students: dict[int, 
     insert_at: dict[int, int] = {}  # last teacher node index of a neighbourhood -> its id
     for nid, st in students.items():
         nbh = by_id[nid]
-        want = [*nbh.inputs, *nbh.side_inputs]
+        want = list(nbh.feeds)
         got = [i.name for i in st.graph.input]
         if got != want or [o.name for o in st.graph.output] != list(nbh.outputs):
             raise ValueError(f"splice: student of neighbourhood {nid} has inputs {got} / outputs "
@@ -72,7 +72,7 @@ def splice(teacher_model: onnx.ModelProto, part: Partition, students: dict[int, 
         if i in insert_at:
             nid = insert_at[i]
             nbh = by_id[nid]
-            keep = {*nbh.inputs, *nbh.side_inputs, *nbh.outputs}
+            keep = {*nbh.feeds, *nbh.outputs}
             nodes, inits = _renamed(students[nid], f"nd{nid}_", keep)
             new_nodes.extend(nodes)
             new_inits.extend(inits)
@@ -81,6 +81,7 @@ def splice(teacher_model: onnx.ModelProto, part: Partition, students: dict[int, 
     g.initializer.extend(new_inits)
     del g.value_info[:]  # the teacher's inner shapes no longer all exist; keep the interface only
     _merge_opsets(out, students.values())
+    out = remove_dead_nodes(out)  # the teacher's shape arithmetic that only replaced nodes read
     out = prune_initializers(out)
     if metadata:
         for key, value in metadata.items():

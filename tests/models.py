@@ -127,6 +127,49 @@ class TinyEncoder(nn.Module):
         return self.head(x[:, 0])
 
 
+class BertStyleLayer(nn.Module):
+    """Attention and feed-forward sub-layers as HF transformers writes them: every reshape target is
+    computed from `Shape` of a tensor (the input ids' or the hidden states'), as the legacy exporter records."""
+
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.h, self.hd = heads, d // heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.n1, self.n2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.ff1, self.ff2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x, bias, input_shape):
+        hidden = (*input_shape, -1, self.hd)
+        q, k, v = (m(x).view(hidden).transpose(1, 2) for m in (self.q, self.k, self.v))
+        att = torch.softmax(q @ k.transpose(-1, -2) / self.hd ** 0.5 + bias, -1)
+        y = (att @ v).transpose(1, 2).reshape(*input_shape, -1)
+        x = self.n1(x + self.o(y))
+        return self.n2(x + self.ff2(nn.functional.gelu(self.ff1(x))))
+
+
+class BertStyle(nn.Module):
+    """input_ids + attention_mask; positions, token types and the mask's shape all come from
+    `input_ids.size()`, so shape values reach every layer (as in HF BERT's legacy export)."""
+
+    def __init__(self, vocab: int = 60, d: int = 16, heads: int = 2, layers: int = 2, positions: int = 32):
+        super().__init__()
+        self.words, self.pos, self.types = nn.Embedding(vocab, d), nn.Embedding(positions, d), nn.Embedding(2, d)
+        self.norm = nn.LayerNorm(d)
+        self.layers = nn.ModuleList(BertStyleLayer(d, heads) for _ in range(layers))
+        self.pool = nn.Linear(d, d)
+
+    def forward(self, input_ids, attention_mask):
+        input_shape = input_ids.size()
+        seq = input_shape[1]
+        types = torch.zeros(input_shape, dtype=torch.long, device=input_ids.device)
+        x = self.words(input_ids) + self.pos(torch.arange(seq).unsqueeze(0)) + self.types(types)
+        x = self.norm(x)
+        bias = (1.0 - attention_mask[:, None, None, :].to(x.dtype)) * -10000.0
+        for layer in self.layers:
+            x = layer(x, bias, input_shape)
+        return torch.tanh(self.pool(x[:, 0]))
+
+
 class TwoHeads(nn.Module):
     """A multi-output model: a shared trunk, logits and an embedding."""
 
@@ -152,8 +195,9 @@ def _randomise_bn(module: nn.Module) -> nn.Module:
 
 
 def export(module: nn.Module, args: tuple, path: Path, *, dynamo: bool = False, opset: int = 13,
-           input_names=("input",), output_names=("logits",), dynamic_batch: bool = True) -> Path:
-    """Export with torch's legacy exporter (opset `opset`) or its dynamo exporter (external data)."""
+           input_names=("input",), output_names=("logits",), dynamic_batch: bool = True, dynamic_seq: bool = False) -> Path:
+    """Export with torch's legacy exporter (opset `opset`) or its dynamo exporter (external data);
+    `dynamic_seq` makes axis 1 of every input dynamic too (the legacy exporter then records shape arithmetic)."""
     module = _randomise_bn(module)
     path = Path(path)
     with warnings.catch_warnings():
@@ -165,6 +209,8 @@ def export(module: nn.Module, args: tuple, path: Path, *, dynamo: bool = False, 
                               output_names=list(output_names), dynamic_shapes=dims, external_data=True)
         else:
             axes = {n: {0: "N"} for n in (*input_names, *output_names)} if dynamic_batch else None
+            if dynamic_seq:
+                axes = {n: {**axes.get(n, {}), **({1: "S"} if n in input_names else {})} for n in axes}
             torch.onnx.export(module, args, str(path), dynamo=False, opset_version=opset,
                               input_names=list(input_names), output_names=list(output_names), dynamic_axes=axes)
     return path
@@ -186,6 +232,16 @@ def tiny_encoder(path: Path, **kw) -> Path:
     mask = torch.ones(2, 7, dtype=torch.bool)
     mask[1, 5:] = False
     return export(TinyEncoder(), (ids, mask), path, input_names=("ids", "mask"), **kw)
+
+
+def bert_style(path: Path, **kw) -> Path:
+    _seed()
+    ids = torch.randint(0, 60, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    kw.setdefault("output_names", ("pooled",))
+    kw.setdefault("dynamic_seq", True)
+    return export(BertStyle(), (ids, mask), path, input_names=("input_ids", "attention_mask"), **kw)
 
 
 def two_heads(path: Path, **kw) -> Path:

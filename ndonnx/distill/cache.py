@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 
 from ndonnx.data import Dataset
+from ndonnx.errors import NdonnxError
 from ndonnx.sample import ort_session
 
 HOLDOUT = 0.1
@@ -26,21 +27,19 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def build_cache(model: onnx.ModelProto, names: list[str], data: Dataset, cache_dir: Path, seed: int,
-                fingerprint: str, batch: int = 256, progress=None) -> None:
+                fingerprint: str, batch: int = 256, progress=None, shape_only: list[str] = ()) -> None:
     """Write `names` for every sample of `data` into `cache_dir`, then the manifest (last, atomically:
-    a cache without a manifest is incomplete and rebuilt)."""
+    a cache without a manifest is incomplete and rebuilt). Tensors in `shape_only` are read by the
+    students for their shape alone: only how their shape follows the batch is recorded."""
     manifest_path = cache_dir / "manifest.json"
     if manifest_path.exists() and json.loads(manifest_path.read_text()).get("fingerprint") == fingerprint:
         return
     cache_dir.mkdir(parents=True, exist_ok=True)
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    existing = {o.name for o in m.graph.output}
-    m.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in existing)
-    sess = ort_session(m)
+    sess = ort_session(_with_outputs(model, names))
     inputs = [s.name for s in data.specs]
     files: dict[str, np.ndarray] = {}
-    axes: dict[str, int] = {}  # the batch axis of each tensor (seq-first transformers carry it at 1)
+    layouts: dict[str, tuple[int | None, int]] = {}
+    shapes: dict[str, dict] = {}
     pos = 0
     shards = list(data.iter_shards()) if progress is None else progress(data.iter_shards(), len(data.shards), "cache")
     for shard in shards:
@@ -49,10 +48,18 @@ def build_cache(model: onnx.ModelProto, names: list[str], data: Dataset, cache_d
             feeds = {k: shard[k][lo:lo + batch] for k in inputs}
             outs = dict(zip(names, sess.run(names, feeds)))
             outs.update({k: v for k, v in feeds.items() if k in names})
-            if not axes:
-                axes = _batch_axes(sess, names, feeds, outs)
+            if not layouts:
+                layouts, shapes = _probe(model, names, list(shape_only), feeds)
             for k, v in outs.items():
-                v = np.moveaxis(v, axes[k], 0)  # stored batch-first
+                axis, per = layouts[k]
+                if axis is None:  # the same for every sample (a position table): stored once
+                    if k not in files:
+                        files[k] = np.lib.format.open_memmap(cache_dir / f"{len(files):04d}.npy", mode="w+",
+                                                             dtype=v.dtype, shape=v.shape)
+                        files[k][...] = v
+                    continue
+                v = np.moveaxis(v, axis, 0)  # stored batch-first, one row per sample
+                v = v.reshape(len(v) // per, per, *v.shape[1:]) if per > 1 else v
                 if k not in files:
                     # float16 from the start (half the bytes to write); upgraded if a value overflows
                     dtype = np.float16 if v.dtype == np.float32 else v.dtype
@@ -69,12 +76,14 @@ def build_cache(model: onnx.ModelProto, names: list[str], data: Dataset, cache_d
     entries = {}
     for k, arr in files.items():
         arr.flush()
-        entries[k] = {"file": Path(arr.filename).name, "batch_axis": axes.get(k, 0)}
+        axis, per = layouts.get(k, (0, 1))
+        entries[k] = {"file": Path(arr.filename).name, "batch_axis": axis, "per_sample": per}
     perm = np.random.default_rng(seed).permutation(data.size)
     hold = max(1, int(round(HOLDOUT * data.size))) if data.size > 1 else 0
     np.save(cache_dir / "holdout.npy", np.sort(perm[:hold]))
     np.save(cache_dir / "train.npy", np.sort(perm[hold:]) if data.size > 1 else perm)
-    atomic_write_text(manifest_path, json.dumps({"fingerprint": fingerprint, "size": data.size, "files": entries}, indent=1))
+    atomic_write_text(manifest_path, json.dumps({"fingerprint": fingerprint, "size": data.size, "files": entries,
+                                                 "shape_only": shapes}, indent=1))
 
 
 def _to_float32(half: np.memmap) -> np.memmap:
@@ -89,25 +98,57 @@ def _to_float32(half: np.memmap) -> np.memmap:
     return full
 
 
-def _batch_axes(sess, names: list[str], feeds: dict, outs: dict) -> dict[str, int]:
-    """The axis of each tensor that follows the batch: the one whose size changes when the same
-    graph runs on one sample instead of the whole first batch (axis 0 when nothing tells)."""
+def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    existing = {o.name for o in m.graph.output}
+    m.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in existing)
+    return m
+
+
+def _probe(model: onnx.ModelProto, names: list[str], shape_only: list[str],
+           feeds: dict) -> tuple[dict[str, tuple[int | None, int]], dict[str, dict]]:
+    """How each tensor follows the batch, from the first batch (n samples) and its first sample alone.
+
+    Layouts: (batch axis, rows per sample); the axis is None for a tensor that is the same whatever
+    the batch, and rows per sample > 1 for a flattened (batch*seq, ...) tensor. Shape-only tensors:
+    their shapes at both sizes, so that any batch size's shape follows (see `shape_at`)."""
+    every = names + [n for n in shape_only if n not in names]
+    sess = ort_session(_with_outputs(model, every))
     n = len(next(iter(feeds.values())))
-    if n < 2:
-        return {k: 0 for k in outs}
+    big = dict(zip(every, sess.run(every, feeds)))
+    big.update({k: v for k, v in feeds.items() if k in every})
     one = {k: v[:1] for k, v in feeds.items()}
-    small = dict(zip(names, sess.run(names, one)))
-    small.update({k: v for k, v in one.items() if k in names})
-    axes = {}
-    for k, v in outs.items():
-        diff = [j for j, (a, b) in enumerate(zip(v.shape, small[k].shape)) if a != b]
-        axes[k] = diff[0] if len(diff) == 1 else 0
-    return axes
+    small = dict(zip(every, sess.run(every, one)))
+    small.update({k: v for k, v in one.items() if k in every})
+    layouts = {}
+    for k in names:
+        diff = [j for j, (a, b) in enumerate(zip(big[k].shape, small[k].shape)) if a != b]
+        if n < 2:
+            layouts[k] = (0, 1)
+        elif not diff:
+            layouts[k] = (None, 1)
+        elif len(diff) == 1 and big[k].shape[diff[0]] == n * small[k].shape[diff[0]]:
+            layouts[k] = (diff[0], small[k].shape[diff[0]])
+        else:
+            raise NdonnxError(f"tensor {k!r} changes shape with the batch in a way ndonnx cannot cache "
+                              f"({list(small[k].shape)} for one sample, {list(big[k].shape)} for {n})")
+    shapes = {k: {"one": list(small[k].shape), "many": list(big[k].shape), "n": n, "dtype": str(big[k].dtype)}
+              for k in shape_only}
+    return layouts, shapes
+
+
+def shape_at(rule: dict, batch: int) -> list[int]:
+    """A shape-only tensor's shape for `batch` samples: each dim is linear in the batch size."""
+    if rule["n"] < 2:
+        return [batch if j == 0 else d for j, d in enumerate(rule["many"])]
+    return [a + (b - a) * (batch - 1) // (rule["n"] - 1) for a, b in zip(rule["one"], rule["many"])]
 
 
 @dataclass
 class CacheReader:
-    """Reads cached tensors by name and sample index; memory-mapped, or in RAM when small."""
+    """Reads cached tensors by name and sample index; memory-mapped, or in RAM when small.
+    Shape-only tensors read as zero-stride zeros of the right shape (no memory behind them)."""
 
     directory: Path
 
@@ -116,6 +157,8 @@ class CacheReader:
         self.size = meta["size"]
         self.arrays = {k: np.load(self.directory / f["file"], mmap_mode="r") for k, f in meta["files"].items()}
         self.batch_axis = {k: f["batch_axis"] for k, f in meta["files"].items()}
+        self.per_sample = {k: f.get("per_sample", 1) for k, f in meta["files"].items()}
+        self.shape_only = meta.get("shape_only", {})
         widened = sum(a.nbytes * (2 if a.dtype == np.float16 else 1) for a in self.arrays.values())
         if widened < RAM_LIMIT:  # small: in RAM, already float32, so a batch is one indexing
             self.arrays = {k: np.asarray(a, np.float32 if a.dtype == np.float16 else a.dtype)
@@ -124,9 +167,17 @@ class CacheReader:
         self.holdout = np.load(self.directory / "holdout.npy")
 
     def read(self, name: str, idx: np.ndarray) -> np.ndarray:
+        if name in self.shape_only:
+            rule = self.shape_only[name]
+            return np.broadcast_to(np.zeros((), rule["dtype"]), shape_at(rule, len(idx)))
+        axis = self.batch_axis.get(name, 0)
+        if axis is None:  # one copy, the same for every sample
+            return np.asarray(self.arrays[name], np.float32 if self.arrays[name].dtype == np.float16 else None)
         a = self.arrays[name][idx]  # callers pass sorted indices: sequential reads from a memmap
         a = a.astype(np.float32) if a.dtype == np.float16 else np.asarray(a)
-        return np.moveaxis(a, 0, self.batch_axis.get(name, 0))
+        if self.per_sample.get(name, 1) > 1:
+            a = a.reshape(-1, *a.shape[2:])
+        return np.moveaxis(a, 0, axis)
 
     def labels(self, idx: np.ndarray) -> np.ndarray | None:
         return self.read("__labels__", idx) if "__labels__" in self.arrays else None

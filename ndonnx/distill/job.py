@@ -79,6 +79,8 @@ class Batches:
         self.noise = {k: torch.from_numpy(v) for k, v in load_file(job.noise).items()} if job.noise else None
 
     def _tensor(self, a: np.ndarray) -> torch.Tensor:
+        if a.size and not any(a.strides):  # a shape-only input: zero-stride, no memory behind it
+            return torch.zeros((), dtype=torch.from_numpy(np.zeros(1, a.dtype)).dtype, device=self.device).expand(a.shape)
         return torch.from_numpy(a if a.ndim and a.flags.c_contiguous else np.array(a)).to(self.device)
 
     def _from_cache(self, idx: np.ndarray):
@@ -98,6 +100,12 @@ class Batches:
             x = (torch.randn(shape, generator=self.gen) * std + mean).to(self.device)
         sides = {}
         for name in self.sides:  # side inputs stay valid: rows drawn from real ones (stored batch-first)
+            if f"const:{name}" in self.noise:
+                sides[name] = self.noise[f"const:{name}"].to(self.device)
+                continue
+            if self.cache is not None and name in self.cache.shape_only:
+                sides[name] = self._tensor(self.cache.read(name, np.arange(n)))
+                continue
             bank = self.noise[f"bank:{name}"]
             rows = bank[torch.randint(len(bank), (n,), generator=self.gen)]
             sides[name] = torch.movedim(rows, 0, int(self.noise[f"axis:{name}"])).to(self.device)

@@ -139,7 +139,9 @@ def distill(model_path: str | Path, run_dir: str | Path, cfg: DistillConfig, dat
 
     names = sorted({n for nbh in part.neighbourhoods for n in (*nbh.inputs, *nbh.outputs, *nbh.side_inputs)}
                    | set(teacher.input_names) | {o.name for o in teacher.model.graph.output})
-    build_cache(teacher.model, names, data, cache_dir, cfg.seed, _fingerprint(teacher, data), progress=progress)
+    shape_only = sorted({n for nbh in part.neighbourhoods for n in nbh.shape_inputs} - set(names))
+    build_cache(teacher.model, names, data, cache_dir, cfg.seed, _fingerprint(teacher, data), progress=progress,
+                shape_only=shape_only)
     if cfg.data_free:
         _write_noise(part, teacher.model, cache_dir, real, run_dir)
     ids = [n.id for n in part.neighbourhoods]
@@ -178,9 +180,10 @@ def _fingerprint(teacher: Teacher, data: Dataset) -> str:
 def _write_noise(part: Partition, part_model: onnx.ModelProto, cache_dir: Path, real: bool, run_dir: Path) -> None:
     """Per-channel mean/std of each boundary from real data when some is given, else N(0, 1);
     banks of side-input rows (real, or the synthetic held-out inputs) so masks and ids stay valid.
-    Shapes and banks keep each tensor's batch axis (seq-first transformers carry it at 1)."""
+    Shapes and banks keep each tensor's batch axis (seq-first transformers carry it at 1); a side
+    input that is the same for every sample is stored once, shape-only inputs not at all."""
     reader = CacheReader(cache_dir)
-    sides = sorted({n for nbh in part.neighbourhoods for n in nbh.side_inputs})
+    sides = sorted({n for nbh in part.neighbourhoods for n in (*nbh.inputs[1:], *nbh.side_inputs)})
     for nbh in part.neighbourhoods:
         main = nbh.inputs[0]
         ref = reader.read(main, reader.train[:2048])
@@ -199,6 +202,9 @@ def _write_noise(part: Partition, part_model: onnx.ModelProto, cache_dir: Path, 
             arrays[f"mean:{main}"] = mean.astype(np.float32)
             arrays[f"std:{main}"] = np.maximum(std, 1e-6).astype(np.float32)
         for name in sides:  # every side input, so look-ahead neighbourhoods find theirs too
+            if reader.batch_axis.get(name, 0) is None:
+                arrays[f"const:{name}"] = np.ascontiguousarray(reader.read(name, reader.train[:1]))
+                continue
             bank = reader.read(name, reader.train[:BANK_ROWS])
             arrays[f"bank:{name}"] = np.ascontiguousarray(np.moveaxis(bank, reader.batch_axis.get(name, 0), 0))
             arrays[f"axis:{name}"] = np.array(reader.batch_axis.get(name, 0), np.int64)
