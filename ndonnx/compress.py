@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import torch
 
-from ndonnx.config import DistillConfig, PartitionConfig
+from ndonnx.config import DistillConfig, PartitionConfig, SampleConfig
 from ndonnx.distill.cache import CacheReader, atomic_write_text
 from ndonnx.data import load_data
 from ndonnx.distill.runner import distill
@@ -148,7 +148,8 @@ def open_run(run_dir: str | Path) -> Run:
     teacher = with_dynamic_batch(declared)
     part = partition(teacher, PartitionConfig(**meta["config"]["partition"]))
     cache = CacheReader(run_dir / "cache")
-    scorer = Scorer(teacher, part, run_sample(teacher), cache, meta["config"].get("labels") is not None)
+    sample = run_sample(teacher, feeds={n: cache.read(n, cache.holdout[:SampleConfig.batch]) for n in teacher.input_names})
+    scorer = Scorer(teacher, part, sample, cache, meta["config"].get("labels") is not None)
     options = load_options(run_dir, json.loads((run_dir / "candidates.json").read_text()))
     _load_scores(run_dir, options)
     return Run(run_dir, meta, declared, teacher, part, cache, scorer, options)

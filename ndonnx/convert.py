@@ -28,11 +28,11 @@ class RoundTrip:
 
 
 def _value_info(name: str, sample: Sample) -> onnx.ValueInfoProto:
-    """Real dims from the sample run, with the batch dim kept symbolic: converters read these
-    (onnx2torch takes LayerNormalization's normalized_shape from them), so no unknown dims."""
+    """Real dims from the sample run where the teacher's are unknown, its symbolic dims (batch,
+    sequence) kept: converters read these (onnx2torch takes LayerNormalization's normalized_shape
+    from them), and the data's sequence length need not be the sample's."""
     value, declared = sample.values[name], sample.shapes[name]
-    shape = [d if isinstance(d, str) and (d == sample.batch or j == 0) else r
-             for j, (d, r) in enumerate(zip(declared, value.shape))]
+    shape = [d if isinstance(d, str) and d != "?" else r for d, r in zip(declared, value.shape)]
     return helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(value.dtype), shape)
 
 

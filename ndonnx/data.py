@@ -46,6 +46,11 @@ class Dataset:
         for path in self.shards:
             yield _read_shard(path, self.specs, self.labels_key)
 
+    def head(self, n: int) -> dict[str, np.ndarray]:
+        """The first `n` samples' inputs (no labels): a sample run with the data's own shapes."""
+        first = next(self.iter_shards())
+        return {s.name: first[s.name][:n] for s in self.specs}
+
     def read_all(self) -> dict[str, np.ndarray]:
         parts = list(self.iter_shards())
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

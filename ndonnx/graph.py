@@ -73,6 +73,7 @@ def load_teacher(path: str | os.PathLike) -> Teacher:
     path = Path(path)
     model = _read(path)
     _refuse_quantized(model)
+    dynamic_dims(model)
     opset = onnx_opset(model)
     if opset < UPGRADE_BELOW:
         model = _upgrade_opset(model, path)
@@ -142,6 +143,18 @@ def _refuse_quantized(model: onnx.ModelProto) -> None:
                 if name in inits and inits[name].data_type in (TensorProto.INT8, TensorProto.UINT8):
                     raise NdonnxError(f"quantized models are not supported ({node.op_type} "
                                       f"{node.name!r} has integer weights)")
+
+
+def dynamic_dims(model: onnx.ModelProto) -> int:
+    """Mutates: dims declared as `dim_value <= 0` (paddle2onnx and others write -1 for a dynamic dim)
+    become symbolic, as onnxruntime reads them. Returns how many changed."""
+    changed = 0
+    for vi in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        for j, d in enumerate(vi.type.tensor_type.shape.dim):
+            if d.HasField("dim_value") and d.dim_value <= 0:
+                d.dim_param = f"{vi.name}_dim{j}"
+                changed += 1
+    return changed
 
 
 def _upgrade_opset(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:

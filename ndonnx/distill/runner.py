@@ -100,7 +100,7 @@ def distill(model_path: str | Path, run_dir: str | Path, cfg: DistillConfig, dat
             np.savez(data_path, **make_inputs(teacher, SampleConfig(seed=cfg.seed, batch=SYNTHETIC_SAMPLES)))
     data = load_data(data_path, teacher, cfg.labels if real else None)
     part = partition(teacher, cfg.partition)
-    sample = run_sample(teacher)
+    sample = run_sample(teacher, feeds=data.head(SampleConfig.batch))
 
     rows_fixed: list[dict] = []  # neighbourhoods kept as the teacher without training
     jobs: list[Job] = []
@@ -183,7 +183,7 @@ def _write_noise(part: Partition, part_model: onnx.ModelProto, cache_dir: Path, 
     Shapes and banks keep each tensor's batch axis (seq-first transformers carry it at 1); a side
     input that is the same for every sample is stored once, shape-only inputs not at all."""
     reader = CacheReader(cache_dir)
-    sides = sorted({n for nbh in part.neighbourhoods for n in (*nbh.inputs[1:], *nbh.side_inputs)})
+    sides = sorted({n for nbh in part.neighbourhoods for n in nbh.feeds[1:]} - set(reader.shape_only))
     for nbh in part.neighbourhoods:
         main = nbh.inputs[0]
         ref = reader.read(main, reader.train[:2048])

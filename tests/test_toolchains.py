@@ -1,0 +1,162 @@
+"""Exports from other toolchains: shape arithmetic (HF-style legacy exports), `-1` dims, tensors
+that do not follow the batch the usual way (flattened, batch-free, read for their shape only)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import models
+from ndonnx.compress import CompressConfig, compress
+from ndonnx.config import DistillConfig
+from ndonnx.convert import extract, rel_err, round_trip
+from ndonnx.data import load_data
+from ndonnx.distill.cache import CacheReader, build_cache
+from ndonnx.graph import load_teacher, with_dynamic_batch
+from ndonnx.partition import partition, shape_tensors
+from ndonnx.sample import ort_session, run_sample
+from ndonnx.splice import check, splice
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bert")
+    return models.bert_style(d / "bert.onnx")
+
+
+def _feeds(batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    mask = np.ones((batch, seq), np.int64)
+    mask[::2, seq - 2:] = 0
+    return {"input_ids": rng.integers(0, 60, (batch, seq)), "attention_mask": mask}
+
+
+def _stable(teacher, part) -> set[str]:
+    nodes = teacher.model.graph.node
+    return set(teacher.input_names) | {n for nb in part.neighbourhoods for n in (*nb.inputs, *nb.outputs)} \
+        | {o for i in part.outside_nodes for o in nodes[i].output}
+
+
+def test_bert_style_cuts_at_every_sub_layer(bert):
+    """Shape values from `input_ids.size()` reach every layer; read as data flow they left one
+    neighbourhood for all layers. As shape-only edges: embedding, attention and feed-forward per layer, head."""
+    t = load_teacher(bert)
+    part = partition(t)
+    nb = part.neighbourhoods
+    assert len(nb) == 6
+    ops = [n.op_types(t.model) for n in nb]
+    assert [("Softmax" in o, "Erf" in o) for o in ops[1:5]] == [(True, False), (False, True)] * 2
+    assert [n.shape_inputs for n in nb[1:5:2]] == [("input_ids",)] * 2  # attention reshapes take its shape
+    assert all(n.shape_nodes for n in nb[1:5:2])
+    assert all("/Mul_output_0" in n.side_inputs for n in nb[1:5:2])  # the attention mask, a side path
+    every = sorted(i for n in nb for i in n.nodes) + list(part.outside_nodes)
+    assert sorted(every) == list(range(len(t.model.graph.node)))  # shape nodes are copied, never moved
+    assert all(set(n.shape_inputs) <= _stable(t, part) for n in nb)
+    assert sum(n.params for n in nb) + part.outside_params == t.params
+
+
+def test_teacher_pieces_round_trip_and_splice_exactly_at_new_shapes(bert):
+    """Each piece converts exactly; the teacher rebuilt from its extracted pieces equals the file at a
+    batch and sequence length the sample never saw (the shape arithmetic stays dynamic)."""
+    t = load_teacher(bert)
+    part = partition(t)
+    sample = run_sample(t)
+    assert all(round_trip(t, nbh, sample).convertible for nbh in part.neighbourhoods)
+    pieces = {nbh.id: extract(t, nbh, sample) for nbh in part.neighbourhoods}
+    spliced = splice(t.model, part, pieces)
+    check(spliced)
+    feeds = _feeds(5, 11)
+    want = ort_session(t.model).run(None, feeds)[0]
+    got = ort_session(spliced).run(None, feeds)[0]
+    assert got.shape == (5, 16) and rel_err(got, want) < 1e-5
+
+
+def test_shape_of_a_tensor_inside_another_neighbourhood_is_data_flow(tmp_path):
+    """Reshape in block 2 takes the shape of H, a tensor inside block 1: a student of block 1 may not
+    keep H, so that edge is data flow and the two blocks stay one (no dangling name after a splice)."""
+    rng = np.random.default_rng(0)
+    w = [numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32), f"W{k}") for k in range(3)]
+    nodes = [
+        helper.make_node("MatMul", ["X", "W0"], ["H"]), helper.make_node("Relu", ["H"], ["A"]),
+        helper.make_node("Add", ["A", "X"], ["C1"]),  # a residual block: H lies inside it
+        helper.make_node("MatMul", ["C1", "W1"], ["H2"]), helper.make_node("Shape", ["H"], ["S"]),
+        helper.make_node("Reshape", ["H2", "S"], ["R"]), helper.make_node("Add", ["R", "C1"], ["C2"]),
+        helper.make_node("MatMul", ["C2", "W2"], ["Y"]),
+    ]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 4])],
+                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 4])], w)
+    path = tmp_path / "inner_shape.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    t = load_teacher(path)
+    assert "S" in shape_tensors(t.model, t.weights)
+    part = partition(t)
+    assert all(set(n.shape_inputs) <= _stable(t, part) for n in part.neighbourhoods)
+    owner = next(n for n in part.neighbourhoods if any(t.model.graph.node[i].output[0] == "H" for i in n.nodes))
+    assert any(t.model.graph.node[i].output[0] == "R" for i in owner.nodes)  # H and its reader together
+
+
+def test_compress_bert_style_with_data_and_data_free(bert, tmp_path):
+    feeds = _feeds(120, 9, seed=3)
+    np.savez(tmp_path / "tokens.npz", **feeds)
+    cfg = DistillConfig(candidates="width:0.5,lowrank:0.25,identity,teacher", steps=15, batch=16, jobs=1)
+    for data_free in (False, True):
+        out = tmp_path / f"student_{data_free}.onnx"
+        report = compress(bert, tmp_path / f"run_{data_free}",
+                          CompressConfig(distill=DistillConfig(**{**cfg.__dict__, "data_free": data_free}), target="80%"),
+                          data_path=tmp_path / "tokens.npz", output=out)
+        assert report["params_student"] <= 0.8 * report["params_teacher"]
+        student = onnx.load(str(out))
+        check(student)
+        assert [i.name for i in student.graph.input] == ["input_ids", "attention_mask"]
+        got = ort_session(student).run(None, _feeds(3, 13))[0]  # another batch and length than the data's
+        assert got.shape == (3, 16) and np.isfinite(got).all()
+
+
+def _flat_graph(tmp_path):
+    """X [N, 4] -> F = reshape(X, [-1, 2]) (two rows per sample), P = T[range(4)] (one for every
+    sample), Y = relu(X) (to be read for its shape only)."""
+    t = numpy_helper.from_array(np.arange(24, dtype=np.float32).reshape(8, 3), "T")
+    consts = [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in
+              (("two", [-1, 2]), ("one", 1), ("zero", 0), ("step", 1))]
+    nodes = [
+        helper.make_node("Reshape", ["X", "two"], ["F"]), helper.make_node("Shape", ["X"], ["SX"]),
+        helper.make_node("Gather", ["SX", "one"], ["L"]), helper.make_node("Range", ["zero", "L", "step"], ["I"]),
+        helper.make_node("Gather", ["T", "I"], ["P"]), helper.make_node("Relu", ["X"], ["Y"]),
+    ]
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in (("F", ["M", 2]), ("P", [4, 3]), ("Y", ["N", 4]))]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 4])], outs, [t, *consts])
+    path = tmp_path / "flat.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    return path
+
+
+def test_cache_stores_flattened_batch_free_and_shape_only_tensors(tmp_path):
+    t = load_teacher(_flat_graph(tmp_path))
+    x = np.random.default_rng(0).standard_normal((30, 4)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", X=x)
+    build_cache(t.model, ["X", "F", "P"], load_data(tmp_path / "d.npz", t), tmp_path / "c", seed=0,
+                fingerprint="f", batch=8, shape_only=["Y"])
+    r = CacheReader(tmp_path / "c")
+    idx = np.array([2, 5, 17])
+    np.testing.assert_allclose(r.read("F", idx), x[idx].reshape(-1, 2), atol=1e-2)
+    np.testing.assert_array_equal(r.read("P", idx), np.arange(12, dtype=np.float32).reshape(4, 3))
+    y = r.read("Y", idx)
+    assert y.shape == (3, 4) and not any(y.strides)  # zero-stride: no memory behind it
+    assert r.read("Y", np.arange(11)).shape == (11, 4)
+
+
+def test_minus_one_dims_are_dynamic(zoo, tmp_path):
+    """paddle2onnx declares dynamic dims as -1: read as symbolic, not as a fixed batch to refuse."""
+    m = onnx.load(str(zoo["resnet_legacy"]))
+    for vi in [*m.graph.input, *m.graph.output]:
+        for j, d in enumerate(vi.type.tensor_type.shape.dim):
+            if j != 1:
+                d.dim_value = -1
+    path = tmp_path / "minus_one.onnx"
+    onnx.save(m, str(path))
+    t = with_dynamic_batch(load_teacher(path))
+    dims = t.model.graph.input[0].type.tensor_type.shape.dim
+    assert [d.HasField("dim_param") for d in dims] == [True, False, True, True]
+    assert len(partition(t).neighbourhoods) == 5
