@@ -28,6 +28,7 @@ from . import (  # noqa: F401  (imported for their registration side effect)
     reduce,
     reshape,
     resize,
+    rnn,
     scatter,
     shape,
     split,

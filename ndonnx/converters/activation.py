@@ -1,9 +1,14 @@
-"""Gelu-20, Mish-18/22 (onnx2torch has neither), Selu-22, and the opset-22 activation bumps.
+"""Gelu-20, Mish-18/22 (onnx2torch has neither), Selu-22, Clip-11/12/13, and the opset-22 activation bumps.
 
 Opset 22 only adds bfloat16 to Elu, HardSigmoid, HardSwish, Softplus and Softsign, so onnx2torch's
 converters are reused. Selu gets its own module because onnx2torch's rejects non-default
 ``alpha``/``gamma``.
+
+Clip-11/12/13 replace onnx2torch's, which refuses a ``min``/``max`` that is a computed tensor or an
+absent ``min`` before a given ``max``, and makes integer inputs float.
 """
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +18,7 @@ from onnx2torch.onnx_graph import OnnxGraph
 from onnx2torch.onnx_node import OnnxNode
 from onnx2torch.utils.common import OnnxToTorchModule, OperationConverterResult, onnx_mapping_from_node
 
-from ._registry import alias, register
+from ._registry import alias, const_list, input_name, mapping, register, replace
 
 
 class Gelu(nn.Module, OnnxToTorchModule):
@@ -61,6 +66,41 @@ def _selu(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:  # pyli
         gamma=node.attributes.get('gamma', 1.05070102214813232421875),
     )
     return OperationConverterResult(torch_module=module, onnx_mapping=onnx_mapping_from_node(node))
+
+
+class Clip(nn.Module, OnnxToTorchModule):
+    """ONNX Clip-11+: bounds baked in when constant, else given to forward(); absent ones don't clip."""
+
+    def __init__(self, min_val=None, max_val=None):
+        super().__init__()
+        self.min_val = min_val
+        self.max_val = max_val
+
+    def forward(
+        self,
+        input_tensor: torch.Tensor,
+        min_val: Optional[torch.Tensor] = None,
+        max_val: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        low = self.min_val if min_val is None else min_val
+        high = self.max_val if max_val is None else max_val
+        # clamp_min then clamp_max: each takes a scalar or a tensor (clamp wants both alike), and
+        # min > max gives max everywhere, ONNX's rule
+        out = input_tensor if low is None else torch.clamp_min(input_tensor, low)
+        return out if high is None else torch.clamp_max(out, high)
+
+
+@replace(
+    'Clip', 11, 12, 13,
+    reason='onnx2torch refuses a computed min/max and an absent min before a given max, and makes integer inputs float',
+)
+def _clip(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
+    inputs, bounds = [input_name(node, 0)], []
+    for index in (1, 2):
+        value = const_list(node, index, graph)
+        bounds.append(None if value is None else value[0])
+        inputs.append('' if value is not None else input_name(node, index))  # only runtime bounds are inputs
+    return OperationConverterResult(torch_module=Clip(*bounds), onnx_mapping=mapping(node, inputs))
 
 
 alias('Elu', (22,), 6)
