@@ -111,26 +111,30 @@ def choose_primary_input(teacher: Teacher) -> str:
 
 
 def partition(teacher: Teacher, cfg: PartitionConfig = PartitionConfig()) -> Partition:
-    """Neighbourhoods between the cut tensors. Shape edges are left out of the data flow; where a
+    """Neighbourhoods between the cut tensors. Shape edges are left out of the data flow. Where a
     shape is taken of a tensor that would vanish when another neighbourhood is replaced (one inside
-    it), that edge counts as data flow after all and the partition is made again."""
+    it), the partition is made again: with that tensor kept as a boundary when it is a cut, else with
+    that edge counted as data flow after all."""
     primary = cfg.primary_input or choose_primary_input(teacher)
     if primary not in teacher.input_names:
         raise NdonnxError(f"--primary-input {primary!r} is not an input of the model "
                           f"(inputs: {', '.join(teacher.input_names)})")
     data_edges: frozenset[int] = frozenset()
+    keep: frozenset[str] = frozenset()
+    nodes = teacher.model.graph.node
     while True:
-        part, unstable = _partition(teacher, cfg, primary, data_edges)
+        part, unstable = _partition(teacher, cfg, primary, data_edges, keep)
         if not unstable:
             break
-        data_edges |= unstable
+        keep |= unstable & set(part.cuts)
+        data_edges |= {i for i, n in enumerate(nodes) if n.op_type in SHAPE_OPS and n.input[0] in unstable - keep}
     if len(part.cuts) == 1 or len(part.neighbourhoods) == 1:
         log.warning("no cut point found: the whole model is one neighbourhood")
     return part
 
 
 def _partition(teacher: Teacher, cfg: PartitionConfig, primary: str,
-               data_edges: frozenset[int]) -> tuple[Partition, frozenset[int]]:
+               data_edges: frozenset[int], keep: frozenset[str]) -> tuple[Partition, set[str]]:
     model = teacher.model
     nodes = model.graph.node
     shapes = shape_tensors(model, teacher.weights, data_edges)
@@ -169,7 +173,7 @@ def _partition(teacher: Teacher, cfg: PartitionConfig, primary: str,
 
     owner = _weight_owners(teacher, seg_nodes)
     seg_params = [sum(teacher.weights[w] for w, s in owner.items() if s == k) for k in range(n_seg)]
-    groups = _group_segments(seg_nodes, seg_params, cfg.block_size)
+    groups = _group_segments(seg_nodes, seg_params, cfg.block_size, {k for k, c in enumerate(cuts) if c in keep})
 
     neighbourhoods = []
     for k, segs in enumerate(groups):
@@ -189,13 +193,12 @@ def _partition(teacher: Teacher, cfg: PartitionConfig, primary: str,
     # Tensors that outlive any replacement: graph inputs, boundaries, side computations.
     stable = set(teacher.input_names) | {n for nb in neighbourhoods for n in (*nb.inputs, *nb.outputs)} \
         | {o for i in outside_nodes for o in nodes[i].output}
-    _, outside_sources = _shape_closure(model, shapes, {n for i in outside_nodes for n in node_inputs(nodes[i])})
+    side_paths = [i for i in outside_nodes if not set(nodes[i].output) <= shapes.keys()]  # masks, not shape arithmetic
+    _, outside_sources = _shape_closure(model, shapes, {n for i in side_paths for n in node_inputs(nodes[i])})
     unstable = ({t for nb in neighbourhoods for t in nb.shape_inputs} | outside_sources) - stable
-    unstable_nodes = frozenset(i for i in set(shapes.values())
-                               if nodes[i].op_type in SHAPE_OPS and nodes[i].input[0] in unstable)
     inside = sum(n.params for n in neighbourhoods)
     return Partition(primary_input=primary, cuts=cuts, neighbourhoods=tuple(neighbourhoods),
-                     outside_nodes=outside_nodes, outside_params=teacher.params - inside), unstable_nodes
+                     outside_nodes=outside_nodes, outside_params=teacher.params - inside), unstable
 
 
 def merge(nbhs: list[Neighbourhood], inputs: tuple[str, ...] | None = None) -> Neighbourhood:
@@ -259,20 +262,30 @@ def _weight_owners(teacher: Teacher, seg_nodes: list[list[int]]) -> dict[str, in
     return {w: next(iter(s)) for w, s in readers.items() if len(s) == 1}
 
 
-def _group_segments(seg_nodes: list[list[int]], seg_params: list[int], block_size: int) -> list[list[int]]:
+def _group_segments(seg_nodes: list[list[int]], seg_params: list[int], block_size: int,
+                    starts: set[int] = frozenset()) -> list[list[int]]:
     """Merge weightless segments into the next weighted one (the last into the previous), then
-    merge `block_size` consecutive weighted segments."""
+    merge `block_size` consecutive weighted segments; never across a segment in `starts` (its cut
+    must stay a boundary)."""
     live = [s for s in range(len(seg_nodes)) if seg_nodes[s]]
-    weighted: list[list[int]] = []
-    pending: list[int] = []
+    runs: list[list[int]] = [[]]
     for s in live:
-        pending.append(s)
-        if seg_params[s] > 0:
-            weighted.append(pending)
-            pending = []
-    if pending:
-        if weighted:
-            weighted[-1].extend(pending)
-        else:
-            weighted.append(pending)
-    return [sum(weighted[k:k + block_size], []) for k in range(0, len(weighted), block_size)]
+        if s in starts and runs[-1]:
+            runs.append([])
+        runs[-1].append(s)
+    groups: list[list[int]] = []
+    for run in runs:
+        weighted: list[list[int]] = []
+        pending: list[int] = []
+        for s in run:
+            pending.append(s)
+            if seg_params[s] > 0:
+                weighted.append(pending)
+                pending = []
+        if pending:
+            if weighted:
+                weighted[-1].extend(pending)
+            else:
+                weighted.append(pending)
+        groups += [sum(weighted[k:k + block_size], []) for k in range(0, len(weighted), block_size)]
+    return groups
