@@ -13,6 +13,7 @@ from onnx import helper
 
 import ndonnx.converters  # noqa: F401  (registers converters onnx2torch lacks)
 from ndonnx.graph import Teacher
+from ndonnx.metrics import rel_err  # noqa: F401  (moved: callers import it from here)
 from ndonnx.partition import Neighbourhood
 from ndonnx.sample import Sample
 
@@ -83,18 +84,6 @@ def _reason(e: Exception) -> str:
         return f"no torch converter for {m.group(1)}-{m.group(2)}"
     first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
     return f"conversion failed: {type(e).__name__}: {first}".rstrip(": ")
-
-
-def rel_err(got: np.ndarray, want: np.ndarray) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    if got.shape != want.shape:
-        return float("inf")
-    finite = np.isfinite(want)
-    if not np.array_equal(finite, np.isfinite(got)):
-        return float("inf")
-    diff = np.linalg.norm((got - want)[finite])
-    scale = np.linalg.norm(want[finite])
-    return float(diff / scale) if scale > 0 else float(diff)
 
 
 def round_trip(teacher: Teacher, nbh: Neighbourhood, sample: Sample) -> RoundTrip:

@@ -6,56 +6,22 @@ the composed student is evaluated and the choice revised where it falls short of
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
 
+from ndonnx.budget import parse_target  # noqa: F401  (moved: callers import it from here)
 from ndonnx.convert import extract
 from ndonnx.distill.cache import CacheReader, atomic_write_text
 from ndonnx.errors import NdonnxError
 from ndonnx.graph import Teacher
+from ndonnx.metrics import metric_name, score_outputs  # noqa: F401  (moved: callers import them from here)
 from ndonnx.partition import Neighbourhood, Partition, merge
 from ndonnx.sample import Sample, ort_session
 from ndonnx.splice import splice
 from ndonnx.trainable import write_weights
-
-
-def parse_target(text: str, teacher_params: int) -> int:
-    """'18M', '250K', '1.5e6', '60%' (of the teacher) -> a parameter count."""
-    t = str(text).strip().replace("_", "").replace(",", "")
-    m = re.fullmatch(r"(\d+(?:\.\d*)?(?:[eE][+-]?\d+)?)\s*([kKmMgGbB%]?)", t)
-    if not m:
-        raise NdonnxError(f"--target-params {text!r}: expected a count like 18M, 250K, 1.5e6 or 60%")
-    value, unit = float(m.group(1)), m.group(2).upper()
-    if unit == "%":
-        if not 0 < value <= 100:
-            raise NdonnxError(f"--target-params {text!r}: a percentage must be in (0, 100]")
-        return int(teacher_params * value / 100)
-    scale = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "B": 1e9}[unit]
-    return int(value * scale)
-
-
-def metric_name(outputs: list[np.ndarray], labels: np.ndarray | None) -> str:
-    if labels is not None:
-        return "accuracy"
-    o = outputs[0]
-    return "agreement" if o.ndim == 2 and o.shape[1] > 1 else "fidelity"
-
-
-def score_outputs(outputs: list[np.ndarray], reference: list[np.ndarray], labels: np.ndarray | None) -> float:
-    """Higher is better: accuracy with labels; top-1 agreement with the teacher for classifier
-    outputs; otherwise 1 - relative error against the teacher's outputs."""
-    kind = metric_name(reference, labels)
-    if kind == "accuracy":
-        return float((outputs[0].argmax(-1) == labels).mean())
-    if kind == "agreement":
-        return float((outputs[0].argmax(-1) == reference[0].argmax(-1)).mean())
-    num = sum(float(np.sum((o.astype(np.float64) - r) ** 2)) for o, r in zip(outputs, reference))
-    den = sum(float(np.sum(r.astype(np.float64) ** 2)) for r in reference)
-    return 1.0 - (num / den) ** 0.5 if den > 0 else 0.0
 
 
 @dataclass
