@@ -8,7 +8,7 @@ import logging
 import sys
 
 from ndonnx import __version__
-from ndonnx.errors import NdonnxError
+from ndonnx.errors import FULL_INSTALL_HINT, NdonnxError, missing_full_dependency
 
 
 def _emit(report: dict, as_json: bool, table) -> None:
@@ -288,6 +288,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug of ours, not a user mistake: say so on one line
         if args.verbose:
             raise
+        missing = missing_full_dependency(e)
+        if missing:  # a light install (no torch) asked to distil: a usage error, not a bug
+            print(f"ndonnx: error: `ndonnx {args.command}` needs the full install with torch ({missing} is not "
+                  f"installed; a light install runs check, inspect --no-check and validate): {FULL_INSTALL_HINT}",
+                  file=sys.stderr)
+            return 2
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
         print(f"ndonnx: internal error: {type(e).__name__}: {first} (rerun with --verbose for the traceback)",
               file=sys.stderr)

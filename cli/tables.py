@@ -36,10 +36,12 @@ def inspect_table(r: dict) -> None:
     conv = [n for n in r["neighbourhoods"] if n["convertible"]]
     conv_params = sum(n["params"] for n in conv)
     inside = r["params"] - r["outside_params"]
+    checked = any(n["convertible"] is not None for n in r["neighbourhoods"])
+    torch_text = (f"{len(conv)} convert to torch exactly, holding {conv_params:,} of {inside:,} parameters"
+                  if checked else "torch round trip not checked")
     stdout.print(f"{len(r['neighbourhoods'])} neighbourhoods, {r['params']:,} parameters "
                  f"({r['outside_params']:,} outside neighbourhoods: tied or side-path weights); "
-                 f"{len(conv)} convert to torch exactly, holding {conv_params:,} of {inside:,} parameters. "
-                 f"Tensor names: --json.")
+                 f"{torch_text}. Tensor names: --json.")
 
 
 def candidates_table(rows: list[dict]) -> None:
@@ -87,8 +89,10 @@ def validation_table(v: dict) -> None:
     t.add_row("latency (student / teacher, same batch)", "", f"{v['latency_ratio']:.2f}x")
     if "bytes_teacher" in v:
         t.add_row("file size", f"{v['bytes_teacher']:,} B", f"{v['bytes_student']:,} B")
-    tc = v.get("torch_rel_err")
-    t.add_row("torch vs onnxruntime (student)", "", "does not convert" if tc is None else f"{tc:.1e}")
+    if "torch_rel_err" in v:
+        tc = v["torch_rel_err"]
+        note = v.get("torch_note") or "does not convert"
+        t.add_row("torch vs onnxruntime (student)", "", note if tc is None else f"{tc:.1e}")
     stdout.print(t)
 
 

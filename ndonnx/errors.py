@@ -11,3 +11,15 @@ class GoalNotMet(NdonnxError):
     """The job ran but its goal was not met (budget unreachable, gate failed): exit 1."""
 
     exit_code = 1
+
+
+# Distillation's dependencies: a light CI install (check, inspect --no-check, validate) leaves them out.
+FULL_ONLY = ("torch", "onnx2torch", "safetensors", "matplotlib")
+FULL_INSTALL_HINT = "install the full tool with its default dependencies (pip install without --no-deps)"
+
+
+def missing_full_dependency(e: BaseException) -> str | None:
+    """The distillation dependency whose absence raised `e` (a light install), or None."""
+    name = getattr(e, "name", None) or ""
+    root = name.split(".")[0]
+    return root if isinstance(e, ImportError) and root in FULL_ONLY else None

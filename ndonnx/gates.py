@@ -1,4 +1,5 @@
-"""`ndonnx check`: size and quality gates for CI. Each gate reports measured vs allowed."""
+"""`ndonnx check`: size and quality gates for CI. Each gate reports measured vs allowed.
+Needs onnx, onnxruntime and numpy only: nothing on this path imports torch (a light CI install)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from xml.sax.saxutils import escape, quoteattr
 import numpy as np
 from onnx import numpy_helper
 
+from ndonnx.budget import parse_target
 from ndonnx.errors import NdonnxError
 from ndonnx.graph import load_teacher
-from ndonnx.search import parse_target
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,14 @@ def parse_size(text: str) -> int:
     return int(value * mult)
 
 
+def parse_count(flag: str, text: str, params: int) -> int:
+    """A parameter count for --max-params / --max-nonzero ('1M', '250K', '60%' of the model's own)."""
+    try:
+        return parse_target(text, params)
+    except NdonnxError as e:
+        raise NdonnxError(str(e).replace("--target-params", flag)) from None
+
+
 def file_size(path: Path) -> int:
     data = path.with_name(path.name + ".data")
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
@@ -72,7 +81,7 @@ def run_gates(model_path: str | Path, cfg: GateConfig) -> list[Gate]:
     student = load_teacher(model_path)
     gates = []
     if cfg.max_params:
-        allowed = parse_target(cfg.max_params, student.params)
+        allowed = parse_count("--max-params", cfg.max_params, student.params)
         gates.append(Gate("max-params", student.params, allowed, student.params <= allowed))
     if cfg.max_size:
         size, allowed = file_size(model_path), parse_size(cfg.max_size)
@@ -80,7 +89,7 @@ def run_gates(model_path: str | Path, cfg: GateConfig) -> list[Gate]:
     if cfg.max_nonzero:
         inits = {i.name: i for i in student.model.graph.initializer}
         nonzero = sum(int(np.count_nonzero(numpy_helper.to_array(inits[n]))) for n in student.weights)
-        allowed = parse_target(cfg.max_nonzero, student.params)
+        allowed = parse_count("--max-nonzero", cfg.max_nonzero, student.params)
         gates.append(Gate("max-nonzero", nonzero, allowed, nonzero <= allowed))
     if cfg.min_agreement is not None or cfg.max_rel_err is not None:
         if not cfg.reference or not cfg.data:
@@ -93,7 +102,7 @@ def run_gates(model_path: str | Path, cfg: GateConfig) -> list[Gate]:
             raise NdonnxError(f"{model_path} and {cfg.reference} have different inputs")
         arrays = load_data(cfg.data, teacher, cfg.labels).read_all()
         labels = arrays.pop(cfg.labels) if cfg.labels else None
-        v = validate(student.model, teacher.model, arrays, labels)
+        v = validate(student.model, teacher.model, arrays, labels, torch_check=False)
         if cfg.min_agreement is not None:
             agree = v.get("top1_agreement")
             if agree is None:

@@ -1,4 +1,5 @@
-"""`ndonnx inspect`: how ndonnx reads a model, as the JSON document later stages and CI tools use."""
+"""`ndonnx inspect`: how ndonnx reads a model, as the JSON document later stages and CI tools use.
+Only the round trip needs torch; `check=False` (`--no-check`) runs without it."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from pathlib import Path
 from typing import Callable
 
 from ndonnx.config import PartitionConfig, SampleConfig
-from ndonnx.convert import round_trip
+from ndonnx.errors import FULL_INSTALL_HINT, NdonnxError, missing_full_dependency
 from ndonnx.graph import load_teacher
 from ndonnx.partition import partition
 from ndonnx.sample import run_sample
@@ -18,12 +19,20 @@ def inspect_model(path: str | Path, cfg: PartitionConfig = PartitionConfig(),
     """Load, partition and round-trip every neighbourhood. `progress(iterable, total, label)`
     wraps the round-trip loop (the CLI passes a progress bar)."""
     teacher = load_teacher(path)
+    if check:
+        try:
+            from ndonnx.convert import round_trip
+        except ImportError as e:
+            if not missing_full_dependency(e):
+                raise
+            raise NdonnxError(f"the torch round trip needs {missing_full_dependency(e)}, which is not installed: "
+                              f"use --no-check, or {FULL_INSTALL_HINT}") from e
     part = partition(teacher, cfg)
     sample = run_sample(teacher, sample_cfg)
     model = teacher.model
     rows = []
     items = part.neighbourhoods
-    if progress is not None:
+    if progress is not None and check:
         items = progress(items, len(items), "round trip")
     for nbh in items:
         rt = round_trip(teacher, nbh, sample) if check else None

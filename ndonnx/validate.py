@@ -1,5 +1,6 @@
 """Validation: onnx.checker, then the student against the teacher in onnxruntime on held-out data,
-and the student's own torch-vs-onnxruntime consistency."""
+and the student's own torch-vs-onnxruntime consistency (skipped, with a note, where torch is not
+installed: this module imports torch only for that check)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import torch
 
-from ndonnx.convert import rel_err
 from ndonnx.graph import weight_counts
+from ndonnx.metrics import metric_name, rel_err, score_outputs
 from ndonnx.sample import ort_session
-from ndonnx.search import metric_name, score_outputs
 
 
 def _latency(sess, feeds: dict, repeats: int = 5) -> float:
@@ -28,8 +27,9 @@ def _latency(sess, feeds: dict, repeats: int = 5) -> float:
 
 def validate(student: onnx.ModelProto, teacher: onnx.ModelProto, inputs: dict[str, np.ndarray],
              labels: np.ndarray | None = None, student_path: Path | None = None,
-             teacher_path: Path | None = None) -> dict:
-    """Figures for the report; every comparison is on the same inputs."""
+             teacher_path: Path | None = None, torch_check: bool = True) -> dict:
+    """Figures for the report; every comparison is on the same inputs. `torch_check=False` leaves
+    out the student's torch-vs-onnxruntime figure (`ndonnx check` needs onnxruntime only)."""
     s_sess, t_sess = ort_session(student), ort_session(teacher)
     names = [o.name for o in teacher.graph.output]
     s_out, t_out = s_sess.run(names, inputs), t_sess.run(names, inputs)
@@ -54,7 +54,10 @@ def validate(student: onnx.ModelProto, teacher: onnx.ModelProto, inputs: dict[st
     if student_path is not None and teacher_path is not None:
         res["bytes_student"] = _size(student_path)
         res["bytes_teacher"] = _size(teacher_path)
-    res["torch_rel_err"] = torch_consistency(student, {k: v[:16] for k, v in inputs.items()})
+    if torch_check:
+        res["torch_rel_err"], note = torch_consistency(student, {k: v[:16] for k, v in inputs.items()})
+        if note:
+            res["torch_note"] = note
     return res
 
 
@@ -64,8 +67,14 @@ def _size(path: Path) -> int:
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
-def torch_consistency(model: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> float | None:
-    """rel_err of the model converted to torch against onnxruntime (None: does not convert)."""
+def torch_consistency(model: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> tuple[float | None, str | None]:
+    """rel_err of the model converted to torch against onnxruntime, and a note when there is none:
+    the model does not convert, or torch/onnx2torch are not installed (a light install)."""
+    try:
+        import torch
+        import onnx2torch  # noqa: F401
+    except ImportError as e:
+        return None, f"skipped: {e.name or 'torch'} is not installed"
     from ndonnx.trainable import Trainable
 
     try:
@@ -73,6 +82,6 @@ def torch_consistency(model: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> 
         with torch.no_grad():
             got = module(*[torch.as_tensor(np.array(inputs[n])) for n in module.input_names])
     except Exception:
-        return None
+        return None, "does not convert"
     want = ort_session(model).run(module.output_names, inputs)
-    return float(max(rel_err(g.numpy(), w) for g, w in zip(got, want)))
+    return float(max(rel_err(g.numpy(), w) for g, w in zip(got, want))), None
