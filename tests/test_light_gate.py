@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -15,9 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ndonnx.errors import FULL_ONLY
+
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "resnet20_fmnist.onnx"
-HEAVY = ("torch", "onnx2torch", "safetensors", "matplotlib")
+HEAVY = FULL_ONLY
 
 # A finder first in sys.meta_path that refuses the distillation dependencies, as if they were not installed.
 NO_TORCH = textwrap.dedent(f"""
@@ -145,3 +148,15 @@ def test_validate_with_torch_keeps_the_round_trip(test_data):
     assert r.returncode == 0, r.stderr
     v = json.loads(r.stdout)
     assert v["torch_rel_err"] is not None and v["torch_rel_err"] < 1e-4 and "torch_note" not in v
+
+
+def test_light_install_matches_the_dependencies():
+    """The README's light install is pyproject's dependencies less FULL_ONLY, with the same bounds."""
+    tomllib = pytest.importorskip("tomllib")
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    light = [d for d in deps if re.split(r"[<>=!~ \[]", d)[0] not in FULL_ONLY]
+    assert len(deps) - len(light) == len(FULL_ONLY)
+    readme = (ROOT / "README.md").read_text()
+    line = "pip install " + " ".join(f"'{d}'" for d in light)
+    assert readme.count(line) == 3  # the light install, GitHub Actions, GitLab CI
+    assert "pip install -e . && ndonnx compress" in readme  # the quick start: one command, the full tool
