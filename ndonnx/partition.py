@@ -8,6 +8,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 import networkx as nx
+import numpy as np
 import onnx
 
 from ndonnx.config import PartitionConfig
@@ -51,6 +52,12 @@ class Partition:
     neighbourhoods: tuple[Neighbourhood, ...]
     outside_nodes: tuple[int, ...]  # side computations (mask and shape paths), evaluated by onnxruntime
     outside_params: int  # weights shared between neighbourhoods or read only outside them
+
+    def feeds_next(self, k: int) -> bool:
+        """Neighbourhood k's outputs are exactly what the next one reads (no multi-tensor boundary
+        skips past it): the next can run on its outputs alone."""
+        nb = self.neighbourhoods
+        return k + 1 < len(nb) and nb[k].outputs == nb[k + 1].inputs
 
 
 SHAPE_OPS = {"Shape", "Size"}
@@ -173,32 +180,164 @@ def _partition(teacher: Teacher, cfg: PartitionConfig, primary: str,
 
     owner = _weight_owners(teacher, seg_nodes)
     seg_params = [sum(teacher.weights[w] for w, s in owner.items() if s == k) for k in range(n_seg)]
+    seg_nodes, seg_params = _merge_wide_cuts(model, cuts, seg_nodes, seg_params, keep)
     groups = _group_segments(seg_nodes, seg_params, cfg.block_size, {k for k, c in enumerate(cuts) if c in keep})
+    node_sets = [sorted(i for s in segs for i in seg_nodes[s]) for segs in groups]
+    owner = _weight_owners(teacher, node_sets)
+    if cfg.block_size == 1:  # --block-size asks for coarser pieces: leave them whole
+        node_sets = [piece for idx, k in zip(node_sets, range(len(node_sets)))
+                     for piece in _split_large(teacher, shapes, idx, sum(teacher.weights[w] for w, o in owner.items() if o == k))]
 
+    outside_nodes = tuple(i for i in range(len(nodes)) if i not in main)
+    side_paths = [i for i in outside_nodes if not set(nodes[i].output) <= shapes.keys()]  # masks, not shape arithmetic
+    _, outside_sources = _shape_closure(model, shapes, {n for i in side_paths for n in node_inputs(nodes[i])})
+    owner = _weight_owners(teacher, node_sets)
+    readers = _readers(model, shapes, main)
+    position = {i: p for p, i in enumerate(sorted(main))}
+    producer = {o: i for i in main for o in nodes[i].output}
     neighbourhoods = []
-    for k, segs in enumerate(groups):
-        idx = tuple(sorted(i for s in segs for i in seg_nodes[s]))
-        last = segs[-1]
-        outs = (cuts[last + 1],) if last + 1 < n_seg else tuple(o for o in outputs if o != cuts[segs[0]])
+    for k, idx in enumerate(node_sets):
+        inside = set(idx)
+        produced = {o for i in idx for o in nodes[i].output}
         reads = {n for i in idx for n in node_inputs(nodes[i])}
+        ins = sorted((n for n in reads if (n in main_tensors and n not in produced)),
+                     key=lambda n: (-position.get(producer.get(n), -1), n))  # the latest first: the main flow
+        outs = [o for o in outputs if o in produced] + sorted(
+            (o for o in produced if o not in outputs and readers.get(o, set()) - inside),
+            key=lambda o: (position[producer[o]], o))
         side = tuple(sorted(n for n in reads if n not in main_tensors and n not in inits and n not in shapes))
         shape_nodes, sources = _shape_closure(model, shapes, reads)
-        produced = {o for i in idx for o in nodes[i].output}
-        weights = tuple(sorted(w for w, s in owner.items() if s in segs))
+        weights = tuple(sorted(w for w, s in owner.items() if s == k))
         neighbourhoods.append(Neighbourhood(
-            id=k, inputs=(cuts[segs[0]],), side_inputs=side, outputs=outs, nodes=idx, weights=weights,
+            id=k, inputs=tuple(ins), side_inputs=side, outputs=tuple(outs), nodes=tuple(idx), weights=weights,
             params=sum(teacher.weights[w] for w in weights), shape_nodes=shape_nodes,
-            shape_inputs=tuple(sorted(sources - produced - {cuts[segs[0]], *side}))))
-    outside_nodes = tuple(i for i in range(len(nodes)) if i not in main)
+            shape_inputs=tuple(sorted(sources - produced - set(ins) - set(side)))))
     # Tensors that outlive any replacement: graph inputs, boundaries, side computations.
     stable = set(teacher.input_names) | {n for nb in neighbourhoods for n in (*nb.inputs, *nb.outputs)} \
         | {o for i in outside_nodes for o in nodes[i].output}
-    side_paths = [i for i in outside_nodes if not set(nodes[i].output) <= shapes.keys()]  # masks, not shape arithmetic
-    _, outside_sources = _shape_closure(model, shapes, {n for i in side_paths for n in node_inputs(nodes[i])})
     unstable = ({t for nb in neighbourhoods for t in nb.shape_inputs} | outside_sources) - stable
     inside = sum(n.params for n in neighbourhoods)
     return Partition(primary_input=primary, cuts=cuts, neighbourhoods=tuple(neighbourhoods),
                      outside_nodes=outside_nodes, outside_params=teacher.params - inside), unstable
+
+
+# A neighbourhood holding more than this share of the parameters is cut again at small sets of tensors,
+# unless it is one block: a residual, bottleneck, inverted-residual (with squeeze-excite) or transformer
+# block has at most BLOCK_OPS weighted ops, and cutting it would leave its width students nothing to shrink.
+SPLIT_SHARE = 1 / 3
+BLOCK_OPS = 5
+MAX_FRONTIER = 6  # tensors crossing such a cut, at most
+
+
+def _readers(model: onnx.ModelProto, shapes: dict[str, int], main: set[int]) -> dict[str, set[int]]:
+    """Tensor -> the main nodes that read it: its values, or its shape through shape arithmetic
+    (the tensor must then outlive its neighbourhood as well)."""
+    nodes = model.graph.node
+    out: dict[str, set[int]] = {}
+    for i in main:
+        reads = node_inputs(nodes[i])
+        for n in [*reads, *_shape_closure(model, shapes, set(reads))[1]]:
+            out.setdefault(n, set()).add(i)
+    return out
+
+
+def _elements(model: onnx.ModelProto) -> dict[str, int]:
+    """Elements per sample of each tensor whose shape onnx infers fully (batch axis left out)."""
+    try:
+        g = onnx.shape_inference.infer_shapes(model, data_prop=True).graph
+    except Exception:  # inference is a help: without it no cut is judged wide
+        return {}
+    out = {}
+    for vi in [*g.input, *g.value_info, *g.output]:
+        dims = vi.type.tensor_type.shape.dim
+        if len(dims) > 1 and all(d.HasField("dim_value") and d.dim_value > 0 for d in dims[1:]):
+            out[vi.name] = int(np.prod([d.dim_value for d in dims[1:]]))
+    return out
+
+
+def _merge_wide_cuts(model, cuts, seg_nodes, seg_params, keep):
+    """Never a boundary at an expanded inner tensor: a run of cuts larger than the cuts on both sides
+    of it, spanning at most three weighted ops (an inverted residual's expand and depthwise outputs, a
+    VGG block's convolutions), is merged away, so the block around it is one neighbourhood with a
+    shrinkable inner group."""
+    size = _elements(model)
+    e = [size.get(c) for c in cuts]
+    drop: set[int] = set()
+    k = 1
+    while k < len(cuts) - 1:
+        j = k
+        while j + 1 < len(cuts) - 1 and e[j + 1] == e[k]:
+            j += 1
+        before, after = e[k - 1], e[j + 1]
+        weighted = sum(1 for m in range(k - 1, j + 1) if seg_params[m] > 0)  # ops the merge would join
+        if None not in (e[k], before, after) and e[k] > before and e[k] > after and weighted <= 3 \
+                and not {cuts[m] for m in range(k, j + 1)} & keep:
+            drop.update(range(k, j + 1))
+        k = j + 1
+    nodes_out, params_out = [list(seg_nodes[0])], [seg_params[0]]
+    for k in range(1, len(cuts)):
+        if k in drop:
+            nodes_out[-1].extend(seg_nodes[k])
+            params_out[-1] += seg_params[k]
+            nodes_out.append([])
+            params_out.append(0)
+        else:
+            nodes_out.append(list(seg_nodes[k]))
+            params_out.append(seg_params[k])
+    return nodes_out, params_out
+
+
+def _split_large(teacher: Teacher, shapes: dict[str, int], idx: list[int], params: int) -> list[list[int]]:
+    """A neighbourhood with more than SPLIT_SHARE of the parameters and several weighted ops (a
+    backbone whose stages feed an FPN neck, a U-Net, a wide last block) cut at small sets of tensors.
+    Between each two weighted ops the candidate is the position in the graph's order where the fewest
+    tensors are live; it is taken where fewer are live than at the neighbouring candidates (block ends,
+    not block insides); a piece still too large is then halved at its narrowest, most even candidate."""
+    nodes = teacher.model.graph.node
+    weight_of = [sum(teacher.weights.get(n, 0) for n in nodes[i].input) for i in idx]
+    weighted = [p for p, w in enumerate(weight_of) if w]
+    if params <= SPLIT_SHARE * teacher.params or len(weighted) <= BLOCK_OPS:
+        return [idx]
+    pos = {i: p for p, i in enumerate(idx)}
+    graph_outputs = {o.name for o in teacher.model.graph.output}
+    born: dict[str, int] = {}
+    for p, i in enumerate(idx):
+        born.update((o, p) for o in nodes[i].output)
+    last_use: dict[str, int] = {}
+    for i, node in enumerate(nodes):
+        reads = node_inputs(node)
+        for n in [*reads, *_shape_closure(teacher.model, shapes, set(reads))[1]]:
+            if n not in shapes:  # a reader after this neighbourhood keeps the tensor live to its end
+                last_use[n] = max(last_use.get(n, -1), pos.get(i, len(idx)) if i in pos or n in born else -1)
+    for n in graph_outputs & born.keys():
+        last_use[n] = len(idx)
+    inits = {i.name for i in teacher.model.graph.initializer}
+    for n in {n for i in idx for n in node_inputs(nodes[i])} - born.keys() - shapes.keys() - inits:
+        born[n] = -1  # read from before this neighbourhood
+    live = [sum(1 for t, b in born.items() if b < p <= last_use.get(t, -1)) for p in range(len(idx) + 1)]
+    best = [min(range(a + 1, b + 1), key=lambda q: (live[q], -q)) for a, b in zip(weighted, weighted[1:])]
+    cuts: list[int] = []
+    k = 0
+    while k < len(best):  # plateaus of equal counts lower than their neighbours
+        j = k
+        while j + 1 < len(best) and live[best[j + 1]] == live[best[k]]:
+            j += 1
+        sides = [live[best[m]] for m in (k - 1, j + 1) if 0 <= m < len(best)]
+        if sides and all(v > live[best[k]] for v in sides) and live[best[k]] <= MAX_FRONTIER:
+            cuts.extend(best[k:j + 1])
+        k = j + 1
+
+    def halve(a: int, b: int) -> list[int]:
+        inner = [p for p in best if a < p < b and live[p] <= MAX_FRONTIER]
+        if sum(weight_of[a:b]) <= SPLIT_SHARE * teacher.params or not inner:
+            return []
+        total = sum(weight_of[a:b])
+        p = min(inner, key=lambda q: (live[q], abs(2 * sum(weight_of[a:q]) - total)))
+        return [*halve(a, p), p, *halve(p, b)]
+
+    bounds = [0, *cuts, len(idx)]
+    bounds = sorted({*bounds, *(p for a, b in zip(bounds, bounds[1:]) for p in halve(a, b))})
+    return [idx[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
 def merge(nbhs: list[Neighbourhood], inputs: tuple[str, ...] | None = None) -> Neighbourhood:

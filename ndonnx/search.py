@@ -90,7 +90,10 @@ class Scorer:
         """The partial model: the teacher with only this neighbourhood replaced."""
         if opt.model is None:
             return self.teacher_score
-        nbh = next(n for n in self.part.neighbourhoods if n.id == opt.neighbourhood)
+        nbs = self.part.neighbourhoods
+        if not all(self.part.feeds_next(k) for k in range(len(nbs) - 1)):
+            return self.composed({opt.neighbourhood: opt})  # multi-tensor boundaries: the whole model
+        nbh = next(n for n in nbs if n.id == opt.neighbourhood)
         feeds = {n: self._held_out(n) for n in nbh.feeds}
         outs = ort_session(opt.model).run(list(nbh.outputs), feeds)
         suffix = self._suffix_session(nbh)

@@ -11,11 +11,12 @@ import json
 import os
 from pathlib import Path
 
+import networkx as nx
 import onnx
 
 from ndonnx import __version__
 from ndonnx.errors import NdonnxError
-from ndonnx.graph import prune_initializers, remove_dead_nodes
+from ndonnx.graph import node_inputs, prune_initializers, remove_dead_nodes
 from ndonnx.partition import Partition
 
 TWO_GB = 2 << 30
@@ -77,7 +78,7 @@ def splice(teacher_model: onnx.ModelProto, part: Partition, students: dict[int, 
             new_nodes.extend(nodes)
             new_inits.extend(inits)
     del g.node[:]
-    g.node.extend(new_nodes)
+    g.node.extend(_topological(new_nodes, {*(i.name for i in g.input), *(i.name for i in g.initializer)}))
     g.initializer.extend(new_inits)
     del g.value_info[:]  # the teacher's inner shapes no longer all exist; keep the interface only
     _merge_opsets(out, students.values())
@@ -91,6 +92,24 @@ def splice(teacher_model: onnx.ModelProto, part: Partition, students: dict[int, 
     prop = out.metadata_props.add()
     prop.key, prop.value = "ndonnx.version", __version__
     return out
+
+
+def _topological(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:
+    """Nodes in an order where every input is made before it is read, as close to the given order as
+    possible: a student inserted where its neighbourhood ended may feed teacher nodes placed earlier
+    (the shape arithmetic read from a boundary, a multi-tensor boundary's early output)."""
+    graph = nx.DiGraph()
+    graph.add_nodes_from(range(len(nodes)))
+    producer = {o: k for k, n in enumerate(nodes) for o in n.output}
+    for k, n in enumerate(nodes):
+        for name in node_inputs(n):
+            if name in producer and name not in available:
+                graph.add_edge(producer[name], k)
+    try:
+        order = nx.lexicographical_topological_sort(graph)
+        return [nodes[k] for k in order]
+    except nx.NetworkXUnfeasible as e:
+        raise ValueError("splice: the spliced graph has a cycle") from e
 
 
 def _merge_opsets(model: onnx.ModelProto, students) -> None:

@@ -144,17 +144,17 @@ def distill(model_path: str | Path, run_dir: str | Path, cfg: DistillConfig, dat
                 shape_only=shape_only)
     if cfg.data_free:
         _write_noise(part, teacher.model, cache_dir, real, run_dir)
-    ids = [n.id for n in part.neighbourhoods]
-    jobs = [_with_context(j, ids, subs, run_dir, cfg) for j in jobs]
+    jobs = [_with_context(j, part, subs, run_dir, cfg) for j in jobs]
     _run(jobs, device, cfg.jobs, progress)
     return write_candidates(run_dir, rows_fixed)
 
 
-def _with_context(job: Job, ids: list[int], subs: dict[int, Path], run_dir: Path, cfg: DistillConfig) -> Job:
+def _with_context(job: Job, part: Partition, subs: dict[int, Path], run_dir: Path, cfg: DistillConfig) -> Job:
+    ids = [n.id for n in part.neighbourhoods]
     pos = ids.index(job.neighbourhood)
     nxt = []
-    for i in ids[pos + 1: pos + 1 + cfg.lookahead]:
-        if i not in subs:  # look-ahead stops at a neighbourhood that does not convert
+    for k, i in enumerate(ids[pos + 1: pos + 1 + cfg.lookahead], start=pos):
+        if i not in subs or not part.feeds_next(k):  # stops at one that does not convert or reads more
             break
         nxt.append(str(subs[i]))
     noise = str(run_dir / "noise" / f"{job.neighbourhood}.safetensors") if cfg.data_free else None
