@@ -545,9 +545,10 @@ def test_registered_keys_resolve():
 
 
 def test_every_registered_key_is_exercised():
-    from test_converters_rnn import CASES as RNN_CASES  # it imports this module's helpers
+    from test_converters_quirks import CASES as QUIRK_CASES  # they import this module's helpers
+    from test_converters_rnn import CASES as RNN_CASES
 
-    tested = {case.key for case in CASES + RNN_CASES}
+    tested = {case.key for case in CASES + RNN_CASES + QUIRK_CASES}
     missing = [key for key in ndonnx.converters.REGISTERED if key not in tested]
     assert not missing, f'no parity case for {missing}'
 
@@ -566,12 +567,13 @@ def test_replaced_keys_are_onnx2torch_keys():
 
 
 def test_every_replaced_key_is_exercised():
-    from test_converters_rnn import BROKEN as RNN_BROKEN, CASES as RNN_CASES  # it imports this module's helpers
+    from test_converters_quirks import BROKEN as QUIRK_BROKEN, CASES as QUIRK_CASES  # they import this module's helpers
+    from test_converters_rnn import BROKEN as RNN_BROKEN, CASES as RNN_CASES
 
-    tested = {case.key for case in CASES + RNN_CASES}
+    tested = {case.key for case in CASES + RNN_CASES + QUIRK_CASES}
     missing = [(r.op_type, r.version) for r in ndonnx.converters.REPLACED if (r.op_type, r.version) not in tested]
     assert not missing, f'no parity case for {missing}'
-    shown_broken = {case.key[0] for case in BROKEN + RNN_BROKEN}
+    shown_broken = {case.key[0] for case in BROKEN + RNN_BROKEN + QUIRK_BROKEN}
     assert not {r.op_type for r in ndonnx.converters.REPLACED} - shown_broken
 
 

@@ -10,7 +10,9 @@ happens once (module import).
 ``REGISTERED`` lists the (op_type, version) keys added here. A few of onnx2torch's own converters are
 wrong or refuse valid attributes that real exports use (Reshape-14 ``allowzero=1`` from torch's dynamo
 exporter, AveragePool-11 asymmetric pads, ...); those keys are overridden, only through
-``_registry.replace``, and ``REPLACED`` lists them as (op_type, version, reason).
+``_registry.replace``, and ``REPLACED`` lists them as (op_type, version, reason). ``outputs`` also
+wraps ``onnx2torch.convert`` so that graph outputs made by multi-output nodes (LSTM's Y alone, one
+output of a Split) come back one by one, as the graph lists them.
 """
 
 from . import (  # noqa: F401  (imported for their registration side effect)
@@ -23,6 +25,7 @@ from . import (  # noqa: F401  (imported for their registration side effect)
     elementwise,
     misc,
     norm,
+    outputs,
     pad,
     pool,
     reduce,
