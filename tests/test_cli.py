@@ -10,7 +10,7 @@ import pytest
 
 from ndonnx_cli.main import main
 
-KEYS = {"id", "inputs", "side_inputs", "outputs", "input_shapes", "output_shapes", "params", "op_types",
+KEYS = {"id", "inputs", "side_inputs", "shape_inputs", "outputs", "input_shapes", "output_shapes", "params", "op_types",
         "convertible", "reason", "rel_err"}
 
 
