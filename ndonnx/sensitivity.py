@@ -15,7 +15,7 @@ from ndonnx.data import load_data
 from ndonnx.graph import load_teacher, with_dynamic_batch
 from ndonnx.partition import partition
 from ndonnx.sample import ort_session
-from ndonnx.search import metric_name, score_outputs
+from ndonnx.metrics import metric_name, score_outputs
 
 DEFAULT_EPS = (0.01, 0.03, 0.1, 0.3, 1.0)
 
@@ -50,7 +50,7 @@ def sensitivity(model_path: str | Path, data_path: str | Path, labels_key: str |
     labels = arrays.pop(labels_key)[:samples] if labels_key else None
     feeds = {k: v[:samples] for k, v in arrays.items()}
     outputs = [o.name for o in teacher.model.graph.output]
-    cuts = [n.outputs[0] for n in part.neighbourhoods]
+    cuts = list(dict.fromkeys(o for n in part.neighbourhoods for o in n.outputs))  # multi-tensor boundaries: all
     probe = onnx.ModelProto()
     probe.CopyFrom(teacher.model)
     probe.graph.output.extend(onnx.ValueInfoProto(name=c) for c in cuts if c not in outputs)
@@ -64,9 +64,9 @@ def sensitivity(model_path: str | Path, data_path: str | Path, labels_key: str |
         return base - score_outputs(ort_session(noisy).run(outputs, feeds), reference, labels)
 
     rows = []
-    for nbh, cut in zip(part.neighbourhoods, cuts):
-        drops = [drop([cut], e) for e in eps]
-        rows.append({"neighbourhood": nbh.id, "tensor": cut, "params": nbh.params, "drops": drops,
+    for nbh in part.neighbourhoods:
+        drops = [drop(list(nbh.outputs), e) for e in eps]
+        rows.append({"neighbourhood": nbh.id, "tensor": ", ".join(nbh.outputs), "params": nbh.params, "drops": drops,
                      "threshold": _threshold(eps, drops, max_drop)})
     together = [drop(cuts, e) for e in eps]
     return {"model": str(model_path), "metric": metric_name(reference, labels), "score": base, "eps": list(eps),
