@@ -170,6 +170,30 @@ class BertStyle(nn.Module):
         return torch.tanh(self.pool(x[:, 0]))
 
 
+class TinyFPN(nn.Module):
+    """Three stages whose outputs all feed a top-down neck (as a detector's FPN): past the stem no
+    single tensor is on every path, so the chain alone leaves the backbone and neck in one piece."""
+
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, 1, 1), nn.ReLU())
+        self.stages = nn.ModuleList(nn.Sequential(nn.Conv2d(c, c, 3, 2 if k else 1, 1), nn.ReLU(), nn.Conv2d(c, c, 3, 1, 1),
+                                                  nn.ReLU()) for k in range(3))
+        self.lateral = nn.ModuleList(nn.Conv2d(c, c, 1) for _ in range(3))
+        self.head = nn.Conv2d(c, 4, 3, 1, 1)
+
+    def forward(self, x):
+        feats = []
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+            feats.append(x)
+        p = self.lateral[2](feats[2])
+        for k in (1, 0):
+            p = self.lateral[k](feats[k]) + nn.functional.interpolate(p, scale_factor=2.0, mode="nearest")
+        return self.head(p)
+
+
 class TwoHeads(nn.Module):
     """A multi-output model: a shared trunk, logits and an embedding."""
 
@@ -242,6 +266,11 @@ def bert_style(path: Path, **kw) -> Path:
     kw.setdefault("output_names", ("pooled",))
     kw.setdefault("dynamic_seq", True)
     return export(BertStyle(), (ids, mask), path, input_names=("input_ids", "attention_mask"), **kw)
+
+
+def tiny_fpn(path: Path, **kw) -> Path:
+    _seed()
+    return export(TinyFPN(), (torch.randn(2, 3, 16, 16),), path, output_names=("features",), **kw)
 
 
 def two_heads(path: Path, **kw) -> Path:
