@@ -194,6 +194,20 @@ class TinyFPN(nn.Module):
         return self.head(p)
 
 
+class LstmTagger(nn.Module):
+    """Token ids -> embedding -> bidirectional LSTM -> GRU -> per-token logits (an older export's RNN text model)."""
+
+    def __init__(self, vocab: int = 40, d: int = 8):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.lstm = nn.LSTM(d, d, batch_first=True, bidirectional=True)
+        self.gru = nn.GRU(2 * d, d, batch_first=True)
+        self.out = nn.Linear(d, 3)
+
+    def forward(self, ids):
+        return self.out(self.gru(self.lstm(self.emb(ids))[0])[0])
+
+
 class TwoHeads(nn.Module):
     """A multi-output model: a shared trunk, logits and an embedding."""
 
@@ -271,6 +285,12 @@ def bert_style(path: Path, **kw) -> Path:
 def tiny_fpn(path: Path, **kw) -> Path:
     _seed()
     return export(TinyFPN(), (torch.randn(2, 3, 16, 16),), path, output_names=("features",), **kw)
+
+
+def lstm_tagger(path: Path, **kw) -> Path:
+    _seed()
+    kw.setdefault("opset", 12)
+    return export(LstmTagger(), (torch.randint(0, 40, (2, 6)),), path, input_names=("ids",), **kw)
 
 
 def two_heads(path: Path, **kw) -> Path:

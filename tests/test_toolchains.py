@@ -210,3 +210,31 @@ def test_compress_fpn_with_multi_tensor_boundaries(fpn, tmp_path):
     check(student)
     assert report["validation"]["torch_rel_err"] < 1e-4
     assert ort_session(student).run(None, {"input": x[:5]})[0].shape == (5, 4, 16, 16)
+
+
+def test_rnn_text_model_round_trips_trains_and_splices(tmp_path):
+    """An opset-12 export with LSTM (bidirectional) and GRU: every piece converts exactly, the
+    recurrent weights are trainable and written back, and the pieces splice back exactly."""
+    from ndonnx.trainable import Trainable, write_weights
+
+    t = load_teacher(models.lstm_tagger(tmp_path / "tagger.onnx"))
+    part = partition(t)
+    sample = run_sample(t)
+    rnn = [n for n in part.neighbourhoods if {"LSTM", "GRU"} & n.op_types(t.model).keys()]
+    assert rnn and all(round_trip(t, n, sample).convertible for n in part.neighbourhoods)
+    for n in rnn:
+        sub = extract(t, n, sample)
+        tr = Trainable(sub)
+        assert {w for w in tr.named_weights()} >= {i for node in sub.graph.node if node.op_type in ("LSTM", "GRU")
+                                                     for i in node.input[1:3]}
+        import torch
+        with torch.no_grad():
+            for p in tr.named_weights().values():
+                p.mul_(0.5)
+        changed = write_weights(sub, tr.weights())
+        feeds = {i.name: sample.values[i.name] for i in sub.graph.input}
+        assert rel_err(ort_session(changed).run(None, feeds)[0], sample.values[n.outputs[0]]) > 1e-3
+    spliced = splice(t.model, part, {n.id: extract(t, n, sample) for n in part.neighbourhoods})
+    check(spliced)
+    ids = {"ids": np.random.default_rng(0).integers(0, 40, (4, 6))}
+    assert rel_err(ort_session(spliced).run(None, ids)[0], ort_session(t.model).run(None, ids)[0]) < 1e-6
