@@ -103,7 +103,7 @@ def build(run_dir: Path, cfg: CompressConfig, output: str | Path | None, timings
     drop = val["score_teacher"] - val["score_student"]
     report = {
         "teacher": str(teacher_path), "output": str(output), "target_params": target,
-        "params_teacher": teacher.params, "params_student": result.params, "metric": scorer.metric,
+        "params_teacher": teacher.params, "params_student": val["params_student"], "metric": scorer.metric,
         "neighbourhoods": _table(part, options, result),
         "search": {"strategy": cfg.strategy, "predicted_score": result.predicted, "composed_score": result.score,
                    "pareto": result.pareto},

@@ -125,6 +125,8 @@ class SearchResult:
 
 
 def total_params(teacher_params: int, part: Partition, choice: dict[int, Option]) -> int:
+    """The spliced model's parameters, or more: a weight tied between neighbourhoods stays counted
+    although every neighbourhood reading it may be replaced (the file then drops it)."""
     by_id = {n.id: n for n in part.neighbourhoods}
     return teacher_params - sum(by_id[nid].params - o.params for nid, o in choice.items())
 
