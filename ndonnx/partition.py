@@ -226,7 +226,7 @@ def _partition(teacher: Teacher, cfg: PartitionConfig, primary: str,
 # block has at most BLOCK_OPS weighted ops, and cutting it would leave its width students nothing to shrink.
 SPLIT_SHARE = 1 / 3
 BLOCK_OPS = 5
-MAX_FRONTIER = 6  # tensors crossing such a cut, at most
+MAX_FRONTIER = 6  # tensors crossing such a cut, at most (twice that to halve a piece still too large)
 
 
 def _readers(model: onnx.ModelProto, shapes: dict[str, int], main: set[int]) -> dict[str, set[int]]:
@@ -328,7 +328,7 @@ def _split_large(teacher: Teacher, shapes: dict[str, int], idx: list[int], param
         k = j + 1
 
     def halve(a: int, b: int) -> list[int]:
-        inner = [p for p in best if a < p < b and live[p] <= MAX_FRONTIER]
+        inner = [p for p in best if a < p < b and live[p] <= 2 * MAX_FRONTIER]  # a wider set beats one huge piece
         if sum(weight_of[a:b]) <= SPLIT_SHARE * teacher.params or not inner:
             return []
         total = sum(weight_of[a:b])
