@@ -28,7 +28,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
     cfg = PartitionConfig(primary_input=args.primary_input, block_size=args.block_size)
     progress = None if args.json else bar
-    _emit(inspect_model(args.model, cfg, check=not args.no_check, progress=progress), args.json, inspect_table)
+    _emit(inspect_model(args.model, cfg, check=not args.no_check, progress=progress, data=args.data), args.json,
+          inspect_table)
     return 0
 
 
@@ -212,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "on whose paths the weights lie)")
     s.add_argument("--block-size", type=int, default=1, help="weighted segments per neighbourhood (default 1)")
     s.add_argument("--no-check", action="store_true", help="skip the torch round trip of each neighbourhood")
+    s.add_argument("--data", help="run the sample on the first samples of this .npz instead of random inputs")
     s.set_defaults(run=_inspect)
 
     s = sub.add_parser("distill", help="train smaller student candidates for every neighbourhood")

@@ -15,9 +15,10 @@ from ndonnx.sample import run_sample
 
 def inspect_model(path: str | Path, cfg: PartitionConfig = PartitionConfig(),
                   sample_cfg: SampleConfig = SampleConfig(), check: bool = True,
-                  progress: Callable | None = None) -> dict:
+                  progress: Callable | None = None, data: str | Path | None = None) -> dict:
     """Load, partition and round-trip every neighbourhood. `progress(iterable, total, label)`
-    wraps the round-trip loop (the CLI passes a progress bar)."""
+    wraps the round-trip loop (the CLI passes a progress bar). With `data`, the sample is its first
+    samples instead of random inputs (audio longer than the random one, a sample-rate input)."""
     teacher = load_teacher(path)
     if check:
         try:
@@ -28,7 +29,12 @@ def inspect_model(path: str | Path, cfg: PartitionConfig = PartitionConfig(),
             raise NdonnxError(f"the torch round trip needs {missing_full_dependency(e)}, which is not installed: "
                               f"use --no-check, or {FULL_INSTALL_HINT}") from e
     part = partition(teacher, cfg)
-    sample = run_sample(teacher, sample_cfg)
+    feeds = None
+    if data is not None:
+        from ndonnx.data import load_data
+
+        feeds = load_data(data, teacher).head(sample_cfg.batch)
+    sample = run_sample(teacher, sample_cfg, feeds=feeds)
     model = teacher.model
     rows = []
     items = part.neighbourhoods

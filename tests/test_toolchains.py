@@ -18,6 +18,7 @@ from ndonnx.graph import load_teacher, with_dynamic_batch
 from ndonnx.partition import partition, shape_tensors
 from ndonnx.sample import ort_session, run_sample
 from ndonnx.splice import check, splice
+from ndonnx_cli.main import main
 
 
 @pytest.fixture(scope="module")
@@ -238,3 +239,19 @@ def test_rnn_text_model_round_trips_trains_and_splices(tmp_path):
     check(spliced)
     ids = {"ids": np.random.default_rng(0).integers(0, 40, (4, 6))}
     assert rel_err(ort_session(spliced).run(None, ids)[0], ort_session(t.model).run(None, ids)[0]) < 1e-6
+
+
+def test_inspect_runs_its_sample_on_given_data(bert, tmp_path, monkeypatch):
+    """Some models need real inputs to run at all (audio longer than the random sample, a sample
+    rate): `inspect --data` takes the sample from the data."""
+    import ndonnx.inspection as inspection
+
+    seen = []
+    real = inspection.run_sample
+    monkeypatch.setattr(inspection, "run_sample", lambda t, cfg, feeds=None: seen.append(feeds) or real(t, cfg, feeds))
+    data = _feeds(4, 9)
+    np.savez(tmp_path / "tokens.npz", **data)
+    r = inspection.inspect_model(bert, data=tmp_path / "tokens.npz")
+    assert all(n["convertible"] for n in r["neighbourhoods"])
+    np.testing.assert_array_equal(seen[0]["input_ids"], data["input_ids"][:2])
+    assert main(["inspect", str(bert), "--data", str(tmp_path / "nope.npz")]) == 2
