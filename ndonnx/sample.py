@@ -102,7 +102,8 @@ def _random(rng: np.random.Generator, shape: list[int], dtype, high: int) -> np.
 
 def run_sample(teacher: Teacher, cfg: SampleConfig = SampleConfig(), feeds: dict | None = None) -> Sample:
     """One onnxruntime run with every node output exposed."""
-    feeds = feeds if feeds is not None else make_inputs(teacher, cfg)
+    given = feeds is not None
+    feeds = feeds if given else make_inputs(teacher, cfg)
     model = onnx.ModelProto()
     model.CopyFrom(teacher.model)
     existing = {o.name for o in model.graph.output}
@@ -111,7 +112,14 @@ def run_sample(teacher: Teacher, cfg: SampleConfig = SampleConfig(), feeds: dict
     sess = ort_session(model)
     out_names = [o.name for o in sess.get_outputs()]
     values = dict(feeds)
-    values.update(zip(out_names, sess.run(out_names, feeds)))
+    try:
+        values.update(zip(out_names, sess.run(out_names, feeds)))
+    except Exception as e:  # onnxruntime's own refusal of these inputs (an STFT pad longer than random audio)
+        from ndonnx.errors import NdonnxError
+
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        how = "these inputs" if given else "random inputs; give real ones with --data"
+        raise NdonnxError(f"onnxruntime cannot run the model on {how}: {first}") from e
     shapes, batch = _declared_shapes(teacher, values, cfg)
     return Sample(feeds=feeds, values=values, shapes=shapes, batch=batch)
 

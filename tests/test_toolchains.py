@@ -255,3 +255,21 @@ def test_inspect_runs_its_sample_on_given_data(bert, tmp_path, monkeypatch):
     assert all(n["convertible"] for n in r["neighbourhoods"])
     np.testing.assert_array_equal(seen[0]["input_ids"], data["input_ids"][:2])
     assert main(["inspect", str(bert), "--data", str(tmp_path / "nope.npz")]) == 2
+
+
+def test_model_that_random_inputs_cannot_run_asks_for_data(tmp_path, capsys):
+    """A reflect pad longer than the random sample's length (as in an STFT front end): a one-line
+    error naming --data, exit 2; with data long enough, inspect runs."""
+    pads = numpy_helper.from_array(np.array([0, 20, 0, 20], np.int64), "pads")
+    w = numpy_helper.from_array(np.ones((70, 4), np.float32), "W")
+    g = helper.make_graph([helper.make_node("Pad", ["X", "pads"], ["P"], mode="reflect"),
+                           helper.make_node("MatMul", ["P", "W"], ["Y"])], "g",
+                          [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", "S"])],
+                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 4])], [pads, w])
+    path = tmp_path / "stft_like.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    assert main(["inspect", str(path), "--no-check"]) == 2
+    err = capsys.readouterr().err
+    assert "--data" in err and len(err.strip().splitlines()) == 1
+    np.savez(tmp_path / "audio.npz", X=np.random.default_rng(0).standard_normal((3, 30)).astype(np.float32))
+    assert main(["inspect", str(path), "--no-check", "--data", str(tmp_path / "audio.npz")]) == 0
