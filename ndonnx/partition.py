@@ -180,7 +180,7 @@ def _partition(teacher: Teacher, cfg: PartitionConfig, primary: str,
 
     owner = _weight_owners(teacher, seg_nodes)
     seg_params = [sum(teacher.weights[w] for w, s in owner.items() if s == k) for k in range(n_seg)]
-    seg_nodes, seg_params = _merge_wide_cuts(model, cuts, seg_nodes, seg_params, keep)
+    seg_nodes, seg_params = _merge_wide_cuts(model, cuts, seg_nodes, seg_params, keep, teacher.weights)
     groups = _group_segments(seg_nodes, seg_params, cfg.block_size, {k for k, c in enumerate(cuts) if c in keep})
     node_sets = [sorted(i for s in segs for i in seg_nodes[s]) for segs in groups]
     owner = _weight_owners(teacher, node_sets)
@@ -241,49 +241,59 @@ def _readers(model: onnx.ModelProto, shapes: dict[str, int], main: set[int]) -> 
     return out
 
 
-def _elements(model: onnx.ModelProto) -> dict[str, int]:
-    """Elements per sample of each tensor whose shape onnx infers fully (batch axis left out)."""
+def _widths(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, int]]:
+    """Per tensor whose shape onnx infers: elements per sample (batch axis left out) and, for
+    images (rank 4 and up), channels."""
     try:
         g = onnx.shape_inference.infer_shapes(model, data_prop=True).graph
     except Exception:  # inference is a help: without it no cut is judged wide
-        return {}
-    out = {}
+        return {}, {}
+    elements, channels = {}, {}
     for vi in [*g.input, *g.value_info, *g.output]:
         dims = vi.type.tensor_type.shape.dim
         if len(dims) > 1 and all(d.HasField("dim_value") and d.dim_value > 0 for d in dims[1:]):
-            out[vi.name] = int(np.prod([d.dim_value for d in dims[1:]]))
-    return out
+            elements[vi.name] = int(np.prod([d.dim_value for d in dims[1:]]))
+        ch = dims[1] if len(dims) >= 4 else None
+        if ch is not None and ch.HasField("dim_value") and ch.dim_value > 0:
+            channels[vi.name] = ch.dim_value
+    return elements, channels
 
 
-def _merge_wide_cuts(model, cuts, seg_nodes, seg_params, keep):
-    """Never a boundary at an expanded inner tensor: a run of cuts larger than the cuts on both sides
-    of it, spanning at most three weighted ops (an inverted residual's expand and depthwise outputs, a
-    VGG block's convolutions), is merged away, so the block around it is one neighbourhood with a
-    shrinkable inner group."""
-    size = _elements(model)
-    e = [size.get(c) for c in cuts]
-    drop: set[int] = set()
-    k = 1
-    while k < len(cuts) - 1:
-        j = k
-        while j + 1 < len(cuts) - 1 and e[j + 1] == e[k]:
-            j += 1
-        before, after = e[k - 1], e[j + 1]
-        weighted = sum(1 for m in range(k - 1, j + 1) if seg_params[m] > 0)  # ops the merge would join
-        if None not in (e[k], before, after) and e[k] > before and e[k] > after and weighted <= 3 \
-                and not {cuts[m] for m in range(k, j + 1)} & keep:
-            drop.update(range(k, j + 1))
-        k = j + 1
-    nodes_out, params_out = [list(seg_nodes[0])], [seg_params[0]]
-    for k in range(1, len(cuts)):
-        if k in drop:
-            nodes_out[-1].extend(seg_nodes[k])
-            params_out[-1] += seg_params[k]
-            nodes_out.append([])
-            params_out.append(0)
-        else:
-            nodes_out.append(list(seg_nodes[k]))
-            params_out.append(seg_params[k])
+def _merge_wide_cuts(model, cuts, seg_nodes, seg_params, keep, weights):
+    """Never a boundary at an expanded inner tensor: a run of cuts wider than the cuts on both sides
+    of it (in elements per sample, then in channels), spanning at most three weighted ops (an inverted
+    residual's expand and depthwise outputs, a VGG block's convolutions), is merged away, so the block
+    around it is one neighbourhood with a shrinkable inner group. Segments stay indexed by their cut."""
+    kept = list(range(len(cuts)))
+    members = {k: [k] for k in kept}  # kept cut -> the segments now merged behind it
+    params = dict(enumerate(seg_params))
+    for size in _widths(model):
+        e = [size.get(cuts[k]) for k in kept]
+        drop: set[int] = set()
+        i = 2  # the stem's output is wider than the raw input by nature: compare activations only
+        while i < len(kept) - 1:
+            j = i
+            while j + 1 < len(kept) - 1 and e[j + 1] == e[i]:
+                j += 1
+            weighted = sum(1 for m in range(i - 1, j + 1) for n in members[kept[m]] for x in seg_nodes[n]
+                           if any(w in weights for w in model.graph.node[x].input))  # ops the merge would join
+            if None not in (e[i], e[i - 1], e[j + 1]) and e[i] > e[i - 1] and e[i] > e[j + 1] and weighted <= 3 \
+                    and not {cuts[kept[m]] for m in range(i, j + 1)} & keep:
+                drop.update(range(i, j + 1))
+            i = j + 1
+        survivors: list[int] = []
+        for pos, k in enumerate(kept):
+            if pos in drop:
+                members[survivors[-1]] += members.pop(k)
+                params[survivors[-1]] += params.pop(k)
+            else:
+                survivors.append(k)
+        kept = survivors
+    nodes_out: list[list[int]] = [[] for _ in cuts]
+    params_out = [0] * len(cuts)
+    for k in kept:
+        nodes_out[k] = [i for m in members[k] for i in seg_nodes[m]]
+        params_out[k] = params[k]
     return nodes_out, params_out
 
 

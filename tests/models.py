@@ -208,6 +208,22 @@ class LstmTagger(nn.Module):
         return self.out(self.gru(self.lstm(self.emb(ids))[0])[0])
 
 
+class PlainMobile(nn.Module):
+    """A stride-2 inverted residual without a skip between two narrow convs: its expand and
+    depthwise outputs are single-tensor cuts, wider than the tensors around them."""
+
+    def __init__(self, c: int = 8, expand: int = 4):
+        super().__init__()
+        h = c * expand
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, 1, 1), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(c, h, 1), nn.ReLU6(), nn.Conv2d(h, h, 3, 2, 1, groups=h), nn.ReLU6(),
+                                   nn.Conv2d(h, c, 1))
+        self.fc = nn.Linear(c, 10)
+
+    def forward(self, x):
+        return self.fc(self.block(self.stem(x)).mean((2, 3)))
+
+
 class TwoHeads(nn.Module):
     """A multi-output model: a shared trunk, logits and an embedding."""
 
@@ -291,6 +307,11 @@ def lstm_tagger(path: Path, **kw) -> Path:
     _seed()
     kw.setdefault("opset", 12)
     return export(LstmTagger(), (torch.randint(0, 40, (2, 6)),), path, input_names=("ids",), **kw)
+
+
+def plain_mobile(path: Path, **kw) -> Path:
+    _seed()
+    return export(PlainMobile(), (torch.randn(2, 3, 16, 16),), path, **kw)
 
 
 def two_heads(path: Path, **kw) -> Path:

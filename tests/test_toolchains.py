@@ -273,3 +273,20 @@ def test_model_that_random_inputs_cannot_run_asks_for_data(tmp_path, capsys):
     assert "--data" in err and len(err.strip().splitlines()) == 1
     np.savez(tmp_path / "audio.npz", X=np.random.default_rng(0).standard_normal((3, 30)).astype(np.float32))
     assert main(["inspect", str(path), "--no-check", "--data", str(tmp_path / "audio.npz")]) == 0
+
+
+def test_no_cut_at_an_expanded_inner_tensor(tmp_path):
+    """Expand -> depthwise -> project without a skip: the dominator chain cuts at the expanded
+    tensors, leaving three single-conv pieces with nothing to shrink. Those wider cuts are merged
+    away: the block is one neighbourhood and its width student shrinks the expanded channels."""
+    from ndonnx.candidates import build_candidates, parse_candidates
+
+    t = load_teacher(models.plain_mobile(tmp_path / "plain.onnx"))
+    part = partition(t)
+    convs = [[t.model.graph.node[i] for i in n.nodes if t.model.graph.node[i].op_type == "Conv"]
+             for n in part.neighbourhoods]
+    assert [len(c) for c in convs][:2] == [1, 3]
+    assert not {n.output[0] for n in convs[1][:2]} & {o for nb in part.neighbourhoods for o in nb.outputs}
+    sample = run_sample(t)
+    students, _ = build_candidates(extract(t, part.neighbourhoods[1], sample), parse_candidates("width:0.5"))
+    assert any(str(st.spec) == "width:0.5" and st.params < part.neighbourhoods[1].params for st in students)
