@@ -262,11 +262,13 @@ def _widths(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, int]]:
 def _merge_wide_cuts(model, cuts, seg_nodes, seg_params, keep, weights):
     """Never a boundary at an expanded inner tensor: a run of cuts wider than the cuts on both sides
     of it (in elements per sample, then in channels), spanning at most three weighted ops (an inverted
-    residual's expand and depthwise outputs, a VGG block's convolutions), is merged away, so the block
-    around it is one neighbourhood with a shrinkable inner group. Segments stay indexed by their cut."""
+    residual's expand and depthwise outputs, a VGG block's convolutions) and no more than SPLIT_SHARE of
+    the parameters, is merged away, so the block around it is one neighbourhood with a shrinkable inner
+    group. Segments stay indexed by their cut."""
     kept = list(range(len(cuts)))
     members = {k: [k] for k in kept}  # kept cut -> the segments now merged behind it
     params = dict(enumerate(seg_params))
+    total = sum(seg_params)
     for size in _widths(model):
         e = [size.get(cuts[k]) for k in kept]
         drop: set[int] = set()
@@ -277,8 +279,9 @@ def _merge_wide_cuts(model, cuts, seg_nodes, seg_params, keep, weights):
                 j += 1
             weighted = sum(1 for m in range(i - 1, j + 1) for n in members[kept[m]] for x in seg_nodes[n]
                            if any(w in weights for w in model.graph.node[x].input))  # ops the merge would join
+            merged = sum(params[kept[m]] for m in range(i - 1, j + 1))
             if None not in (e[i], e[i - 1], e[j + 1]) and e[i] > e[i - 1] and e[i] > e[j + 1] and weighted <= 3 \
-                    and not {cuts[kept[m]] for m in range(i, j + 1)} & keep:
+                    and merged <= SPLIT_SHARE * total and not {cuts[kept[m]] for m in range(i, j + 1)} & keep:
                 drop.update(range(i, j + 1))
             i = j + 1
         survivors: list[int] = []

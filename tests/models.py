@@ -209,19 +209,19 @@ class LstmTagger(nn.Module):
 
 
 class PlainMobile(nn.Module):
-    """A stride-2 inverted residual without a skip between two narrow convs: its expand and
-    depthwise outputs are single-tensor cuts, wider than the tensors around them."""
+    """Three stride-2 inverted residuals without a skip: their expand and depthwise outputs are
+    single-tensor cuts, wider than the tensors around them."""
 
     def __init__(self, c: int = 8, expand: int = 4):
         super().__init__()
         h = c * expand
         self.stem = nn.Sequential(nn.Conv2d(3, c, 3, 1, 1), nn.ReLU())
-        self.block = nn.Sequential(nn.Conv2d(c, h, 1), nn.ReLU6(), nn.Conv2d(h, h, 3, 2, 1, groups=h), nn.ReLU6(),
-                                   nn.Conv2d(h, c, 1))
+        self.blocks = nn.Sequential(*(nn.Sequential(nn.Conv2d(c, h, 1), nn.ReLU6(), nn.Conv2d(h, h, 3, 2, 1, groups=h),
+                                                    nn.ReLU6(), nn.Conv2d(h, c, 1)) for _ in range(3)))
         self.fc = nn.Linear(c, 10)
 
     def forward(self, x):
-        return self.fc(self.block(self.stem(x)).mean((2, 3)))
+        return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
 
 
 class TwoHeads(nn.Module):
