@@ -356,7 +356,7 @@ def _split_large(teacher: Teacher, shapes: dict[str, int], idx: list[int], param
 def merge(nbhs: list[Neighbourhood], inputs: tuple[str, ...] | None = None) -> Neighbourhood:
     """Consecutive neighbourhoods as one (id -1): what they read from each other stays inside."""
     nodes = tuple(sorted(i for n in nbhs for i in n.nodes))
-    inside = {o for n in nbhs[1:] for o in n.inputs} | {o for n in nbhs[:-1] for o in n.outputs}
+    inside = {o for n in nbhs for o in n.outputs}  # made by one of them: read from inside
     inputs = inputs or tuple(dict.fromkeys(i for n in nbhs for i in n.inputs if i not in inside))
     sides = tuple(sorted({s for n in nbhs for s in n.side_inputs} - set(inputs)))
     shapes = tuple(sorted({s for n in nbhs for s in n.shape_inputs} - inside - set(inputs) - set(sides)))
