@@ -48,7 +48,7 @@ def _run(argv: list[str], block: bool = True, after: str = "") -> subprocess.Com
 
 
 @pytest.fixture(scope="module")
-def test_data(tmp_path_factory) -> Path:
+def eval_npz(tmp_path_factory) -> Path:
     d = np.load(ROOT / "models" / "fmnist_test.npz")
     path = tmp_path_factory.mktemp("light") / "test64.npz"
     np.savez(path, input=d["input"][:64], labels=d["labels"][:64])
@@ -71,8 +71,8 @@ def test_check_without_torch(tmp_path):
     assert r.returncode == 1 and json.loads(r.stdout)["passed"] is False and "check failed" in r.stderr
 
 
-def test_quality_gates_without_torch(test_data):
-    r = _run(["check", str(MODEL), "--reference", str(MODEL), "--data", str(test_data), "--labels", "labels",
+def test_quality_gates_without_torch(eval_npz):
+    r = _run(["check", str(MODEL), "--reference", str(MODEL), "--data", str(eval_npz), "--labels", "labels",
               "--min-agreement", "1.0", "--max-rel-err", "1e-6"])
     assert r.returncode == 0, r.stderr
     assert "min-agreement" in r.stdout and "max-rel-err" in r.stdout
@@ -113,14 +113,14 @@ def test_inspect_no_check_without_torch():
     assert r.returncode == 0 and "torch round trip not checked" in r.stdout and "round trip ━" not in r.stderr
 
 
-def test_validate_without_torch(test_data):
-    r = _run(["validate", str(MODEL), "--reference", str(MODEL), "--data", str(test_data), "--labels", "labels",
+def test_validate_without_torch(eval_npz):
+    r = _run(["validate", str(MODEL), "--reference", str(MODEL), "--data", str(eval_npz), "--labels", "labels",
               "--json"])
     assert r.returncode == 0, r.stderr
     v = json.loads(r.stdout)
     assert v["rel_err"] == 0 and v["top1_agreement"] == 1.0
     assert v["torch_rel_err"] is None and v["torch_note"] == "skipped: torch is not installed"
-    r = _run(["validate", str(MODEL), "--reference", str(MODEL), "--data", str(test_data), "--labels", "labels"])
+    r = _run(["validate", str(MODEL), "--reference", str(MODEL), "--data", str(eval_npz), "--labels", "labels"])
     assert r.returncode == 0 and "skipped: torch is not installed" in r.stdout
 
 
@@ -142,9 +142,9 @@ def test_check_path_does_not_import_torch(argv):
     assert r.stdout.strip().splitlines()[-1] == "LOADED []"
 
 
-def test_validate_with_torch_keeps_the_round_trip(test_data):
+def test_validate_with_torch_keeps_the_round_trip(eval_npz):
     """With torch installed, validate still reports the student's torch-vs-onnxruntime error."""
-    r = _run(["validate", str(MODEL), "--reference", str(MODEL), "--data", str(test_data), "--json"], block=False)
+    r = _run(["validate", str(MODEL), "--reference", str(MODEL), "--data", str(eval_npz), "--json"], block=False)
     assert r.returncode == 0, r.stderr
     v = json.loads(r.stdout)
     assert v["torch_rel_err"] is not None and v["torch_rel_err"] < 1e-4 and "torch_note" not in v

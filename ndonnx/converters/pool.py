@@ -165,19 +165,17 @@ class AveragePool(_Pool):
         return (sums / counts).to(input_tensor.dtype)
 
 
+def _window(attrs: dict) -> dict:
+    """The pooling window's attributes, shared by AveragePool and MaxPool."""
+    return dict(kernel_shape=attrs['kernel_shape'], strides=attrs.get('strides'), dilations=attrs.get('dilations'),
+                pads=attrs.get('pads'), auto_pad=attrs.get('auto_pad', 'NOTSET'), ceil_mode=attrs.get('ceil_mode', 0))
+
+
 @replace('AveragePool', 7, 10, 11, reason='onnx2torch refuses asymmetric pads and SAME_* auto_pad')
 @register('AveragePool', 19, 22)
 def _average_pool(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:  # pylint: disable=unused-argument
     attrs = node.attributes
-    module = AveragePool(
-        kernel_shape=attrs['kernel_shape'],
-        strides=attrs.get('strides'),
-        dilations=attrs.get('dilations'),
-        pads=attrs.get('pads'),
-        auto_pad=attrs.get('auto_pad', 'NOTSET'),
-        ceil_mode=attrs.get('ceil_mode', 0),
-        count_include_pad=attrs.get('count_include_pad', 0),
-    )
+    module = AveragePool(**_window(attrs), count_include_pad=attrs.get('count_include_pad', 0))
     return OperationConverterResult(torch_module=module, onnx_mapping=onnx_mapping_from_node(node))
 
 
@@ -220,15 +218,7 @@ class MaxPool(_Pool):
 def _max_pool(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:  # pylint: disable=unused-argument
     if len(node.output_values) > 1:  # even an unnamed one: onnx2torch would then index the module's output
         raise NotImplementedError('MaxPool with an Indices output is not implemented')
-    attrs = node.attributes
-    module = MaxPool(
-        kernel_shape=attrs['kernel_shape'],
-        strides=attrs.get('strides'),
-        dilations=attrs.get('dilations'),
-        pads=attrs.get('pads'),
-        auto_pad=attrs.get('auto_pad', 'NOTSET'),
-        ceil_mode=attrs.get('ceil_mode', 0),
-    )
+    module = MaxPool(**_window(node.attributes))
     return OperationConverterResult(torch_module=module, onnx_mapping=onnx_mapping_from_node(node))
 
 
