@@ -290,3 +290,23 @@ def test_no_cut_at_an_expanded_inner_tensor(tmp_path):
     sample = run_sample(t)
     students, _ = build_candidates(extract(t, part.neighbourhoods[1], sample), parse_candidates("width:0.5"))
     assert any(str(st.spec) == "width:0.5" and st.params < part.neighbourhoods[1].params for st in students)
+
+
+def test_look_ahead_crosses_multi_tensor_boundaries(fpn, tmp_path):
+    """Look-ahead feeds the next pieces what this one makes and reads their other boundary tensors
+    from the cache; data-free batches hold no other boundary, so there it stops where one is needed."""
+    from dataclasses import replace as with_
+    from pathlib import Path
+
+    from ndonnx.distill.job import Job
+    from ndonnx.distill.runner import _with_context
+
+    part = partition(load_teacher(fpn))
+    nb = part.neighbourhoods
+    k = next(k for k in range(1, len(nb)) if len(nb[k].inputs) > 1 and set(nb[k].inputs) & set(nb[k - 1].outputs))
+    subs = {n.id: Path(f"{n.id}.onnx") for n in nb}
+    job = Job(neighbourhood=nb[k - 1].id, candidate="teacher", student="s", teacher="t", lookahead=(), cache="c",
+              noise=None, sparsity=None, train=True, params=0, nonzero=0, weights_out="w", result_out="r")
+    cfg = DistillConfig(lookahead=2)
+    assert _with_context(job, part, subs, tmp_path, cfg).lookahead[0] == f"{nb[k].id}.onnx"
+    assert _with_context(job, part, subs, tmp_path, with_(cfg, data_free=True)).lookahead == ()

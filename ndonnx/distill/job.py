@@ -72,7 +72,10 @@ class Batches:
     def __init__(self, job: Job, teacher: Trainable, look: list[Trainable], device: torch.device):
         self.job, self.teacher, self.device = job, teacher, device
         self.main, self.outputs = teacher.input_names[0], teacher.output_names
-        self.sides = sorted({n for m in [teacher, *look] for n in m.input_names[1:]})
+        # the look-ahead pieces read what this one makes, and the rest (a multi-tensor boundary's
+        # other tensors, their masks) from the cache like side inputs
+        made = {n for m in [teacher, *look] for n in m.output_names}
+        self.sides = sorted({*teacher.input_names[1:], *(n for m in look for n in m.input_names if n not in made)})
         self.rng = np.random.default_rng(job.settings.seed + 1000 * job.neighbourhood)
         self.gen = torch.Generator().manual_seed(job.settings.seed + 1000 * job.neighbourhood)
         self.cache = CacheReader(Path(job.cache)) if job.cache else None
@@ -150,14 +153,16 @@ def evaluate(module: Trainable, batches: Batches) -> float:
     return se / ss if ss > 0 else se
 
 
-def _loss(out, targets, lookahead, sides, scale) -> torch.Tensor:
+def _loss(out, targets, names, lookahead, sides, scale) -> torch.Tensor:
     loss = sum(torch.mean((o - t) ** 2) / s for o, t, s in zip(out, targets, scale))
-    s_prev, t_prev = out[0], targets[0]
+    s_vals, t_vals = dict(zip(names, out)), dict(zip(names, targets))
     for look in lookahead:  # paper Eq. 4-5: the next teacher neighbourhoods applied to the student's output
-        s_prev = call(look, s_prev, sides)[0]
+        s_out = look(*[s_vals.get(n, sides.get(n)) for n in look.input_names])
         with torch.no_grad():
-            t_prev = call(look, t_prev, sides)[0]
-        loss = loss + torch.mean((s_prev - t_prev) ** 2) / (t_prev.var() + 1e-12)
+            t_out = look(*[t_vals.get(n, sides.get(n)) for n in look.input_names])
+        s_vals.update(zip(look.output_names, s_out))
+        t_vals.update(zip(look.output_names, t_out))
+        loss = loss + sum(torch.mean((s - t) ** 2) / (t.var() + 1e-12) for s, t in zip(s_out, t_out))
     return loss
 
 
@@ -196,7 +201,7 @@ def run_group(jobs: list[Job]) -> list[dict]:
                     continue
                 t1 = time.perf_counter()
                 opts[k].zero_grad(set_to_none=True)
-                loss = _loss(call(st, x, sides), ys, look, sides, scale)
+                loss = _loss(call(st, x, sides), ys, batches.outputs, look, sides, scale)
                 loss.backward()
                 opts[k].step()
                 scheds[k].step()

@@ -153,9 +153,13 @@ def _with_context(job: Job, part: Partition, subs: dict[int, Path], run_dir: Pat
     ids = [n.id for n in part.neighbourhoods]
     pos = ids.index(job.neighbourhood)
     nxt = []
-    for k, i in enumerate(ids[pos + 1: pos + 1 + cfg.lookahead], start=pos):
-        if i not in subs or not part.feeds_next(k):  # stops at one that does not convert or reads more
+    made = set(part.neighbourhoods[pos].outputs)
+    for i in ids[pos + 1: pos + 1 + cfg.lookahead]:
+        nbh = part.neighbourhoods[ids.index(i)]
+        # stops at one that does not convert or reads none of it; data-free batches hold no other boundary
+        if i not in subs or not made & set(nbh.inputs) or (cfg.data_free and not set(nbh.inputs) <= made):
             break
+        made |= set(nbh.outputs)
         nxt.append(str(subs[i]))
     noise = str(run_dir / "noise" / f"{job.neighbourhood}.safetensors") if cfg.data_free else None
     return replace(job, lookahead=tuple(nxt), noise=noise)
