@@ -63,7 +63,7 @@ def build(run_dir: Path, cfg: CompressConfig, output: str | Path | None, timings
     timings = dict(timings or {})
     run_dir = Path(run_dir)
     meta = _run_meta(run_dir)
-    teacher_path = Path(meta["teacher"])
+    teacher_path = _teacher_path(run_dir, meta)
     output = Path(output) if output else default_output(teacher_path)
     if output.resolve() == teacher_path.resolve():
         raise NdonnxError(f"-o {output}: that is the teacher file; it is never overwritten")
@@ -141,10 +141,19 @@ def _run_meta(run_dir: Path) -> dict:
     return json.loads(meta_path.read_text())
 
 
+def _teacher_path(run_dir: Path, meta: dict) -> Path:
+    """The teacher a run was made from: stored absolute; older runs stored it relative to where
+    they ran, which is tried first, then beside the run directory (its default place)."""
+    path = Path(meta["teacher"])
+    if path.is_absolute() or path.exists():
+        return path
+    return run_dir.resolve().parent / path.name
+
+
 def open_run(run_dir: str | Path) -> Run:
     run_dir = Path(run_dir)
     meta = _run_meta(run_dir)
-    declared = load_teacher(Path(meta["teacher"]))
+    declared = load_teacher(_teacher_path(run_dir, meta))
     teacher = with_dynamic_batch(declared)
     part = partition(teacher, PartitionConfig(**meta["config"]["partition"]))
     cache = CacheReader(run_dir / "cache")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -158,3 +159,20 @@ def test_sensitivity_tolerances_drive_threshold_search(done, tmp_path, capsys):
     bad.write_text(json.dumps({"neighbourhoods": [{"neighbourhood": 0, "threshold": 0.1}]}))
     assert main(["search", str(d / "run"), "--strategy", "threshold", "--tolerances", str(bad), "-o", str(tmp_path / "x.onnx")]) == 2
     assert "another partition" in capsys.readouterr().err
+
+
+def test_search_from_another_folder(done, tmp_path, monkeypatch):
+    """run.json names the teacher by an absolute path; a run written by an older version (relative
+    to where it ran) is found beside its run directory, so `search` works from any folder."""
+    d, teacher, _ = done
+    monkeypatch.chdir(d)
+    runner._open_run_dir(tmp_path / "new", runner.load_teacher("teacher.onnx"), DCFG)
+    assert Path(json.loads((tmp_path / "new" / "run.json").read_text())["teacher"]) == (d / "teacher.onnx").resolve()
+    old = tmp_path / "copy" / "run"
+    shutil.copytree(d / "run", old)
+    shutil.copy(teacher, old.parent / "teacher.onnx")
+    meta = json.loads((old / "run.json").read_text())
+    (old / "run.json").write_text(json.dumps({**meta, "teacher": "teacher.onnx"}))
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "elsewhere.onnx"
+    assert main(["search", str(old), "--target-params", "70%", "-o", str(out)]) == 0 and out.exists()

@@ -73,7 +73,8 @@ def _open_run_dir(run_dir: Path, teacher: Teacher, cfg: DistillConfig) -> None:
             log.warning("%s was made with other settings; finished jobs are kept, new ones use the new settings", run_dir)
     for sub in ("teacher", "students", "weights", "done", "noise"):
         (run_dir / sub).mkdir(parents=True, exist_ok=True)
-    atomic_write_text(meta_path, json.dumps({"teacher": str(teacher.path), "teacher_hash": digest,
+    # absolute: `search` works from any folder
+    atomic_write_text(meta_path, json.dumps({"teacher": str(teacher.path.resolve()), "teacher_hash": digest,
                                              "settings": _job_settings(cfg), "config": cfg.to_dict()}, indent=1))
 
 
