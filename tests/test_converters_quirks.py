@@ -22,10 +22,8 @@ from test_converters import (Case, Init, _assert_torch_matches, _build, _case_id
 
 import ndonnx.converters
 import onnx2torch
-from ndonnx.converters._registry import ORIGINALS
 from ndonnx.convert import EXACT_REL_ERR, rel_err
 from ndonnx.trainable import Trainable, write_weights
-from onnx2torch.node_converters.registry import _CONVERTER_REGISTRY, OperationDescription
 
 RNG = np.random.default_rng(20240620)
 

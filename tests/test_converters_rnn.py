@@ -17,9 +17,7 @@ from test_converters import (Case, Init, _assert_torch_matches, _build, _case_id
 
 import ndonnx.converters
 import onnx2torch
-from ndonnx.converters._registry import ORIGINALS
 from ndonnx.trainable import Trainable, write_weights
-from onnx2torch.node_converters.registry import _CONVERTER_REGISTRY, OperationDescription
 
 RNG = np.random.default_rng(20240611)
 OPS = {'LSTM', 'GRU', 'GlobalMaxPool', 'MaxPool', 'Clip'}  # the ops whose keys this file covers
