@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
 
 from ndonnx import __version__
-from ndonnx.errors import FULL_INSTALL_HINT, NdonnxError, missing_full_dependency
+from ndonnx.errors import FULL_INSTALL_HINT, NdonnxError, Terminated, missing_full_dependency
 
 
 def _emit(report: dict, as_json: bool, table) -> None:
@@ -59,7 +61,7 @@ def _compress_config(args: argparse.Namespace, distill_cfg=None):
 
     return CompressConfig(distill=distill_cfg or DistillConfig(), target=args.target_params, strategy=args.strategy,
                           max_drop=args.max_drop, finetune_steps=args.finetune_steps, eval_data=args.eval_data,
-                          tolerances=args.tolerances)
+                          tolerances=args.tolerances, force=args.force)
 
 
 def _finish(report: dict, args: argparse.Namespace) -> None:
@@ -103,8 +105,9 @@ def _compress(args: argparse.Namespace) -> int:
 
 def _search(args: argparse.Namespace) -> int:
     from ndonnx.compress import build
+    from ndonnx_cli.progress import bar
 
-    return _reported(lambda: build(args.run_dir, _compress_config(args), args.output), args)
+    return _reported(lambda: build(args.run_dir, _compress_config(args), args.output, progress=bar), args)
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -134,7 +137,8 @@ def _check(args: argparse.Namespace) -> int:
 
     cfg = GateConfig(max_params=args.max_params, max_size=args.max_size, max_nonzero=args.max_nonzero,
                      reference=args.reference, data=args.data, labels=args.labels,
-                     min_agreement=args.min_agreement, max_rel_err=args.max_rel_err)
+                     min_agreement=args.min_agreement, max_rel_err=args.max_rel_err,
+                     max_accuracy_drop=args.max_accuracy_drop)
     gates = run_gates(args.model, cfg)
     if args.junit:
         atomic_write_text(Path(args.junit), junit(args.model, gates))
@@ -156,7 +160,10 @@ def _sensitivity(args: argparse.Namespace) -> int:
         raise NdonnxError(f"--eps {args.eps!r}: expected comma-separated numbers, e.g. 0.01,0.1,1") from None
     if not eps or any(e < 0 for e in eps):
         raise NdonnxError("--eps values must be >= 0")
-    report = sensitivity(args.model, args.data, args.labels, tuple(sorted(eps)), args.max_drop, args.samples, args.seed)
+    from ndonnx_cli.progress import bar
+
+    report = sensitivity(args.model, args.data, args.labels, tuple(sorted(eps)), args.max_drop, args.samples, args.seed,
+                         progress=None if args.json else bar)
     if args.plot:
         plot(report, args.plot)
     _emit(report, args.json, sensitivity_table)
@@ -166,31 +173,41 @@ def _sensitivity(args: argparse.Namespace) -> int:
 def _add_distill_options(s) -> None:
     s.add_argument("--data", help="calibration data: .npz (arrays named after the inputs) or a folder of .npz shards")
     s.add_argument("--data-free", action="store_true", help="train on Gaussian noise (matched to --data statistics if given)")
-    s.add_argument("--candidates", help='e.g. "width:0.1-0.9/0.1,lowrank:0.5,sparse:0.8,identity,teacher"')
+    s.add_argument("--candidates", help='student candidates per neighbourhood, e.g. '
+                   '"width:0.1-0.9/0.1,lowrank:0.5,sparse:0.8,identity,teacher" (default: width 0.25/0.5/0.75, '
+                   'lowrank 0.25/0.5, identity, teacher)')
     s.add_argument("--steps", type=int, default=300, help="training steps per candidate (default 300)")
-    s.add_argument("--batch", type=int, default=64)
-    s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--batch", type=int, default=64, help="samples per training step (default 64)")
+    s.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate, cosine-decayed (default 1e-3)")
     s.add_argument("--lookahead", type=int, default=0, help="also match the next J teacher neighbourhoods (paper Eq. 4-5)")
-    s.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    s.add_argument("--jobs", type=int, default=0, help="worker processes (default: one per core on CPU)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="where students train (default auto: CUDA when torch sees it)")
+    s.add_argument("--jobs", type=int, default=0, help="worker processes (default: one per core on CPU, one on CUDA)")
+    s.add_argument("--seed", type=int, default=0, help="seed of every random choice: same seed, same student (default 0)")
     s.add_argument("--labels", help="name of a labels array in the data file (scores become accuracy)")
-    s.add_argument("--primary-input")
-    s.add_argument("--block-size", type=int, default=1)
-    s.add_argument("--force", action="store_true", help="start anew in a run directory made for another model")
+    s.add_argument("--primary-input", help="graph input the neighbourhoods are cut along (default: the one on "
+                   "whose paths the weights lie)")
+    s.add_argument("--block-size", type=int, default=1, help="weighted segments per neighbourhood (default 1)")
 
 
 def _add_search_options(s) -> None:
+    from ndonnx.config import STRATEGIES
+
     s.add_argument("--target-params", default="50%", help="budget: 18M, 250K, 1.5e6 or 60%% of the teacher (default 50%%)")
-    s.add_argument("-o", "--output", help="student .onnx (default: <teacher>.ndonnx.onnx beside the teacher)")
-    s.add_argument("--report", help="write the report as JSON here")
-    s.add_argument("--strategy", default="greedy", help="greedy (budget-driven) | threshold (paper: smallest within --max-drop)")
-    s.add_argument("--max-drop", type=float, help="largest score drop accepted (exit 1 beyond it)")
+    s.add_argument("-o", "--output", help="student .onnx (default: <teacher>.ndonnx-<budget>.onnx beside the teacher, "
+                   "e.g. resnet.ndonnx-50pct.onnx); an existing file is refused without --force")
+    s.add_argument("--report", help="write the report as JSON here (replaced if it exists)")
+    s.add_argument("--strategy", default="greedy", choices=STRATEGIES,
+                   help="greedy: least score lost per parameter saved until the budget is met (default); "
+                   "threshold: the paper's smallest candidate per neighbourhood within --max-drop or --tolerances, "
+                   "grown back within the budget when the whole drops more")
+    s.add_argument("--max-drop", type=float, help="largest score drop accepted (exit 1 beyond it; with --strategy "
+                   "threshold also each neighbourhood's allowance)")
     s.add_argument("--finetune-steps", type=int, default=0, help="end-to-end KD steps after splicing (paper Eq. 3)")
     s.add_argument("--tolerances", help="with --strategy threshold: per-neighbourhood noise thresholds from "
                    "`ndonnx sensitivity --json` (a candidate fits when its relative MSE <= threshold^2)")
-    s.add_argument("--eval-data", help="validate on this .npz (e.g. a test set; labels as in --labels) "
-                   "instead of the held-out 10%% of the calibration data")
+    s.add_argument("--eval-data", help="validate on this .npz (e.g. a test set, with labels under the name used "
+                   "for distilling) instead of the held-out 10%% of the calibration data")
 
 
 class Parser(argparse.ArgumentParser):
@@ -220,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model", help="teacher .onnx file")
     s.add_argument("--run-dir", required=True, help="where candidates, cache and journal live (resumable)")
     _add_distill_options(s)
+    s.add_argument("--force", action="store_true", help="start anew in a run directory made for another model")
     s.set_defaults(run=_distill)
 
     s = sub.add_parser("compress", help="distil, search and splice: a smaller model for a budget")
@@ -227,47 +245,73 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--run-dir", help="run directory (default: <teacher>.ndonnx-run beside the teacher)")
     _add_distill_options(s)
     _add_search_options(s)
+    s.add_argument("--force", action="store_true", help="replace an existing output file, and start anew in a "
+                   "run directory made for another model")
     s.set_defaults(run=_compress)
 
     s = sub.add_parser("search", help="a model for another budget from a run directory, without training")
-    s.add_argument("run_dir")
+    s.add_argument("run_dir", help="a run directory of `ndonnx compress` or `ndonnx distill`")
     _add_search_options(s)
+    s.add_argument("--force", action="store_true", help="replace an existing output file")
     s.set_defaults(run=_search)
 
     s = sub.add_parser("validate", help="compare a student with its teacher in onnxruntime")
-    s.add_argument("student")
+    s.add_argument("student", help="the student .onnx")
     s.add_argument("--reference", required=True, help="the teacher .onnx")
-    s.add_argument("--data", required=True)
-    s.add_argument("--labels")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--data", required=True, help="inputs to compare on: .npz or a folder of .npz shards")
+    s.add_argument("--labels", help="name of a labels array in the data (adds accuracy)")
+    s.add_argument("--json", action="store_true", help="print JSON on stdout instead of a table")
     s.set_defaults(run=_validate)
 
     s = sub.add_parser("sensitivity", help="score lost when each neighbourhood's output gets Gaussian noise")
-    s.add_argument("model")
-    s.add_argument("--data", required=True)
-    s.add_argument("--labels")
+    s.add_argument("model", help="teacher .onnx file")
+    s.add_argument("--data", required=True, help="inputs: .npz or a folder of .npz shards")
+    s.add_argument("--labels", help="name of a labels array in the data (scores become accuracy)")
     s.add_argument("--eps", default="0.01,0.03,0.1,0.3,1", help="noise amplitudes, times each output's std")
-    s.add_argument("--max-drop", type=float, default=0.01, help="tolerance that defines each threshold")
-    s.add_argument("--samples", type=int, default=512)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--max-drop", type=float, default=0.01, help="tolerance that defines each threshold (default 0.01)")
+    s.add_argument("--samples", type=int, default=512, help="samples of the data used (default 512)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
     s.add_argument("--plot", help="write the drop-vs-eps curves as a PNG here")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="print JSON on stdout instead of a table")
     s.set_defaults(run=_sensitivity)
 
     s = sub.add_parser("check", help="CI gates: exit 0 when every gate passes, 1 when one fails")
-    s.add_argument("model")
+    s.add_argument("model", help="the .onnx file to gate")
     s.add_argument("--max-params", help="parameters (dense float weights): 18M, 250K, 1.5e6")
     s.add_argument("--max-size", help="file size with external data: 10MB, 512KiB, ...")
     s.add_argument("--max-nonzero", help="non-zero weights (sparse students)")
     s.add_argument("--reference", help="teacher .onnx for the quality gates")
     s.add_argument("--data", help="data for the quality gates")
-    s.add_argument("--labels")
-    s.add_argument("--min-agreement", type=float, help="top-1 agreement with the reference, 0..1")
+    s.add_argument("--labels", help="name of a labels array in the data, for --max-accuracy-drop")
+    s.add_argument("--min-agreement", type=float, help="top-1 agreement with the reference, a fraction 0..1")
     s.add_argument("--max-rel-err", type=float, help="||student - reference|| / ||reference|| on the outputs")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--max-accuracy-drop", type=float, help="reference accuracy minus the model's, a fraction "
+                   "0..1 (needs --labels)")
+    s.add_argument("--json", action="store_true", help="print JSON on stdout instead of lines")
     s.add_argument("--junit", help="also write a JUnit XML report here")
     s.set_defaults(run=_check)
     return p
+
+
+class _Format(logging.Formatter):
+    """`ndonnx: note` for our own progress notes, `ndonnx: warning: ...` above that."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        kind = "" if record.levelno < logging.WARNING else "warning: "
+        return f"ndonnx: {kind}{record.getMessage()}"
+
+
+def _logging(verbose: bool) -> None:
+    if verbose:
+        logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s")
+        return
+    root = logging.getLogger()
+    if not root.handlers:  # (a host that set up logging, e.g. a test runner, keeps its own)
+        handler = logging.StreamHandler()
+        handler.setFormatter(_Format())
+        root.addHandler(handler)
+        root.setLevel(logging.WARNING)
+    logging.getLogger("ndonnx").setLevel(logging.INFO)  # our notes; other libraries stay at warnings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -275,8 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # usage errors and --help
         return int(e.code or 0)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="ndonnx: warning: %(message)s" if not args.verbose else "%(levelname)s %(name)s: %(message)s")
+    _logging(args.verbose)
+    previous = _on_sigterm()
     try:
         return args.run(args)
     except NdonnxError as e:
@@ -284,9 +328,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"ndonnx: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("ndonnx: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print("ndonnx: terminated" if isinstance(e, Terminated) else "ndonnx: interrupted", file=sys.stderr)
+        return getattr(e, "exit_code", 130)
     except Exception as e:  # a bug of ours, not a user mistake: say so on one line
         if args.verbose:
             raise
@@ -300,3 +344,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ndonnx: internal error: {type(e).__name__}: {first} (rerun with --verbose for the traceback)",
               file=sys.stderr)
         return 3
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _on_sigterm():
+    """SIGTERM (a CI timeout, `kill`) stops like ^C: workers ended, journalled jobs kept, exit 143."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def raise_terminated(signum, frame):
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, raise_terminated)

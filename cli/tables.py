@@ -65,15 +65,18 @@ def compress_table(r: dict) -> None:
     t.add_row("all", f"{r['params_teacher']:,}", f"{r['params_student']:,}",
               f"{r['params_student'] / r['params_teacher']:.1%} of the teacher", "", end_section=True)
     stdout.print(t)
-    validation_table(r["validation"])
+    ft = r.get("finetune")
+    validation_table(r["validation"], ft.get("score_before") if ft else None)
     stdout.print("stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in r["timings"].items()))
     if "error" in r:
         stdout.print(f"[red]{r['error']}[/]")
     else:
+        if "warning" in r:
+            stdout.print(f"[yellow]{r['warning']}[/]")
         stdout.print(f"wrote {r['output']}")
 
 
-def validation_table(v: dict) -> None:
+def validation_table(v: dict, before_finetune: float | None = None) -> None:
     t = Table(title=f"validation on {v['samples']} samples ({v.get('data', 'given data')}), onnxruntime")
     t.add_column("figure")
     t.add_column("teacher", justify="right")
@@ -83,6 +86,8 @@ def validation_table(v: dict) -> None:
         t.add_row("accuracy", f"{v['accuracy_teacher']:.4f}", f"{v['accuracy_student']:.4f}")
     if v["metric"] != "accuracy":
         t.add_row(v["metric"], f"{v['score_teacher']:.4f}", f"{v['score_student']:.4f}")
+    if before_finetune is not None:
+        t.add_row(f"{v['metric']} before fine-tuning", "", f"{before_finetune:.4f}")
     if "top1_agreement" in v:
         t.add_row("top-1 agreement with the teacher", "", f"{v['top1_agreement']:.4f}")
     t.add_row("max abs / relative error vs teacher", "", f"{v['max_abs_err']:.3g} / {v['rel_err']:.3g}")

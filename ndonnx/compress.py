@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -13,48 +15,55 @@ import numpy as np
 import onnx
 import torch
 
-from ndonnx.config import DistillConfig, PartitionConfig, SampleConfig
+from ndonnx.config import STRATEGIES, CompressConfig, DistillConfig, PartitionConfig, SampleConfig  # noqa: F401
 from ndonnx.distill.cache import CacheReader, atomic_write_text
-from ndonnx.data import load_data
+from ndonnx.data import load_data, teacher_hash
 from ndonnx.distill.runner import distill
 from ndonnx.errors import GoalNotMet, NdonnxError
 from ndonnx.graph import Teacher, load_teacher, restore_interface, with_dynamic_batch
 from ndonnx.partition import Partition, partition
-from ndonnx.sample import run_sample
-from ndonnx.search import Scorer, load_options, parse_target, save_scores, search
+from ndonnx.metrics import score_outputs
+from ndonnx.sample import ort_session, run_sample
+from ndonnx.search import THRESHOLD_MAX_DROP, Scorer, load_options, parse_target, save_scores, search
 from ndonnx.splice import check, save_atomic
 from ndonnx.trainable import Trainable, write_weights
 from ndonnx.validate import validate
 
-
-@dataclass(frozen=True)
-class CompressConfig:
-    distill: DistillConfig = field(default_factory=DistillConfig)
-    target: str = "50%"
-    strategy: str = "greedy"
-    max_drop: float | None = None
-    finetune_steps: int = 0
-    finetune_lr: float = 1e-4
-    temperature: float = 4.0
-    kd_lambda: float = 0.5  # weight of cross-entropy on labels next to the soft targets (Eq. 3)
-    eval_data: str | None = None  # validate on this data (e.g. a test set) instead of the held-out split
-    tolerances: str | None = None  # `ndonnx sensitivity --json` output: per-neighbourhood noise thresholds
+log = logging.getLogger(__name__)
 
 
-def default_output(teacher_path: Path) -> Path:
+def default_output(teacher_path: Path, target: str) -> Path:
+    """`<teacher>.ndonnx-<budget>.onnx` beside the teacher: each budget its own file."""
     name = teacher_path.name[:-5] if teacher_path.name.endswith(".onnx") else teacher_path.name
-    return teacher_path.with_name(f"{name}.ndonnx.onnx")
+    budget = re.sub(r"[^0-9A-Za-z.]", "", str(target).strip().replace("%", "pct"))
+    return teacher_path.with_name(f"{name}.ndonnx-{budget}.onnx")
+
+
+def _check_output(output: Path, teacher_path: Path, force: bool) -> None:
+    if output.resolve() == teacher_path.resolve():
+        raise NdonnxError(f"-o {output}: that is the teacher file; it is never overwritten")
+    if output.exists() and not force:
+        raise NdonnxError(f"{output} exists; pass --force to replace it, or -o to write another file")
+    if not output.parent.is_dir():
+        raise NdonnxError(f"-o {output}: no folder {output.parent}")
 
 
 def compress(model_path: str | Path, run_dir: str | Path, cfg: CompressConfig, data_path: str | Path | None = None,
              output: str | Path | None = None, progress: Callable | None = None) -> dict:
+    """Every input is checked before the run directory is touched: a typo costs nothing."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     model_path, run_dir = Path(model_path), Path(run_dir)
-    parse_target(cfg.target, 1)  # refuse a malformed target before any training
+    parse_target(cfg.target, 1)
+    output = Path(output) if output else default_output(model_path, cfg.target)
+    _check_output(output, model_path, cfg.force)
+    if cfg.tolerances:
+        _read_tolerances(cfg.tolerances)
+    if cfg.eval_data:
+        load_data(cfg.eval_data, load_teacher(model_path), cfg.distill.labels)
     distill(model_path, run_dir, cfg.distill, data_path=data_path, progress=progress)
     timings["distill"] = time.perf_counter() - t0
-    return build(run_dir, cfg, output or default_output(model_path), timings, progress)
+    return build(run_dir, cfg, output, timings, progress)
 
 
 def build(run_dir: Path, cfg: CompressConfig, output: str | Path | None, timings: dict | None = None,
@@ -64,15 +73,20 @@ def build(run_dir: Path, cfg: CompressConfig, output: str | Path | None, timings
     run_dir = Path(run_dir)
     meta = _run_meta(run_dir)
     teacher_path = _teacher_path(run_dir, meta)
-    output = Path(output) if output else default_output(teacher_path)
-    if output.resolve() == teacher_path.resolve():
-        raise NdonnxError(f"-o {output}: that is the teacher file; it is never overwritten")
+    output = Path(output) if output else default_output(teacher_path, cfg.target)
+    _check_output(output, teacher_path, cfg.force)
+    parse_target(cfg.target, 1)
     t0 = time.perf_counter()
     run = open_run(run_dir)
     declared, teacher, part, cache, scorer, options = (run.declared, run.teacher, run.part, run.cache, run.scorer,
                                                        run.options)
     target = parse_target(cfg.target, teacher.params)
-    result = search(scorer, options, target, cfg.strategy, cfg.max_drop, tolerances=_tolerances(cfg, part))
+    tolerances = _tolerances(cfg, part)
+    limit = cfg.max_drop  # threshold: the drop it keeps within, by default the tolerances' own
+    if limit is None and cfg.strategy == "threshold":
+        limit = tolerances.max_drop if tolerances else THRESHOLD_MAX_DROP
+    result = search(scorer, options, target, cfg.strategy, limit, tolerances=tolerances and tolerances.by_id,
+                    progress=progress)
     save_scores(run_dir, options, scorer)
     timings["search"] = time.perf_counter() - t0
 
@@ -83,20 +97,22 @@ def build(run_dir: Path, cfg: CompressConfig, output: str | Path | None, timings
     check(student)
     timings["splice"] = time.perf_counter() - t0
 
-    finetune_report = None
-    if cfg.finetune_steps > 0:
-        t0 = time.perf_counter()
-        student, finetune_report = finetune(student, teacher.model, cache, scorer, cfg)
-        check(student)
-        timings["finetune"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
     inputs, eval_labels = scorer.inputs, scorer.labels
     if cfg.eval_data:
         labels_key = meta["config"].get("labels")
         arrays = load_data(cfg.eval_data, teacher, labels_key).read_all()
         eval_labels = arrays.pop(labels_key) if labels_key else None
         inputs = arrays
+    finetune_report = None
+    if cfg.finetune_steps > 0:
+        t0 = time.perf_counter()
+        before = score_on(student, teacher.model, inputs, eval_labels)
+        student, finetune_report = finetune(student, teacher.model, cache, scorer, cfg, progress)
+        finetune_report["score_before"] = before
+        check(student)
+        timings["finetune"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
     val = validate(student, teacher.model, inputs, eval_labels)
     val["data"] = str(cfg.eval_data) if cfg.eval_data else "held-out split of the calibration data"
     timings["validate"] = time.perf_counter() - t0
@@ -112,12 +128,24 @@ def build(run_dir: Path, cfg: CompressConfig, output: str | Path | None, timings
     if cfg.max_drop is not None and drop > cfg.max_drop:
         report["error"] = f"{scorer.metric} dropped by {drop:.4f}, more than --max-drop {cfg.max_drop}"
         raise DropTooLarge(report["error"], report)
+    if limit is not None and drop > limit:  # the tolerances' own max-drop: a warning, the budget was met
+        how = "the max-drop the tolerances were made for" if tolerances else "the threshold strategy's default"
+        report["warning"] = (f"{scorer.metric} dropped by {drop:.4f}, more than {limit} ({how}) although the "
+                             f"search grew neighbourhoods back within the target: try a larger --target-params")
+        log.warning(report["warning"])
     t0 = time.perf_counter()
     save_atomic(restore_interface(student, declared.model), output)
     val["bytes_student"] = output.stat().st_size
     val["bytes_teacher"] = teacher_path.stat().st_size
     timings["save"] = time.perf_counter() - t0
     return report
+
+
+def score_on(student: onnx.ModelProto, teacher: onnx.ModelProto, inputs: dict, labels) -> float:
+    """The student's score against the teacher's outputs on `inputs` (onnxruntime)."""
+    names = [o.name for o in teacher.graph.output]
+    reference = ort_session(teacher).run(names, inputs)
+    return score_outputs(ort_session(student).run(names, inputs), reference, labels)
 
 
 @dataclass
@@ -142,19 +170,27 @@ def _run_meta(run_dir: Path) -> dict:
 
 
 def _teacher_path(run_dir: Path, meta: dict) -> Path:
-    """The teacher a run was made from: stored absolute; older runs stored it relative to where
-    they ran, which is tried first, then beside the run directory (its default place)."""
+    """The teacher a run was made from: where run.json says (absolute; older runs stored it relative
+    to where they ran), else by name beside the run directory (its default place): a run directory
+    moved together with its teacher still works. Which file it is, the hash decides (`open_run`)."""
     path = Path(meta["teacher"])
-    if path.is_absolute() or path.exists():
+    if path.exists():
         return path
-    return run_dir.resolve().parent / path.name
+    beside = run_dir.resolve().parent / path.name
+    if beside.exists():
+        return beside
+    raise NdonnxError(f"{run_dir}: its teacher {path} is gone (and no {path.name} beside the run directory)")
 
 
 def open_run(run_dir: str | Path) -> Run:
     run_dir = Path(run_dir)
     meta = _run_meta(run_dir)
-    declared = load_teacher(_teacher_path(run_dir, meta))
+    path = _teacher_path(run_dir, meta)
+    declared = load_teacher(path)
     teacher = with_dynamic_batch(declared)
+    if teacher_hash(teacher.model) != meta.get("teacher_hash"):  # students of another teacher would splice in
+        raise NdonnxError(f"{path} is not the teacher {run_dir} was distilled from (its hash differs): "
+                          f"put that file back, or distil this one into a new run directory")
     part = partition(teacher, PartitionConfig(**meta["config"]["partition"]))
     cache = CacheReader(run_dir / "cache")
     sample = run_sample(teacher, feeds={n: cache.read(n, cache.holdout[:SampleConfig.batch]) for n in teacher.input_names})
@@ -170,19 +206,28 @@ class DropTooLarge(GoalNotMet):
         self.report = report
 
 
-def _tolerances(cfg: CompressConfig, part) -> dict[int, float] | None:
+@dataclass(frozen=True)
+class Tolerances:
+    by_id: dict[int, float]  # neighbourhood -> largest noise eps it tolerates
+    max_drop: float  # the score drop they were measured for
+
+
+def _read_tolerances(path: str) -> Tolerances:
+    try:
+        report = json.loads(Path(path).read_text())
+        tol = {int(r["neighbourhood"]): float(r["threshold"] or 0.0) for r in report["neighbourhoods"]}
+        return Tolerances(tol, float(report.get("max_drop", 0.01)))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise NdonnxError(f"--tolerances {path}: not the JSON of `ndonnx sensitivity --json` ({e})") from e
+
+
+def _tolerances(cfg: CompressConfig, part) -> Tolerances | None:
     if cfg.tolerances is None:
         return None
-    if cfg.strategy != "threshold":
-        raise NdonnxError("--tolerances applies to --strategy threshold")
-    try:
-        rows = json.loads(Path(cfg.tolerances).read_text())["neighbourhoods"]
-        tol = {int(r["neighbourhood"]): float(r["threshold"] or 0.0) for r in rows}
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise NdonnxError(f"--tolerances {cfg.tolerances}: not the JSON of `ndonnx sensitivity --json` ({e})") from e
-    if sorted(tol) != [n.id for n in part.neighbourhoods]:
+    tol = _read_tolerances(cfg.tolerances)
+    if sorted(tol.by_id) != [n.id for n in part.neighbourhoods]:
         raise NdonnxError(f"--tolerances {cfg.tolerances}: made for another partition "
-                          f"({len(tol)} neighbourhoods, this run has {len(part.neighbourhoods)})")
+                          f"({len(tol.by_id)} neighbourhoods, this run has {len(part.neighbourhoods)})")
     return tol
 
 
@@ -214,7 +259,7 @@ def _table(part, options, result) -> list[dict]:
 
 
 def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, cache: CacheReader, scorer: Scorer,
-             cfg: CompressConfig) -> tuple[onnx.ModelProto, dict]:
+             cfg: CompressConfig, progress: Callable | None = None) -> tuple[onnx.ModelProto, dict]:
     """End-to-end KD of the spliced student (paper Eq. 3): soft targets at temperature T, plus
     lambda x cross-entropy when labels are known; MSE on outputs for models that are not classifiers."""
     seed = cfg.distill.seed
@@ -248,7 +293,8 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, cache: CacheRea
             return float(np.mean([loss_on(cache.holdout[lo:lo + 256]).item() for lo in range(0, len(cache.holdout), 256)]))
 
     before = held_out_loss()
-    for _ in range(cfg.finetune_steps):
+    steps = range(cfg.finetune_steps)
+    for _ in steps if progress is None else progress(steps, cfg.finetune_steps, "fine-tune"):
         idx = np.sort(rng.choice(train, min(cfg.distill.batch, len(train)), replace=False))
         opt.zero_grad(set_to_none=True)
         loss = loss_on(idx)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 
 @dataclass(frozen=True)
@@ -62,3 +62,31 @@ class DistillConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+STRATEGIES = ("greedy", "threshold")
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    target: str = "50%"
+    strategy: str = "greedy"
+    max_drop: float | None = None
+    finetune_steps: int = 0
+    finetune_lr: float = 1e-4
+    temperature: float = 4.0
+    kd_lambda: float = 0.5  # weight of cross-entropy on labels next to the soft targets (Eq. 3)
+    eval_data: str | None = None  # validate on this data (e.g. a test set) instead of the held-out split
+    tolerances: str | None = None  # `ndonnx sensitivity --json` output: per-neighbourhood noise thresholds
+    force: bool = False  # replace an existing output file
+
+    def __post_init__(self) -> None:
+        from ndonnx.errors import NdonnxError
+
+        if self.strategy not in STRATEGIES:
+            raise NdonnxError(f"--strategy must be {' or '.join(STRATEGIES)}, got {self.strategy!r}")
+        if self.finetune_steps < 0:
+            raise NdonnxError(f"--finetune-steps must be >= 0, got {self.finetune_steps}")
+        if self.tolerances is not None and self.strategy != "threshold":
+            raise NdonnxError("--tolerances applies to --strategy threshold")

@@ -56,13 +56,27 @@ class Dataset:
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def _read_shard(path: Path, specs: list[InputSpec], labels_key: str | None) -> dict[str, np.ndarray]:
+def _read_arrays(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of an .npz (or of an .npy: one array); nothing is unpickled."""
     try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except OSError as e:
+        raise NdonnxError(f"{path}: cannot be read ({e.strerror})") from e
+    if magic[:2] != b"PK" and magic != b"\x93NUMPY":  # numpy would guess a pickle; say what it is not
+        raise NdonnxError(f"{path}: not an .npz file (arrays saved with numpy.savez, one per model input)")
+    try:
+        if magic == b"\x93NUMPY":
+            return {"array": np.load(path, allow_pickle=False)}
         with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
+            return {k: z[k] for k in z.files}
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
         msg = "holds object arrays, which are refused" if "pickle" in str(e) else f"is not a readable .npz file ({e})"
         raise NdonnxError(f"{path}: {msg}") from e
+
+
+def _read_shard(path: Path, specs: list[InputSpec], labels_key: str | None) -> dict[str, np.ndarray]:
+    arrays = _read_arrays(path)
     if not arrays:
         raise NdonnxError(f"{path}: empty data file")
     names = [s.name for s in specs]

@@ -13,6 +13,12 @@ class GoalNotMet(NdonnxError):
     exit_code = 1
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an interrupt so that the same clean-up runs: exit 143 (128 + 15)."""
+
+    exit_code = 143
+
+
 # Distillation's dependencies: a light CI install (check, inspect --no-check, validate) leaves them out.
 FULL_ONLY = ("torch", "onnx2torch", "safetensors", "matplotlib")
 FULL_INSTALL_HINT = "install the full tool with its default dependencies (pip install without --no-deps)"

@@ -25,6 +25,22 @@ class GateConfig:
     labels: str | None = None
     min_agreement: float | None = None
     max_rel_err: float | None = None
+    max_accuracy_drop: float | None = None
+
+    def __post_init__(self) -> None:
+        for flag, value in (("--min-agreement", self.min_agreement), ("--max-accuracy-drop", self.max_accuracy_drop)):
+            if value is not None and not 0 <= value <= 1:
+                raise NdonnxError(f"{flag} {value:g}: a fraction between 0 and 1 is meant (e.g. 0.98 for 98%)")
+        if self.max_rel_err is not None and self.max_rel_err < 0:
+            raise NdonnxError(f"--max-rel-err {self.max_rel_err:g}: must be >= 0")
+        if self.labels and self.max_accuracy_drop is None:
+            raise NdonnxError("--labels is used by --max-accuracy-drop only; give that gate, or leave --labels out")
+        if self.max_accuracy_drop is not None and not self.labels:
+            raise NdonnxError("--max-accuracy-drop needs --labels NAME (the labels array in --data)")
+
+    @property
+    def quality(self) -> bool:
+        return any(v is not None for v in (self.min_agreement, self.max_rel_err, self.max_accuracy_drop))
 
 
 @dataclass
@@ -75,8 +91,9 @@ def file_size(path: Path) -> int:
 
 
 def run_gates(model_path: str | Path, cfg: GateConfig) -> list[Gate]:
-    if not any([cfg.max_params, cfg.max_size, cfg.max_nonzero, cfg.min_agreement is not None, cfg.max_rel_err is not None]):
-        raise NdonnxError("no gate given: use --max-params, --max-size, --max-nonzero, --min-agreement or --max-rel-err")
+    if not any([cfg.max_params, cfg.max_size, cfg.max_nonzero, cfg.quality]):
+        raise NdonnxError("no gate given: use --max-params, --max-size, --max-nonzero, --min-agreement, --max-rel-err "
+                          "or --max-accuracy-drop")
     model_path = Path(model_path)
     student = load_teacher(model_path)
     gates = []
@@ -91,9 +108,10 @@ def run_gates(model_path: str | Path, cfg: GateConfig) -> list[Gate]:
         nonzero = sum(int(np.count_nonzero(numpy_helper.to_array(inits[n]))) for n in student.weights)
         allowed = parse_count("--max-nonzero", cfg.max_nonzero, student.params)
         gates.append(Gate("max-nonzero", nonzero, allowed, nonzero <= allowed))
-    if cfg.min_agreement is not None or cfg.max_rel_err is not None:
+    if cfg.quality:
         if not cfg.reference or not cfg.data:
-            raise NdonnxError("--min-agreement and --max-rel-err need --reference TEACHER and --data FILE")
+            raise NdonnxError("--min-agreement, --max-rel-err and --max-accuracy-drop need --reference TEACHER and "
+                              "--data FILE")
         from ndonnx.data import load_data
         from ndonnx.validate import validate
 
@@ -110,6 +128,9 @@ def run_gates(model_path: str | Path, cfg: GateConfig) -> list[Gate]:
             gates.append(Gate("min-agreement", agree, cfg.min_agreement, agree >= cfg.min_agreement))
         if cfg.max_rel_err is not None:
             gates.append(Gate("max-rel-err", v["rel_err"], cfg.max_rel_err, v["rel_err"] <= cfg.max_rel_err))
+        if cfg.max_accuracy_drop is not None:
+            drop = v["accuracy_teacher"] - v["accuracy_student"]
+            gates.append(Gate("max-accuracy-drop", drop, cfg.max_accuracy_drop, drop <= cfg.max_accuracy_drop))
     return gates
 
 

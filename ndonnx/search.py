@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -131,43 +132,27 @@ def total_params(teacher_params: int, part: Partition, choice: dict[int, Option]
     return teacher_params - sum(by_id[nid].params - o.params for nid, o in choice.items())
 
 
+THRESHOLD_MAX_DROP = 0.01  # --strategy threshold without --max-drop or tolerances
+
+
 def search(scorer: Scorer, options: dict[int, list[Option]], target: int, strategy: str = "greedy",
-           max_drop: float | None = None, rounds: int = 4, tolerances: dict[int, float] | None = None) -> SearchResult:
+           max_drop: float | None = None, rounds: int = 4, tolerances: dict[int, float] | None = None,
+           progress: Callable | None = None) -> SearchResult:
     """Pick one option per neighbourhood with total parameters <= target."""
     part, tparams = scorer.part, scorer.teacher.params
-    for opts in options.values():
-        for o in opts:
-            if o.score is None:
-                o.score = scorer.single(o)
+    pending = [o for opts in options.values() for o in opts if o.score is None]
+    for o in pending if progress is None or not pending else progress(pending, len(pending), "score"):
+        o.score = scorer.single(o)
     teacher_opt = {nid: next(o for o in opts if o.candidate == "teacher") for nid, opts in options.items()}
     smallest = {nid: min(opts, key=lambda o: o.params) for nid, opts in options.items()}
     floor = total_params(tparams, part, smallest)
     if floor > target:
         raise TargetUnreachable(target, floor)
-    pareto: list[dict] = []
-    if strategy == "threshold":  # the paper's: the smallest candidate whose drop is within max_drop
-        limit = 0.01 if max_drop is None else max_drop
-        if tolerances is not None:
-            # Sensitivity thresholds: noise of eps x std has MSE / variance = eps^2, so a candidate
-            # whose held-out relative MSE stays below eps^2 perturbs no more than tolerated noise.
-            def ok(o):
-                return (o.rel_mse or 0.0) <= tolerances.get(o.neighbourhood, 0.0) ** 2
-            how = "with --strategy threshold and the sensitivity tolerances"
-        else:
-            def ok(o):
-                return scorer.teacher_score - o.score <= limit
-            how = f"with --strategy threshold and --max-drop {limit}"
-        choice = {nid: min((o for o in opts if ok(o) or o.candidate == "teacher"), key=lambda o: o.params)
-                  for nid, opts in options.items()}
-        params = total_params(tparams, part, choice)
-        if params > target:
-            raise TargetUnreachable(target, params, how)
-        score = scorer.composed(choice)
-        predicted = scorer.teacher_score - sum(scorer.teacher_score - o.score for o in choice.values())
-        pareto.append({"params": params, "score": score, "choices": _names(choice)})
-        return SearchResult(choice, params, score, predicted, pareto)
+    if strategy == "threshold":
+        return _threshold(scorer, options, target, THRESHOLD_MAX_DROP if max_drop is None else max_drop, tolerances)
     if strategy != "greedy":
         raise NdonnxError(f"--strategy must be greedy or threshold, got {strategy!r}")
+    pareto: list[dict] = []
     cost = {(o.neighbourhood, o.candidate): scorer.teacher_score - o.score for opts in options.values() for o in opts}
     best = None
     for _ in range(rounds):
@@ -191,6 +176,48 @@ def search(scorer: Scorer, options: dict[int, list[Option]], target: int, strate
             cost[key] = max(cost[key], gain)
     best.pareto = _pareto(pareto)
     return best
+
+
+def _threshold(scorer: Scorer, options, target: int, limit: float, tolerances) -> SearchResult:
+    """The paper's: the smallest candidate per neighbourhood within its tolerance (the sensitivity
+    thresholds, else a partial-model drop within `limit`). Single tolerances compound, so when the
+    composed student drops more than `limit` the neighbourhoods are grown back, the change that
+    recovers most score per parameter first, while the total stays within the target."""
+    part, tparams = scorer.part, scorer.teacher.params
+    if tolerances is not None:
+        # Noise of eps x std has MSE / variance = eps^2: a candidate whose held-out relative MSE
+        # stays below eps^2 perturbs no more than tolerated noise.
+        def ok(o):
+            return (o.rel_mse or 0.0) <= tolerances.get(o.neighbourhood, 0.0) ** 2
+        how = "with --strategy threshold and the sensitivity tolerances"
+    else:
+        def ok(o):
+            return scorer.teacher_score - o.score <= limit
+        how = f"with --strategy threshold and --max-drop {limit}"
+    choice = {nid: min((o for o in opts if ok(o) or o.candidate == "teacher"), key=lambda o: o.params)
+              for nid, opts in options.items()}
+    params = total_params(tparams, part, choice)
+    if params > target:
+        raise TargetUnreachable(target, params, how)
+    score = scorer.composed(choice)
+    pareto = [{"params": params, "score": score, "choices": _names(choice)}]
+    while scorer.teacher_score - score > limit:
+        best = None
+        for nid, opts in options.items():  # one step up per neighbourhood: the next larger candidate
+            o = min((o for o in opts if o.params > choice[nid].params), key=lambda o: o.params, default=None)
+            if o is None or total_params(tparams, part, {**choice, nid: o}) > target:
+                continue
+            gain = scorer.composed({**choice, nid: o}) - score
+            key = gain / (o.params - choice[nid].params)
+            if gain > 0 and (best is None or key > best[0]):
+                best = (key, nid, o)
+        if best is None:
+            break
+        choice = {**choice, best[1]: best[2]}
+        params, score = total_params(tparams, part, choice), scorer.composed(choice)
+        pareto.append({"params": params, "score": score, "choices": _names(choice)})
+    predicted = scorer.teacher_score - sum(scorer.teacher_score - o.score for o in choice.values())
+    return SearchResult(choice, params, score, predicted, _pareto(pareto))
 
 
 def _greedy(options, teacher_opt, cost, tparams, part, target) -> dict[int, Option]:

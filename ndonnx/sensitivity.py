@@ -7,11 +7,13 @@ one eps means the same perturbation for every neighbourhood whatever its scale."
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import onnx
 from onnx import helper
 
 from ndonnx.data import load_data
+from ndonnx.errors import NdonnxError
 from ndonnx.graph import load_teacher, with_dynamic_batch
 from ndonnx.partition import partition
 from ndonnx.sample import ort_session
@@ -43,7 +45,11 @@ def inject_noise(model: onnx.ModelProto, scales: dict[str, float], seed: int) ->
 
 def sensitivity(model_path: str | Path, data_path: str | Path, labels_key: str | None = None,
                 eps: tuple[float, ...] = DEFAULT_EPS, max_drop: float = 0.01, samples: int = 512,
-                seed: int = 0) -> dict:
+                seed: int = 0, progress: Callable | None = None) -> dict:
+    if samples < 1:
+        raise NdonnxError(f"--samples must be >= 1, got {samples}")
+    if max_drop < 0:
+        raise NdonnxError(f"--max-drop must be >= 0, got {max_drop}")
     teacher = with_dynamic_batch(load_teacher(model_path))
     part = partition(teacher)
     arrays = load_data(data_path, teacher, labels_key).read_all()
@@ -64,11 +70,14 @@ def sensitivity(model_path: str | Path, data_path: str | Path, labels_key: str |
         return base - score_outputs(ort_session(noisy).run(outputs, feeds), reference, labels)
 
     rows = []
-    for nbh in part.neighbourhoods:
+    steps = [*part.neighbourhoods, "all together"]
+    for nbh in steps if progress is None else progress(steps, len(steps), "sensitivity"):
+        if nbh == "all together":
+            together = [drop(cuts, e) for e in eps]
+            continue
         drops = [drop(list(nbh.outputs), e) for e in eps]
         rows.append({"neighbourhood": nbh.id, "tensor": ", ".join(nbh.outputs), "params": nbh.params, "drops": drops,
                      "threshold": _threshold(eps, drops, max_drop)})
-    together = [drop(cuts, e) for e in eps]
     return {"model": str(model_path), "metric": metric_name(reference, labels), "score": base, "eps": list(eps),
             "max_drop": max_drop, "samples": len(next(iter(feeds.values()))), "neighbourhoods": rows,
             "all": {"drops": together, "threshold": _threshold(eps, together, max_drop)}}

@@ -6,8 +6,11 @@ import json
 import xml.etree.ElementTree as ET
 
 import numpy as np
+import onnx
 import pytest
+from onnx import numpy_helper
 
+from ndonnx.sample import ort_session
 from ndonnx_cli.main import main
 
 
@@ -37,7 +40,36 @@ def test_quality_gates(zoo, data, capsys):
     assert main(same + ["--min-agreement", "1.0", "--max-rel-err", "1e-6"]) == 0
     other = ["check", str(zoo["resnet_opset11"]), "--reference", m, "--data", str(data)]
     assert main(other + ["--min-agreement", "0.99"]) == 0  # the same network, another opset
-    assert main(["check", str(zoo["resnet_constants"]), "--reference", m, "--data", str(data), "--max-rel-err", "-1"]) == 1
+    assert main(["check", str(zoo["resnet_constants"]), "--reference", m, "--data", str(data), "--max-rel-err", "0"]) == 0
+
+
+@pytest.fixture(scope="module")
+def perturbed(zoo, data, tmp_path_factory):
+    """The tiny ResNet with its classifier's weights flipped in sign, and labels its reference predicts."""
+    model = onnx.load(str(zoo["resnet_legacy"]))
+    head = [n for n in model.graph.node if n.op_type in ("Gemm", "MatMul")][-1]
+    init = next(i for i in model.graph.initializer if i.name == head.input[1])
+    init.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(init), init.name))
+    path = tmp_path_factory.mktemp("perturbed") / "perturbed.onnx"
+    onnx.save(model, str(path))
+    x = np.load(data)["input"]
+    labels = ort_session(onnx.load(str(zoo["resnet_legacy"]))).run(None, {"input": x})[0].argmax(-1)
+    labelled = path.with_name("labelled.npz")
+    np.savez(labelled, input=x, labels=labels)
+    return path, labelled
+
+
+def test_quality_gates_fail_on_another_model(zoo, perturbed, capsys):
+    path, labelled = perturbed
+    ref = ["--reference", str(zoo["resnet_legacy"]), "--data", str(labelled)]
+    assert main(["check", str(path), *ref, "--max-rel-err", "0.01", "--json"]) == 1
+    r = json.loads(capsys.readouterr().out)
+    assert r["gates"][0]["measured"] > 0.01 and not r["passed"]
+    assert main(["check", str(path), *ref, "--labels", "labels", "--max-accuracy-drop", "0.0", "--json"]) == 1
+    gate = json.loads(capsys.readouterr().out)["gates"][0]
+    assert gate["name"] == "max-accuracy-drop" and 0 < gate["measured"] <= 1
+    assert main(["check", str(path), *ref, "--labels", "labels", "--max-accuracy-drop", "1"]) == 0
+    assert main(["check", str(zoo["resnet_legacy"]), *ref, "--labels", "labels", "--max-accuracy-drop", "0"]) == 0
 
 
 def test_json_and_junit(zoo, tmp_path, capsys):
@@ -50,8 +82,14 @@ def test_json_and_junit(zoo, tmp_path, capsys):
     assert suite.get("tests") == "2" and suite.get("failures") == "1"
 
 
-@pytest.mark.parametrize("argv", [["--max-params", "lots"], ["--max-size", "big"], [], ["--min-agreement", "0.9"]])
-def test_bad_input_exit_2(zoo, capsys, argv):
+@pytest.mark.parametrize("argv, says", [
+    (["--max-params", "lots"], "--max-params 'lots'"), (["--max-size", "big"], "--max-size 'big'"),
+    ([], "no gate given"), (["--min-agreement", "0.9"], "need --reference"),
+    (["--min-agreement", "98"], "a fraction between 0 and 1"), (["--max-rel-err", "-1"], ">= 0"),
+    (["--labels", "y", "--max-params", "1M"], "--labels is used by --max-accuracy-drop only"),
+    (["--max-accuracy-drop", "0.01"], "needs --labels"),
+])
+def test_bad_input_exit_2(zoo, capsys, argv, says):
     assert main(["check", str(zoo["resnet_legacy"]), *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("ndonnx: error:")
+    assert len(err) == 1 and err[0].startswith("ndonnx: error:") and says in err[0]

@@ -46,7 +46,7 @@ def test_parse_target():
 
 def test_target_met_and_interface_kept(done):
     d, teacher, report = done
-    out = d / "teacher.ndonnx.onnx"
+    out = d / "teacher.ndonnx-70pct.onnx"
     assert out.exists() and report["output"] == str(out)
     assert report["params_student"] <= int(0.7 * report["params_teacher"])
     s, t = onnx.load(str(out)), onnx.load(str(teacher))
@@ -120,7 +120,7 @@ def test_teacher_never_overwritten(done, capsys):
 
 def test_validate_command(done, capsys):
     d, teacher, _ = done
-    assert main(["validate", str(d / "teacher.ndonnx.onnx"), "--reference", str(teacher), "--data", str(d / "calib.npz"),
+    assert main(["validate", str(d / "teacher.ndonnx-70pct.onnx"), "--reference", str(teacher), "--data", str(d / "calib.npz"),
                  "--labels", "labels", "--json"]) == 0
     v = json.loads(capsys.readouterr().out)
     assert v["samples"] == 120 and v["accuracy_teacher"] == 1.0 and 0 <= v["top1_agreement"] <= 1

@@ -73,9 +73,9 @@ def test_check_without_torch(tmp_path):
 
 def test_quality_gates_without_torch(eval_npz):
     r = _run(["check", str(MODEL), "--reference", str(MODEL), "--data", str(eval_npz), "--labels", "labels",
-              "--min-agreement", "1.0", "--max-rel-err", "1e-6"])
+              "--min-agreement", "1.0", "--max-rel-err", "1e-6", "--max-accuracy-drop", "0"])
     assert r.returncode == 0, r.stderr
-    assert "min-agreement" in r.stdout and "max-rel-err" in r.stdout
+    assert "min-agreement" in r.stdout and "max-rel-err" in r.stdout and "max-accuracy-drop" in r.stdout
 
 
 @pytest.mark.parametrize("argv", [

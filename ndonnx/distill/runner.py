@@ -14,10 +14,13 @@ Run directory:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
+import signal
+import threading
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import replace
 from pathlib import Path
@@ -60,6 +63,9 @@ def resolve_device(device: str) -> str:
 
 
 def _open_run_dir(run_dir: Path, teacher: Teacher, cfg: DistillConfig) -> None:
+    """Refuse a directory made for another model (or wipe it with --force); bind a new one to this
+    teacher. Settings are recorded when the stage commits (`_commit`), so a failed or interrupted
+    command leaves run.json as the last finished one wrote it."""
     meta_path = run_dir / "run.json"
     digest = teacher_hash(teacher.model)
     if meta_path.exists():
@@ -73,9 +79,15 @@ def _open_run_dir(run_dir: Path, teacher: Teacher, cfg: DistillConfig) -> None:
             log.warning("%s was made with other settings; finished jobs are kept, new ones use the new settings", run_dir)
     for sub in ("teacher", "students", "weights", "done", "noise"):
         (run_dir / sub).mkdir(parents=True, exist_ok=True)
+    if not meta_path.exists():
+        _commit(run_dir, teacher, cfg)
+
+
+def _commit(run_dir: Path, teacher: Teacher, cfg: DistillConfig) -> None:
     # absolute: `search` works from any folder
-    atomic_write_text(meta_path, json.dumps({"teacher": str(teacher.path.resolve()), "teacher_hash": digest,
-                                             "settings": _job_settings(cfg), "config": cfg.to_dict()}, indent=1))
+    atomic_write_text(run_dir / "run.json", json.dumps(
+        {"teacher": str(teacher.path.resolve()), "teacher_hash": teacher_hash(teacher.model),
+         "settings": _job_settings(cfg), "config": cfg.to_dict()}, indent=1))
 
 
 def _job_settings(cfg: DistillConfig) -> dict:
@@ -85,22 +97,39 @@ def _job_settings(cfg: DistillConfig) -> dict:
 def distill(model_path: str | Path, run_dir: str | Path, cfg: DistillConfig, data_path: str | Path | None = None,
             progress: Callable | None = None) -> list[dict]:
     """Prepare and run every job; returns the rows of candidates.json."""
-    from ndonnx.candidates import DEFAULT_CANDIDATES, build_candidates, parse_candidates
+    from ndonnx.candidates import DEFAULT_CANDIDATES, parse_candidates
 
     specs = parse_candidates(cfg.candidates or DEFAULT_CANDIDATES)
     if data_path is None and not cfg.data_free:
         raise NdonnxError("give calibration data with --data FILE.npz, or use --data-free")
     device = resolve_device(cfg.device)
     teacher = with_dynamic_batch(load_teacher(model_path))
-    real = data_path is not None
-    run_dir = Path(run_dir)
-    _open_run_dir(run_dir, teacher, cfg)
-    if not real:  # data-free: seeded synthetic inputs stand in as the held-out set for scores
-        data_path = run_dir / "synthetic.npz"
-        if not data_path.exists():
-            np.savez(data_path, **make_inputs(teacher, SampleConfig(seed=cfg.seed, batch=SYNTHETIC_SAMPLES)))
-    data = load_data(data_path, teacher, cfg.labels if real else None)
+    data = load_data(data_path, teacher, cfg.labels) if data_path is not None else None  # checked before any write
     part = partition(teacher, cfg.partition)
+    run_dir = Path(run_dir)
+    created = not run_dir.exists()
+    try:
+        return _distill(teacher, part, data, run_dir, cfg, specs, device, progress)
+    except Exception:
+        if created and not any((run_dir / "done").glob("*.json")):  # nothing worth keeping: leave no stub
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _distill(teacher: Teacher, part: Partition, data: Dataset | None, run_dir: Path, cfg: DistillConfig, specs,
+             device: str, progress: Callable | None) -> list[dict]:
+    from ndonnx.candidates import build_candidates
+
+    _open_run_dir(run_dir, teacher, cfg)
+    real = data is not None
+    if not real:  # data-free: seeded synthetic inputs stand in as the held-out set for scores
+        synthetic = run_dir / "synthetic.npz"
+        if not synthetic.exists():
+            tmp = synthetic.with_name(synthetic.name + ".tmp")
+            with open(tmp, "wb") as f:
+                np.savez(f, **make_inputs(teacher, SampleConfig(seed=cfg.seed, batch=SYNTHETIC_SAMPLES)))
+            os.replace(tmp, synthetic)
+        data = load_data(synthetic, teacher)
     sample = run_sample(teacher, feeds=data.head(SampleConfig.batch))
 
     rows_fixed: list[dict] = []  # neighbourhoods kept as the teacher without training
@@ -108,7 +137,7 @@ def distill(model_path: str | Path, run_dir: str | Path, cfg: DistillConfig, dat
     cache_dir = run_dir / "cache"
     subs: dict[int, Path] = {}
     skipped: dict[str, dict[str, str]] = {}
-    for nbh in part.neighbourhoods:
+    for nbh in _shown(part.neighbourhoods, progress, label="prepare"):
         rt = round_trip(teacher, nbh, sample)
         if not rt.convertible:
             rows_fixed.append(_teacher_row(nbh.id, nbh.params, f"kept as teacher: {rt.reason}"))
@@ -146,8 +175,19 @@ def distill(model_path: str | Path, run_dir: str | Path, cfg: DistillConfig, dat
     if cfg.data_free:
         _write_noise(part, teacher.model, cache_dir, real, run_dir)
     jobs = [_with_context(j, part, subs, run_dir, cfg) for j in jobs]
-    _run(jobs, device, cfg.jobs, progress)
-    return write_candidates(run_dir, rows_fixed)
+    done = sum(Path(j.result_out).exists() for j in jobs)
+    if done:
+        log.info("reusing %s: %d of %d jobs done", run_dir, done, len(jobs))
+    try:
+        _run(jobs, device, cfg.jobs, progress)
+    except KeyboardInterrupt:
+        done = sum(Path(j.result_out).exists() for j in jobs)
+        log.warning("stopped: %d of %d jobs are journalled in %s; the same command resumes from there",
+                    done, len(jobs), run_dir)
+        raise
+    rows = write_candidates(run_dir, rows_fixed)
+    _commit(run_dir, teacher, cfg)
+    return rows
 
 
 def _with_context(job: Job, part: Partition, subs: dict[int, Path], run_dir: Path, cfg: DistillConfig) -> Job:
@@ -234,10 +274,12 @@ def _run(jobs: list[Job], device: str, workers: int, progress: Callable | None) 
         for g in _shown(batches, progress):
             run_group(g)
         return
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+    # Not `with`: its exit waits for the jobs in flight. On an interrupt the pool is stopped instead.
+    with _signals_ignored():  # workers inherit the ignored SIGINT: a ^C reaches only this process
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_ignore_interrupts)
         futures = {pool.submit(run_group, g): g for g in batches}
-
+    try:
         def finished():
             for f in as_completed(futures):
                 f.result()
@@ -245,14 +287,51 @@ def _run(jobs: list[Job], device: str, workers: int, progress: Callable | None) 
 
         for _ in _shown(finished(), progress, len(batches)):
             pass
+    except BaseException:
+        _stop(pool)
+        raise
+    pool.shutdown()
 
 
-def _shown(items, progress: Callable | None, total: int | None = None):
+def _ignore_interrupts() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def _signals_ignored():
+    """SIGINT and SIGTERM held off (main thread only): while workers start, and while they stop."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """Cancel what has not started and end the workers now; a second ^C meanwhile is ignored, so
+    stopping cannot be cut short and leave workers behind. Finished jobs are already journalled."""
+    with _signals_ignored():
+        procs = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+
+
+def _shown(items, progress: Callable | None, total: int | None = None, label: str = "distill"):
     """`items` through the progress bar when there is one; labels say which neighbourhood."""
     if progress is None:
         return items
     items = items if total is not None else list(items)
-    return progress(items, total if total is not None else len(items), "distill")
+    return progress(items, total if total is not None else len(items), label)
 
 
 def write_candidates(run_dir: Path, extra_rows: list[dict] = ()) -> list[dict]:
