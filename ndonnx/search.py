@@ -18,7 +18,7 @@ from ndonnx.convert import extract
 from ndonnx.distill.cache import CacheReader, atomic_write_text
 from ndonnx.errors import NdonnxError
 from ndonnx.graph import Teacher
-from ndonnx.metrics import metric_name, score_outputs  # noqa: F401  (moved: callers import them from here)
+from ndonnx.metrics import metric_name, rel_err, score_outputs  # noqa: F401  (moved: callers import them from here)
 from ndonnx.partition import Neighbourhood, Partition, merge
 from ndonnx.sample import Sample, ort_session
 from ndonnx.splice import splice
@@ -112,8 +112,13 @@ class Scorer:
         return splice(self.teacher.model, self.part, students, meta)
 
     def composed(self, choice: dict[int, Option]) -> float:
+        return self.composed_with_error(choice)[0]
+
+    def composed_with_error(self, choice: dict[int, Option]) -> tuple[float, float]:
+        """The composed student's score, and its outputs' relative error against the teacher's: a
+        continuous figure that still moves where a held-out accuracy does not."""
         outs = ort_session(self.compose(choice)).run(self.out_names, self.inputs)
-        return score_outputs(outs, self.reference, self.labels)
+        return score_outputs(outs, self.reference, self.labels), max(map(rel_err, outs, self.reference))
 
 
 @dataclass
@@ -199,7 +204,7 @@ def _threshold(scorer: Scorer, options, target: int, limit: float, tolerances) -
     params = total_params(tparams, part, choice)
     if params > target:
         raise TargetUnreachable(target, params, how)
-    score = scorer.composed(choice)
+    score, err = scorer.composed_with_error(choice)
     pareto = [{"params": params, "score": score, "choices": _names(choice)}]
     while scorer.teacher_score - score > limit:
         best = None
@@ -207,14 +212,15 @@ def _threshold(scorer: Scorer, options, target: int, limit: float, tolerances) -
             o = min((o for o in opts if o.params > choice[nid].params), key=lambda o: o.params, default=None)
             if o is None or total_params(tparams, part, {**choice, nid: o}) > target:
                 continue
-            gain = scorer.composed({**choice, nid: o}) - score
-            key = gain / (o.params - choice[nid].params)
-            if gain > 0 and (best is None or key > best[0]):
-                best = (key, nid, o)
-        if best is None:
+            s, e = scorer.composed_with_error({**choice, nid: o})
+            key = (err - e) / (o.params - choice[nid].params)  # error removed per parameter spent
+            if best is None or key > best[0]:
+                best = (key, nid, o, s, e)
+        if best is None:  # nothing left that fits the target
             break
-        choice = {**choice, best[1]: best[2]}
-        params, score = total_params(tparams, part, choice), scorer.composed(choice)
+        _, nid, o, score, err = best
+        choice = {**choice, nid: o}
+        params = total_params(tparams, part, choice)
         pareto.append({"params": params, "score": score, "choices": _names(choice)})
     predicted = scorer.teacher_score - sum(scorer.teacher_score - o.score for o in choice.values())
     return SearchResult(choice, params, score, predicted, _pareto(pareto))

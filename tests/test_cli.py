@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
-from ndonnx_cli.main import main
+from ndonnx_cli.main import build_parser, main
 
 KEYS = {"id", "inputs", "side_inputs", "shape_inputs", "outputs", "input_shapes", "output_shapes", "params", "op_types",
         "convertible", "reason", "rel_err"}
@@ -65,3 +67,40 @@ def test_console_script_runs(zoo):
     assert json.loads(r.stdout)["neighbourhoods"][-1]["outputs"] == ["logits", "embedding"]
     r = subprocess.run([sys.executable, "-m", "ndonnx_cli", "inspect", "/nonexistent.onnx"], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "no such file" in r.stderr
+
+
+def _options(parser):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from ((f"{name} {a}", h) for a, h in _options(sub))
+        elif action.dest != "help":
+            yield "/".join(action.option_strings) or action.dest, action.help
+
+
+def test_every_option_has_help():
+    options = list(_options(build_parser()))
+    assert len(options) > 60
+    assert [name for name, text in options if not text] == []
+
+
+def test_search_help_names_only_its_own_options(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["search", "--help"])
+    text = capsys.readouterr().out
+    assert "--force" in text and "--labels" not in text and "--data " not in text
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["sensitivity", "{model}", "--data", "{data}", "--samples", "0"], "--samples must be >= 1"),
+    (["inspect", "{model}", "--data", "{text}"], "not an .npz file"),
+    (["search", "{tmp}", "--strategy", "best"], "invalid choice: 'best'"),
+])
+def test_messages_name_the_problem(zoo, tmp_path, capsys, argv, says):
+    np.savez(tmp_path / "d.npz", input=np.zeros((4, 3, 16, 16), np.float32))
+    (tmp_path / "README.md").write_text("# not data\n")
+    fill = {"model": str(zoo["resnet_legacy"]), "data": str(tmp_path / "d.npz"), "text": str(tmp_path / "README.md"),
+            "tmp": str(tmp_path)}
+    assert main([a.format(**fill) for a in argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0]

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 
-from ndonnx.compress import CompressConfig, build, compress
+from ndonnx.compress import CompressConfig, build, compress, default_output
 from ndonnx.config import DistillConfig
 from ndonnx.distill import runner
 from ndonnx.errors import NdonnxError
@@ -98,6 +98,8 @@ def test_finetune_does_not_worsen_its_loss(done, tmp_path):
     r = build(d / "run", CompressConfig(target="45%", finetune_steps=30), tmp_path / "ft.onnx")
     ft = r["finetune"]
     assert ft["steps"] == 30 and ft["held_out_loss_after"] <= ft["held_out_loss_before"] + 1e-6
+    plain = build(d / "run", CompressConfig(target="45%"), tmp_path / "plain.onnx")  # the same student, untuned
+    assert ft["score_before"] == plain["validation"]["score_student"]
     assert r["validation"]["torch_rel_err"] < 1e-4
 
 
@@ -176,3 +178,95 @@ def test_search_from_another_folder(done, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "elsewhere.onnx"
     assert main(["search", str(old), "--target-params", "70%", "-o", str(out)]) == 0 and out.exists()
+
+
+def test_failed_compress_changes_nothing(done, tmp_path, monkeypatch, capsys):
+    """Every input is checked before the run directory is touched; a directory the failed command
+    made itself is removed."""
+    d, teacher, _ = done
+    before = {p: p.read_bytes() for p in (d / "run").glob("*.json")}
+    (tmp_path / "notes.md").write_text("# not data\n")
+    base = ["compress", str(teacher), "--labels", "labels", "--candidates", DCFG.candidates, "--steps", "20",
+            "--batch", "16", "--jobs", "1"]
+    cases = [(["--data", str(tmp_path / "nope.npz")], "no such data file"),
+             (["--data", str(tmp_path / "notes.md")], "not an .npz file"),
+             (["--data", str(d / "calib.npz"), "--eval-data", str(tmp_path / "nope.npz")], "no such data file"),
+             (["--data", str(d / "calib.npz"), "--strategy", "threshold", "--tolerances", str(tmp_path / "notes.md")],
+              "not the JSON of `ndonnx sensitivity"),
+             (["--data", str(d / "calib.npz"), "-o", str(teacher.with_name("teacher.ndonnx-70pct.onnx"))], "exists")]
+    for extra, says in cases:
+        for run_dir in (d / "run", tmp_path / "new"):
+            assert main(base + extra + ["--run-dir", str(run_dir)]) == 2, extra
+            assert says in capsys.readouterr().err
+        assert {p: p.read_bytes() for p in (d / "run").glob("*.json")} == before
+        assert not (tmp_path / "new").exists()
+    # a failure after the directory was made: it goes, as nothing in it is worth keeping
+    monkeypatch.setattr(runner, "build_cache", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("disk full")))
+    with pytest.raises(RuntimeError):
+        compress(teacher, tmp_path / "new", CompressConfig(distill=DCFG), data_path=d / "calib.npz",
+                 output=tmp_path / "x.onnx")
+    assert not (tmp_path / "new").exists()
+
+
+def test_reuse_is_announced(done, caplog):
+    d, teacher, _ = done
+    cfg = DistillConfig(**{**DCFG.__dict__, "labels": "labels"})
+    with caplog.at_level("INFO", logger="ndonnx"):
+        rows = runner.distill(teacher, d / "run", cfg, data_path=d / "calib.npz")
+    n = len([r for r in rows if r["reason"] is None])
+    assert f"{n} of {n} jobs done" in caplog.text
+
+
+def test_outputs_named_per_budget_never_overwritten(done, tmp_path):
+    d, teacher, _ = done
+    first = build(d / "run", CompressConfig(target="65%"), None)
+    out = d / "teacher.ndonnx-65pct.onnx"
+    assert first["output"] == str(out) and out.exists()
+    out.write_bytes(b"mine")
+    with pytest.raises(NdonnxError, match="exists; pass --force"):
+        build(d / "run", CompressConfig(target="65%"), None)
+    assert out.read_bytes() == b"mine"
+    build(d / "run", CompressConfig(target="65%", force=True), None)
+    assert onnx.load(str(out)).graph.node
+    assert build(d / "run", CompressConfig(target="5000"), tmp_path / "n.onnx")["output"] == str(tmp_path / "n.onnx")
+    assert [default_output(teacher, t).name for t in ("18M", "1.5e6")] == ["teacher.ndonnx-18M.onnx",
+                                                                           "teacher.ndonnx-1.5e6.onnx"]
+
+
+def test_threshold_search_keeps_to_the_target(done, tmp_path):
+    """Tolerances that let every candidate in pick the smallest of each; where the whole then drops
+    more than max-drop, neighbourhoods grow back, never past the target, and a shortfall is a warning."""
+    d, teacher, _ = done
+    rows = [{"neighbourhood": n["id"], "threshold": 10.0} for n in done[2]["neighbourhoods"]]
+    loose = tmp_path / "loose.json"
+    loose.write_text(json.dumps({"neighbourhoods": rows, "max_drop": 0.0}))
+    r = build(d / "run", CompressConfig(target="80%", strategy="threshold", tolerances=str(loose)), tmp_path / "t.onnx")
+    target = r["target_params"]
+    assert r["params_student"] <= target
+    start = r["search"]["pareto"][0]  # every neighbourhood at its smallest candidate
+    assert start["params"] == min(p["params"] for p in r["search"]["pareto"])
+    assert start["score"] < r["validation"]["score_teacher"]  # so it had to grow back
+    assert r["params_student"] > start["params"] and r["search"]["composed_score"] > start["score"]
+    drop = r["validation"]["score_teacher"] - r["validation"]["score_student"]
+    assert ("warning" in r) == (drop > 0)
+    with pytest.raises(NdonnxError, match="cannot be met"):  # tolerances that leave a model over the target
+        tight = tmp_path / "tight.json"
+        tight.write_text(json.dumps({"neighbourhoods": [{**x, "threshold": 0.0} for x in rows], "max_drop": 0.0}))
+        build(d / "run", CompressConfig(target="40%", strategy="threshold", tolerances=str(tight)), tmp_path / "u.onnx")
+
+
+def test_run_bound_to_its_teacher(done, tmp_path):
+    """A run directory moved with its teacher works; another file in the teacher's place is refused."""
+    d, teacher, _ = done
+    moved = tmp_path / "moved"
+    shutil.copytree(d / "run", moved / "run")
+    shutil.copy(teacher, moved / "teacher.onnx")
+    teacher_copy_gone = json.loads((moved / "run" / "run.json").read_text())
+    (moved / "run" / "run.json").write_text(json.dumps({**teacher_copy_gone, "teacher": "/gone/teacher.onnx"}))
+    assert build(moved / "run", CompressConfig(target="70%"), tmp_path / "a.onnx")["params_student"] > 0
+    model = onnx.load(str(teacher))
+    init = next(i for i in model.graph.initializer if len(i.dims) == 4)
+    init.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(init) * 1.01, init.name))
+    onnx.save(model, str(moved / "teacher.onnx"))  # retrained, same architecture
+    with pytest.raises(NdonnxError, match="not the teacher .* was distilled from"):
+        build(moved / "run", CompressConfig(target="70%"), tmp_path / "b.onnx")
