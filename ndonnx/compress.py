@@ -193,6 +193,8 @@ def open_run(run_dir: str | Path) -> Run:
                           f"put that file back, or distil this one into a new run directory")
     part = partition(teacher, PartitionConfig(**meta["config"]["partition"]))
     cache = CacheReader(run_dir / "cache")
+    if cache.teacher_hash != meta["teacher_hash"]:  # the cache of an earlier teacher left behind
+        raise NdonnxError(f"{run_dir}: its activation cache was made from another teacher; rerun the distillation")
     sample = run_sample(teacher, feeds={n: cache.read(n, cache.holdout[:SampleConfig.batch]) for n in teacher.input_names})
     scorer = Scorer(teacher, part, sample, cache, meta["config"].get("labels") is not None)
     options = load_options(run_dir, json.loads((run_dir / "candidates.json").read_text()))

@@ -270,3 +270,9 @@ def test_run_bound_to_its_teacher(done, tmp_path):
     onnx.save(model, str(moved / "teacher.onnx"))  # retrained, same architecture
     with pytest.raises(NdonnxError, match="not the teacher .* was distilled from"):
         build(moved / "run", CompressConfig(target="70%"), tmp_path / "b.onnx")
+    shutil.copy(teacher, moved / "teacher.onnx")
+    manifest = moved / "run" / "cache" / "manifest.json"
+    m = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**m, "fingerprint": "0123456789abcdef" + m["fingerprint"][16:]}))
+    with pytest.raises(NdonnxError, match="activation cache was made from another teacher"):
+        build(moved / "run", CompressConfig(target="70%"), tmp_path / "c.onnx")

@@ -159,3 +159,16 @@ def test_bad_files_refused(tmp_path, zoo):
             path.write_bytes(content)
         with pytest.raises(NdonnxError):
             load_teacher(path)
+
+
+def test_rewrite_is_checked_against_the_file(zoo):
+    """The loaded graph must compute what the file does (compared on the sample run); a rewrite
+    that changed a weight is refused, naming the output and the difference."""
+    from ndonnx.sample import check_against_file, run_sample
+
+    teacher = load_teacher(zoo["resnet_opset9"])  # upgraded and folded on loading
+    assert check_against_file(teacher, run_sample(teacher)) <= 1e-6
+    init = next(i for i in teacher.model.graph.initializer if len(i.dims) == 4)
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 1.5, init.name))
+    with pytest.raises(NdonnxError, match="computes something else than the file: relative error"):
+        run_sample(teacher)

@@ -26,6 +26,12 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def fingerprint(teacher_digest: str, data: Dataset) -> str:
+    """What a cache was made from: the teacher's hash first, then the labels and the data files."""
+    stats = [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in data.shards]
+    return f"{teacher_digest}|{data.labels_key}|{'|'.join(stats)}"
+
+
 def build_cache(model: onnx.ModelProto, names: list[str], data: Dataset, cache_dir: Path, seed: int,
                 fingerprint: str, batch: int = 256, progress=None, shape_only: list[str] = ()) -> None:
     """Write `names` for every sample of `data` into `cache_dir`, then the manifest (last, atomically:
@@ -153,7 +159,11 @@ class CacheReader:
     directory: Path
 
     def __post_init__(self):
-        meta = json.loads((self.directory / "manifest.json").read_text())
+        path = self.directory / "manifest.json"
+        if not path.exists():  # build_cache writes it last: without it the cache is incomplete
+            raise NdonnxError(f"{self.directory}: incomplete activation cache (no manifest); rerun the distillation")
+        meta = json.loads(path.read_text())
+        self.fingerprint = meta["fingerprint"]
         self.size = meta["size"]
         self.arrays = {k: np.load(self.directory / f["file"], mmap_mode="r") for k, f in meta["files"].items()}
         self.batch_axis = {k: f["batch_axis"] for k, f in meta["files"].items()}
@@ -165,6 +175,10 @@ class CacheReader:
                            for k, a in self.arrays.items()}
         self.train = np.load(self.directory / "train.npy")
         self.holdout = np.load(self.directory / "holdout.npy")
+
+    @property
+    def teacher_hash(self) -> str:
+        return self.fingerprint.split("|")[0]
 
     def read(self, name: str, idx: np.ndarray) -> np.ndarray:
         if name in self.shape_only:

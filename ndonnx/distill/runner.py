@@ -34,7 +34,7 @@ from safetensors.numpy import save_file
 from ndonnx.config import DistillConfig
 from ndonnx.convert import extract, round_trip
 from ndonnx.data import Dataset, load_data, teacher_hash
-from ndonnx.distill.cache import CacheReader, atomic_write_text, build_cache
+from ndonnx.distill.cache import CacheReader, atomic_write_text, build_cache, fingerprint
 from ndonnx.distill.job import Job, TrainSettings, run_group
 from ndonnx.errors import NdonnxError
 from ndonnx.graph import Teacher, load_teacher, with_dynamic_batch
@@ -170,7 +170,7 @@ def _distill(teacher: Teacher, part: Partition, data: Dataset | None, run_dir: P
     names = sorted({n for nbh in part.neighbourhoods for n in (*nbh.inputs, *nbh.outputs, *nbh.side_inputs)}
                    | set(teacher.input_names) | {o.name for o in teacher.model.graph.output})
     shape_only = sorted({n for nbh in part.neighbourhoods for n in nbh.shape_inputs} - set(names))
-    build_cache(teacher.model, names, data, cache_dir, cfg.seed, _fingerprint(teacher, data), progress=progress,
+    build_cache(teacher.model, names, data, cache_dir, cfg.seed, fingerprint(teacher_hash(teacher.model), data), progress=progress,
                 shape_only=shape_only)
     if cfg.data_free:
         _write_noise(part, teacher.model, cache_dir, real, run_dir)
@@ -215,11 +215,6 @@ def _save_model(model: onnx.ModelProto, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     onnx.save(model, str(tmp))
     os.replace(tmp, path)
-
-
-def _fingerprint(teacher: Teacher, data: Dataset) -> str:
-    stats = [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in data.shards]
-    return f"{teacher_hash(teacher.model)}|{data.labels_key}|{'|'.join(stats)}"
 
 
 def _write_noise(part: Partition, part_model: onnx.ModelProto, cache_dir: Path, real: bool, run_dir: Path) -> None:
