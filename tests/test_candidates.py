@@ -347,6 +347,24 @@ def test_gelu_op_and_relu_ffn_shrink():
         _check_student(m, width.shrink(m, 1.0)[0], exact=True)
 
 
+def test_width_rules_are_a_table_by_op_type(monkeypatch):
+    # Atan treats channels independently but has no rule: it blocks the group until it gets one
+    nodes = [helper.make_node("Conv", ["X", "wa"], ["a"], name="ca"), helper.make_node("Atan", ["a"], ["t"]),
+             helper.make_node("Conv", ["t", "wb"], ["Y"])]
+    m = _model(nodes, [_t("wa", 8, 4, 1, 1), _t("wb", 4, 8, 1, 1)], ["N", 4, 5, 5], ["N", 4, 5, 5])
+    with pytest.raises(NotApplicable, match="ca enters Atan"):
+        width.shrink(m, 0.5)
+    monkeypatch.setitem(width.RULES, "Atan", width.RULES["Relu"])
+    st = REGISTRY["width"].generate(m, CandidateSpec("width", 0.5))
+    assert get_array(st.model, "wa").shape == (4, 4, 1, 1) and get_array(st.model, "wb").shape == (4, 4, 1, 1)
+    onnx.checker.check_model(st.model, full_check=True)
+    full = width.shrink(m, 1.0)[0]
+    np.testing.assert_allclose(ort_session(full).run(None, _feeds(m))[0], ort_session(m).run(None, _feeds(m))[0],
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="already has a width rule"):
+        width.rule("Relu")(lambda a, i, node: None)
+
+
 # --- low rank --------------------------------------------------------------------------------------
 
 def test_lowrank_on_a_known_conv(built):

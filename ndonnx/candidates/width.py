@@ -26,6 +26,10 @@ through Reshape/Transpose/Split into head-wise MatMuls, so its group is refused,
 projection's group reaches the residual Add. In a transformer layer only the feed-forward inner
 dimension shrinks.
 
+Each op type's rule is an entry of `RULES` ({op_type: Rule}, filled by the `@rule` decorator, like
+the converter registry and Torch-Pruning's one pruning function per layer type), so following a new
+op is one entry. An op type without a rule, or from another domain, blocks every group entering it.
+
 Which channels survive is decided by `ndonnx.candidates.importance` (L1 norm of the producers'
 output-channel weights by default); this module only slices. A BatchNormalization right after a
 Conv is folded into it first (students carry no BN).
@@ -34,6 +38,7 @@ Conv is folded into it first (students carry no BN).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable, NamedTuple
 
 import numpy as np
 import onnx
@@ -43,16 +48,14 @@ from ndonnx.candidates.base import CandidateSpec, NotApplicable, Student, regist
 from ndonnx.candidates.onnx_edit import (add_array, attr, consumers, finish, fold_batchnorm, get_array,
                                          names_in_use, param_count, set_array, set_attr, set_dim, shapes)
 
-UNARY = {
-    "Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "LeakyRelu", "Gelu", "Erf", "Elu", "Selu",
-    "Celu", "Softplus", "Softsign", "ThresholdedRelu", "Mish", "Abs", "Neg", "Exp", "Log", "Sqrt",
-    "Reciprocal", "Sin", "Cos", "Floor", "Ceil", "Round", "Sign", "Identity", "Dropout", "Cast",
-}
-BINARY = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "PRelu"}
-POOL = {"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "AveragePool", "MaxPool", "LpPool"}
-REDUCE = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
-          "ReduceLogSumExp", "ReduceSumSquare"}
-CHANNEL_NORMS = {"BatchNormalization": (1, 2, 3, 4), "InstanceNormalization": (1, 2)}
+UNARY = ("Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "LeakyRelu", "Gelu", "Erf", "Elu", "Selu",
+         "Celu", "Softplus", "Softsign", "ThresholdedRelu", "Mish", "Abs", "Neg", "Exp", "Log", "Sqrt",
+         "Reciprocal", "Sin", "Cos", "Floor", "Ceil", "Round", "Sign", "Identity", "Dropout", "Cast")
+BINARY = ("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "PRelu")
+POOL = ("GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "AveragePool", "MaxPool", "LpPool")
+REDUCE = ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+          "ReduceLogSumExp", "ReduceSumSquare")
+CHANNEL_NORMS = {"BatchNormalization": (1, 2, 3, 4), "InstanceNormalization": (1, 2)}  # per-channel input slots
 
 
 @dataclass
@@ -71,9 +74,33 @@ class ChannelGroup:
         return not self.blocked and self.size > 1
 
 
+class Rule(NamedTuple):
+    """How one op type passes, consumes or slices the channel groups entering it."""
+
+    fn: Callable[["_Analysis", int, onnx.NodeProto], None]  # (analysis, node index, node)
+    starts_groups: bool  # a weighted op: runs on every node, not only where a group arrives
+
+
+# op_type -> Rule. An op type without an entry blocks every group that enters it.
+RULES: dict[str, Rule] = {}
+
+
+def rule(*op_types: str, starts_groups: bool = False):
+    """Decorator: `fn` is the rule of `op_types`. Registering an op type twice is an error."""
+
+    def deco(fn):
+        for op in op_types:
+            if op in RULES:
+                raise ValueError(f"op type {op!r} already has a width rule")
+            RULES[op] = Rule(fn, starts_groups)
+        return fn
+
+    return deco
+
+
 class _Analysis:
     """One forward pass over the nodes (topological order), tagging each tensor that carries a
-    group's channels with (group id, axis)."""
+    group's channels with (group id, axis). The rules in RULES act on it through the methods below."""
 
     def __init__(self, model: onnx.ModelProto):
         self.model = model
@@ -86,7 +113,14 @@ class _Analysis:
             self._node(i, node)
         for o in model.graph.output:
             if o.name in self.tag:
-                self._block(self.tag[o.name][0], f"reaches the output {o.name!r}")
+                self.block(self.tag[o.name][0], f"reaches the output {o.name!r}")
+
+    def _node(self, i: int, node: onnx.NodeProto) -> None:
+        r = RULES.get(node.op_type)
+        if node.domain not in ("", "ai.onnx") or r is None:
+            self.block_inputs(node)
+        elif r.starts_groups or any(n in self.tag for n in node.input):
+            r.fn(self, i, node)
 
     # union-find --------------------------------------------------------------------------
     def find(self, g: int) -> int:
@@ -95,247 +129,54 @@ class _Analysis:
             g = self.parent[g]
         return g
 
-    def _union(self, a: int, b: int) -> int:
+    def union(self, a: int, b: int) -> int:
         a, b = self.find(a), self.find(b)
         if a != b:
             self.parent[b] = a
         return a
 
-    def _new(self, size: int) -> int:
+    def new(self, size: int) -> int:
         self.parent.append(len(self.raw))
         self.raw.append(ChannelGroup(size))
         return len(self.raw) - 1
 
-    def _block(self, g: int, why: str) -> None:
+    def size(self, g: int) -> int:
+        return self.raw[self.find(g)].size
+
+    # tags and lookups ---------------------------------------------------------------------
+    def block(self, g: int, why: str) -> None:
         self.raw[g].blocked.append(why)
 
-    def _set(self, name: str, g: int, axis: int) -> None:
+    def mark(self, name: str, g: int, axis: int) -> None:
         self.tag[name] = (g, axis)
         self.raw[g].tensors.append((name, axis))
 
-    def _rank(self, name: str) -> int | None:
+    def rank(self, name: str) -> int | None:
         s = self.shape.get(name)
         return None if s is None else len(s)
 
-    def _dim(self, name: str, axis: int):
+    def dim(self, name: str, axis: int):
         s = self.shape.get(name)
         return None if s is None or axis >= len(s) else s[axis]
 
-    def _const(self, name: str) -> np.ndarray | None:
+    def const(self, name: str) -> np.ndarray | None:
         return get_array(self.model, name) if name in self.consts else None
 
-    def _block_inputs(self, node: onnx.NodeProto, why: str | None = None) -> None:
+    def block_inputs(self, node: onnx.NodeProto, why: str | None = None) -> None:
         for name in node.input:
             if name in self.tag:
-                self._block(self.tag[name][0], why or f"enters {node.op_type} {node.name!r}")
+                self.block(self.tag[name][0], why or f"enters {node.op_type} {node.name!r}")
 
-    def _const_axes(self, node: onnx.NodeProto, slot: int = 1) -> list[int] | None:
+    def tagged_params(self, node: onnx.NodeProto) -> bool:
+        """Whether a group reaches an input after the first (a weight, axes, ...)."""
+        return any(n in self.tag for n in node.input[1:])
+
+    def const_axes(self, node: onnx.NodeProto, slot: int = 1) -> list[int] | None:
         axes = attr(node, "axes")
         if axes is None and len(node.input) > slot and node.input[slot]:
-            a = self._const(node.input[slot])
+            a = self.const(node.input[slot])
             axes = None if a is None else [int(v) for v in a.reshape(-1)]
         return None if axes is None else list(axes)
-
-    # the pass ----------------------------------------------------------------------------
-    def _node(self, i: int, node: onnx.NodeProto) -> None:
-        op = node.op_type
-        tagged = [(k, n) for k, n in enumerate(node.input) if n in self.tag]
-        if node.domain not in ("", "ai.onnx"):
-            self._block_inputs(node)
-        elif op == "Conv":
-            self._conv(i, node)
-        elif op == "Gemm":
-            self._gemm(i, node)
-        elif op == "MatMul":
-            self._matmul(i, node)
-        elif not tagged:
-            return
-        elif op in CHANNEL_NORMS:
-            self._norm(i, node, CHANNEL_NORMS[op])
-        elif op in UNARY:
-            if [k for k, _ in tagged] != [0] or len([o for o in node.output if o]) != 1:
-                self._block_inputs(node)
-            else:
-                g, axis = self.tag[node.input[0]]
-                self._set(node.output[0], g, axis)
-        elif op in BINARY and len(node.input) == 2:
-            self._binary(i, node)
-        elif op in POOL:
-            g, axis = self.tag[node.input[0]]
-            if len(tagged) != 1 or tagged[0][0] != 0 or axis != 1 or len([o for o in node.output if o]) != 1:
-                self._block_inputs(node)
-            else:
-                self._set(node.output[0], g, 1)
-        elif op in REDUCE:
-            self._reduce(node)
-        elif op in ("Flatten", "Squeeze", "Unsqueeze"):
-            self._reshape_like(node)
-        else:
-            self._block_inputs(node)
-
-    def _conv(self, i: int, node: onnx.NodeProto) -> None:
-        w = self._const(node.input[1])
-        x = self.tag.get(node.input[0])
-        if w is None or any(n in self.tag for n in node.input[1:]):
-            return self._block_inputs(node)
-        groups = attr(node, "group", 1)
-        has_bias = len(node.input) > 2 and node.input[2]
-        if groups == 1:
-            if x is not None:
-                if x[1] == 1:
-                    self.raw[x[0]].slices.append((i, 1, 1))
-                else:
-                    self._block(x[0], f"enters Conv {node.name!r} on axis {x[1]}")
-            g = self._new(w.shape[0])
-            self.raw[g].producers.append((i, node.input[1], 0))
-            self.raw[g].slices.append((i, 1, 0))
-            if has_bias:
-                self.raw[g].slices.append((i, 2, 0))
-            self._set(node.output[0], g, 1)
-        elif x is not None and x[1] == 1 and w.shape[1] == 1 and groups == w.shape[0] == self.raw[self.find(x[0])].size:
-            self.raw[x[0]].depthwise.append(i)
-            self.raw[x[0]].slices.append((i, 1, 0))
-            if has_bias:
-                self.raw[x[0]].slices.append((i, 2, 0))
-            self._set(node.output[0], x[0], 1)
-        else:
-            self._block_inputs(node, f"enters grouped Conv {node.name!r}")
-
-    def _gemm(self, i: int, node: onnx.NodeProto) -> None:
-        b = self._const(node.input[1])
-        if b is None or b.ndim != 2 or any(n in self.tag for n in node.input[1:]):
-            return self._block_inputs(node)
-        trans_a, trans_b = attr(node, "transA", 0), attr(node, "transB", 0)
-        x = self.tag.get(node.input[0])
-        if x is not None:
-            if trans_a == 0 and x[1] == 1:
-                self.raw[x[0]].slices.append((i, 1, 1 if trans_b else 0))
-            else:
-                self._block(x[0], f"enters Gemm {node.name!r} on axis {x[1]} (transA={trans_a})")
-        out_axis = 0 if trans_b else 1
-        g = self._new(b.shape[out_axis])
-        self.raw[g].producers.append((i, node.input[1], out_axis))
-        self.raw[g].slices.append((i, 1, out_axis))
-        if len(node.input) > 2 and node.input[2]:
-            c = self._const(node.input[2])
-            if c is None:
-                self._block(g, f"Gemm {node.name!r} adds a non-constant C")
-            elif c.ndim >= 1 and c.shape[-1] == b.shape[out_axis] and c.shape[-1] > 1:
-                self.raw[g].slices.append((i, 2, c.ndim - 1))
-            elif c.ndim >= 1 and c.shape[-1] != 1:
-                self._block(g, f"Gemm {node.name!r} has a C of shape {c.shape}")
-        self._set(node.output[0], g, 1)
-
-    def _matmul(self, i: int, node: onnx.NodeProto) -> None:
-        w = self._const(node.input[1])
-        rank = self._rank(node.input[0])
-        if w is None or w.ndim != 2 or node.input[0] in self.consts or rank is None or rank < 2:
-            return self._block_inputs(node, f"enters MatMul {node.name!r} (not activation x constant 2-D weight)")
-        x = self.tag.get(node.input[0])
-        if x is not None:
-            if x[1] == rank - 1:
-                self.raw[x[0]].slices.append((i, 1, 0))
-            else:
-                self._block(x[0], f"enters MatMul {node.name!r} on axis {x[1]}")
-        g = self._new(w.shape[1])
-        self.raw[g].producers.append((i, node.input[1], 1))
-        self.raw[g].slices.append((i, 1, 1))
-        self._set(node.output[0], g, rank - 1)
-
-    def _norm(self, i: int, node: onnx.NodeProto, slots: tuple[int, ...]) -> None:
-        g, axis = self.tag.get(node.input[0], (None, None))
-        ok = (g is not None and axis == 1 and len([o for o in node.output if o]) == 1
-              and all(self._const(node.input[s]) is not None for s in slots)
-              and not any(n in self.tag for n in node.input[1:]))
-        if not ok:
-            return self._block_inputs(node)
-        for s in slots:
-            self.raw[g].slices.append((i, s, 0))
-        self._set(node.output[0], g, 1)
-
-    def _binary(self, i: int, node: onnx.NodeProto) -> None:
-        out = node.output[0]
-        r_out = self._rank(out)
-        if r_out is None:
-            return self._block_inputs(node, f"{node.op_type} {node.name!r} has no known shape")
-        sides = []  # (slot, name, out axis or None)
-        for k, name in enumerate(node.input):
-            t = self.tag.get(name)
-            r = self._rank(name)
-            if r is None:
-                return self._block_inputs(node, f"{node.op_type} {node.name!r} has no known shape")
-            sides.append((k, name, None if t is None else t[1] + r_out - r, r))
-        tagged = [(k, n, ax, r) for k, n, ax, r in sides if ax is not None]
-        if node.op_type == "PRelu" and tagged[0][0] != 0:
-            return self._block_inputs(node)
-        if len(tagged) == 2:
-            (_, n1, a1, _), (_, n2, a2, _) = tagged
-            g1, g2 = self.tag[n1][0], self.tag[n2][0]
-            if a1 != a2:
-                self._block(g1, f"meets another group on a different axis at {node.op_type} {node.name!r}")
-                self._block(g2, f"meets another group on a different axis at {node.op_type} {node.name!r}")
-                return
-            s1, s2 = self.raw[self.find(g1)].size, self.raw[self.find(g2)].size
-            if s1 == s2:
-                return self._set(out, self._union(g1, g2), a1)
-            small, big = (g1, g2) if s1 == 1 else (g2, g1) if s2 == 1 else (None, None)
-            if small is None:
-                self._block(g1, "size mismatch")
-                self._block(g2, "size mismatch")
-                return
-            self._block(small, f"broadcast against another group at {node.op_type} {node.name!r}")
-            return self._set(out, big, a1)
-        (k, name, axis, _), (ko, other, _, r_other) = tagged[0], next(s for s in sides if s[0] != tagged[0][0])
-        g = self.tag[name][0]
-        size = self.raw[self.find(g)].size
-        aligned = axis - (r_out - r_other)
-        dim = self._dim(other, aligned) if aligned >= 0 else 1
-        if other in self.consts:
-            if dim == size and size > 1:
-                self.raw[g].slices.append((i, ko, aligned))
-            elif dim != 1:
-                self._block(g, f"{node.op_type} {node.name!r} broadcasts a constant of shape {self.shape.get(other)}")
-        elif dim != 1:
-            self._block(g, f"joins {other!r}, which no channel group produces, at {node.op_type} {node.name!r}")
-        self._set(out, g, axis)
-
-    def _reduce(self, node: onnx.NodeProto) -> None:
-        g, axis = self.tag.get(node.input[0], (None, None))
-        rank = self._rank(node.input[0])
-        axes = self._const_axes(node)
-        if g is None or rank is None or not axes or any(n in self.tag for n in node.input[1:]):
-            return self._block_inputs(node, f"enters {node.op_type} {node.name!r} (all axes or unknown)")
-        axes = sorted(a % rank for a in axes)
-        if axis in axes:
-            return self._block_inputs(node, f"is reduced by {node.op_type} {node.name!r}")
-        keep = attr(node, "keepdims", 1)
-        self._set(node.output[0], g, axis if keep else axis - sum(a < axis for a in axes))
-
-    def _reshape_like(self, node: onnx.NodeProto) -> None:
-        g, axis = self.tag.get(node.input[0], (None, None))
-        shape = self.shape.get(node.input[0])
-        if g is None or shape is None or any(n in self.tag for n in node.input[1:]):
-            return self._block_inputs(node)
-        rank = len(shape)
-        if node.op_type == "Flatten":
-            at = attr(node, "axis", 1) % max(rank, 1)
-            if at == axis == 1 and all(d == 1 for d in shape[2:]):  # [N, C, 1, 1] -> [N, C]
-                return self._set(node.output[0], g, 1)
-            return self._block_inputs(node)
-        axes = self._const_axes(node)
-        if node.op_type == "Squeeze":
-            if axes is None:
-                axes = [k for k, d in enumerate(shape) if d == 1]
-            axes = [a % rank for a in axes]
-            if axis in axes:
-                return self._block_inputs(node)
-            return self._set(node.output[0], g, axis - sum(a < axis for a in axes))
-        if axes is None:
-            return self._block_inputs(node)
-        r_out = rank + len(axes)
-        axes = {a % r_out for a in axes}
-        kept = [k for k in range(r_out) if k not in axes]
-        self._set(node.output[0], g, kept[axis])
 
     # result ------------------------------------------------------------------------------
     def groups(self) -> list[ChannelGroup]:
@@ -349,6 +190,263 @@ class _Analysis:
             m.tensors += raw.tensors
             m.blocked += raw.blocked
         return list(merged.values())
+
+
+# weighted ops: consume the group on their input axis, produce a new one ----------------------------
+
+@rule("Conv", starts_groups=True)
+def _conv(a: _Analysis, i: int, node: onnx.NodeProto) -> None:
+    w = a.const(node.input[1])
+    x = a.tag.get(node.input[0])
+    if w is None or a.tagged_params(node):
+        return a.block_inputs(node)
+    groups = attr(node, "group", 1)
+    if groups == 1:
+        _dense_conv(a, i, node, w, x)
+    elif x is not None and x[1] == 1 and w.shape[1] == 1 and groups == w.shape[0] == a.size(x[0]):
+        _depthwise_conv(a, i, node, x[0])
+    else:
+        a.block_inputs(node, f"enters grouped Conv {node.name!r}")
+
+
+def _has_bias(node: onnx.NodeProto) -> bool:
+    return len(node.input) > 2 and bool(node.input[2])
+
+
+def _dense_conv(a: _Analysis, i: int, node: onnx.NodeProto, w: np.ndarray, x: tuple[int, int] | None) -> None:
+    if x is not None:
+        if x[1] == 1:
+            a.raw[x[0]].slices.append((i, 1, 1))
+        else:
+            a.block(x[0], f"enters Conv {node.name!r} on axis {x[1]}")
+    g = a.new(w.shape[0])
+    a.raw[g].producers.append((i, node.input[1], 0))
+    a.raw[g].slices.append((i, 1, 0))
+    if _has_bias(node):
+        a.raw[g].slices.append((i, 2, 0))
+    a.mark(node.output[0], g, 1)
+
+
+def _depthwise_conv(a: _Analysis, i: int, node: onnx.NodeProto, g: int) -> None:
+    """One filter per channel: the filters follow the group, and `group` becomes its new size."""
+    a.raw[g].depthwise.append(i)
+    a.raw[g].slices.append((i, 1, 0))
+    if _has_bias(node):
+        a.raw[g].slices.append((i, 2, 0))
+    a.mark(node.output[0], g, 1)
+
+
+@rule("Gemm", starts_groups=True)
+def _gemm(a: _Analysis, i: int, node: onnx.NodeProto) -> None:
+    b = a.const(node.input[1])
+    if b is None or b.ndim != 2 or a.tagged_params(node):
+        return a.block_inputs(node)
+    trans_a, trans_b = attr(node, "transA", 0), attr(node, "transB", 0)
+    x = a.tag.get(node.input[0])
+    if x is not None:
+        if trans_a == 0 and x[1] == 1:
+            a.raw[x[0]].slices.append((i, 1, 1 if trans_b else 0))
+        else:
+            a.block(x[0], f"enters Gemm {node.name!r} on axis {x[1]} (transA={trans_a})")
+    out_axis = 0 if trans_b else 1
+    g = a.new(b.shape[out_axis])
+    a.raw[g].producers.append((i, node.input[1], out_axis))
+    a.raw[g].slices.append((i, 1, out_axis))
+    if _has_bias(node):
+        c = a.const(node.input[2])
+        if c is None:
+            a.block(g, f"Gemm {node.name!r} adds a non-constant C")
+        elif c.ndim >= 1 and c.shape[-1] == b.shape[out_axis] and c.shape[-1] > 1:
+            a.raw[g].slices.append((i, 2, c.ndim - 1))
+        elif c.ndim >= 1 and c.shape[-1] != 1:
+            a.block(g, f"Gemm {node.name!r} has a C of shape {c.shape}")
+    a.mark(node.output[0], g, 1)
+
+
+@rule("MatMul", starts_groups=True)
+def _matmul(a: _Analysis, i: int, node: onnx.NodeProto) -> None:
+    w = a.const(node.input[1])
+    rank = a.rank(node.input[0])
+    if w is None or w.ndim != 2 or node.input[0] in a.consts or rank is None or rank < 2:
+        return a.block_inputs(node, f"enters MatMul {node.name!r} (not activation x constant 2-D weight)")
+    x = a.tag.get(node.input[0])
+    if x is not None:
+        if x[1] == rank - 1:
+            a.raw[x[0]].slices.append((i, 1, 0))
+        else:
+            a.block(x[0], f"enters MatMul {node.name!r} on axis {x[1]}")
+    g = a.new(w.shape[1])
+    a.raw[g].producers.append((i, node.input[1], 1))
+    a.raw[g].slices.append((i, 1, 1))
+    a.mark(node.output[0], g, rank - 1)
+
+
+# channel-wise ops: the group passes through -----------------------------------------------------
+
+def _one_output(node: onnx.NodeProto) -> bool:
+    return len([o for o in node.output if o]) == 1
+
+
+@rule(*UNARY)
+def _elementwise(a: _Analysis, i: int, node: onnx.NodeProto) -> None:
+    if [k for k, n in enumerate(node.input) if n in a.tag] != [0] or not _one_output(node):
+        return a.block_inputs(node)
+    g, axis = a.tag[node.input[0]]
+    a.mark(node.output[0], g, axis)
+
+
+@rule(*CHANNEL_NORMS)
+def _channel_norm(a: _Analysis, i: int, node: onnx.NodeProto) -> None:
+    """Per-channel statistics and affine parameters are sliced with the group."""
+    slots = CHANNEL_NORMS[node.op_type]
+    g, axis = a.tag.get(node.input[0], (None, None))
+    ok = (g is not None and axis == 1 and _one_output(node)
+          and all(a.const(node.input[s]) is not None for s in slots) and not a.tagged_params(node))
+    if not ok:
+        return a.block_inputs(node)
+    for s in slots:
+        a.raw[g].slices.append((i, s, 0))
+    a.mark(node.output[0], g, 1)
+
+
+@rule(*POOL)
+def _pool(a: _Analysis, i: int, node: onnx.NodeProto) -> None:
+    g, axis = a.tag[node.input[0]]
+    tagged = [k for k, n in enumerate(node.input) if n in a.tag]
+    if tagged != [0] or axis != 1 or not _one_output(node):
+        return a.block_inputs(node)
+    a.mark(node.output[0], g, 1)
+
+
+@rule(*REDUCE)
+def _reduce(a: _Analysis, i: int, node: onnx.NodeProto) -> None:
+    """Reducing other axes keeps the group (squeeze-excite's spatial mean); reducing it blocks."""
+    g, axis = a.tag.get(node.input[0], (None, None))
+    rank = a.rank(node.input[0])
+    axes = a.const_axes(node)
+    if g is None or rank is None or not axes or a.tagged_params(node):
+        return a.block_inputs(node, f"enters {node.op_type} {node.name!r} (all axes or unknown)")
+    axes = sorted(v % rank for v in axes)
+    if axis in axes:
+        return a.block_inputs(node, f"is reduced by {node.op_type} {node.name!r}")
+    keep = attr(node, "keepdims", 1)
+    a.mark(node.output[0], g, axis if keep else axis - sum(v < axis for v in axes))
+
+
+# elementwise binary ops: slice a per-channel constant, or couple two groups ---------------------
+
+@rule(*BINARY)
+def _binary(a: _Analysis, i: int, node: onnx.NodeProto) -> None:
+    if len(node.input) != 2:
+        return a.block_inputs(node)
+    r_out = a.rank(node.output[0])
+    if r_out is None:
+        return a.block_inputs(node, f"{node.op_type} {node.name!r} has no known shape")
+    sides = []  # (slot, name, channel axis in the output or None, rank)
+    for k, name in enumerate(node.input):
+        t = a.tag.get(name)
+        r = a.rank(name)
+        if r is None:
+            return a.block_inputs(node, f"{node.op_type} {node.name!r} has no known shape")
+        sides.append((k, name, None if t is None else t[1] + r_out - r, r))
+    tagged = [s for s in sides if s[2] is not None]
+    if node.op_type == "PRelu" and tagged[0][0] != 0:
+        return a.block_inputs(node)
+    if len(tagged) == 2:
+        return _couple(a, node, tagged[0][1], tagged[0][2], tagged[1][1], tagged[1][2])
+    other = next(s for s in sides if s[0] != tagged[0][0])
+    _with_untagged(a, i, node, tagged[0][1], tagged[0][2], other, r_out)
+
+
+def _couple(a: _Analysis, node: onnx.NodeProto, n1: str, a1: int, n2: str, a2: int) -> None:
+    """Two groups meet (squeeze-excite's x * gate, x * erf(x)): same size -> one group (union-find,
+    Torch-Pruning's dependency graph); a 1-channel group broadcast against the other stays whole."""
+    out = node.output[0]
+    g1, g2 = a.tag[n1][0], a.tag[n2][0]
+    if a1 != a2:
+        a.block(g1, f"meets another group on a different axis at {node.op_type} {node.name!r}")
+        a.block(g2, f"meets another group on a different axis at {node.op_type} {node.name!r}")
+        return
+    s1, s2 = a.size(g1), a.size(g2)
+    if s1 == s2:
+        return a.mark(out, a.union(g1, g2), a1)
+    small, big = (g1, g2) if s1 == 1 else (g2, g1) if s2 == 1 else (None, None)
+    if small is None:
+        a.block(g1, "size mismatch")
+        a.block(g2, "size mismatch")
+        return
+    a.block(small, f"broadcast against another group at {node.op_type} {node.name!r}")
+    a.mark(out, big, a1)
+
+
+def _with_untagged(a: _Analysis, i: int, node: onnx.NodeProto, name: str, axis: int,
+                   other: tuple, r_out: int) -> None:
+    """One group and a tensor of none: a constant of the group's size is sliced, a broadcast one is
+    fine; a non-constant tensor of the same size (residual with the block input) blocks."""
+    ko, other_name, _, r_other = other
+    g = a.tag[name][0]
+    size = a.size(g)
+    aligned = axis - (r_out - r_other)
+    dim = a.dim(other_name, aligned) if aligned >= 0 else 1
+    if other_name in a.consts:
+        if dim == size and size > 1:
+            a.raw[g].slices.append((i, ko, aligned))
+        elif dim != 1:
+            a.block(g, f"{node.op_type} {node.name!r} broadcasts a constant of shape {a.shape.get(other_name)}")
+    elif dim != 1:
+        a.block(g, f"joins {other_name!r}, which no channel group produces, at {node.op_type} {node.name!r}")
+    a.mark(node.output[0], g, axis)
+
+
+# shape ops that only add or drop size-1 axes: the group moves to its new axis -------------------
+
+def _only_data_tagged(a: _Analysis, node: onnx.NodeProto):
+    """(group, axis, input shape) of input 0, or None after blocking what entered."""
+    g, axis = a.tag.get(node.input[0], (None, None))
+    shape = a.shape.get(node.input[0])
+    if g is None or shape is None or a.tagged_params(node):
+        a.block_inputs(node)
+        return None
+    return g, axis, shape
+
+
+@rule("Flatten")
+def _flatten(a: _Analysis, i: int, node: onnx.NodeProto) -> None:
+    if (t := _only_data_tagged(a, node)) is None:
+        return
+    g, axis, shape = t
+    at = attr(node, "axis", 1) % max(len(shape), 1)
+    if at == axis == 1 and all(d == 1 for d in shape[2:]):  # [N, C, 1, 1] -> [N, C]
+        return a.mark(node.output[0], g, 1)
+    a.block_inputs(node)
+
+
+@rule("Squeeze")
+def _squeeze(a: _Analysis, i: int, node: onnx.NodeProto) -> None:
+    if (t := _only_data_tagged(a, node)) is None:
+        return
+    g, axis, shape = t
+    axes = a.const_axes(node)
+    if axes is None:
+        axes = [k for k, d in enumerate(shape) if d == 1]
+    axes = [v % len(shape) for v in axes]
+    if axis in axes:
+        return a.block_inputs(node)
+    a.mark(node.output[0], g, axis - sum(v < axis for v in axes))
+
+
+@rule("Unsqueeze")
+def _unsqueeze(a: _Analysis, i: int, node: onnx.NodeProto) -> None:
+    if (t := _only_data_tagged(a, node)) is None:
+        return
+    g, axis, shape = t
+    axes = a.const_axes(node)
+    if axes is None:
+        return a.block_inputs(node)
+    r_out = len(shape) + len(axes)
+    axes = {v % r_out for v in axes}
+    kept = [k for k in range(r_out) if k not in axes]
+    a.mark(node.output[0], g, kept[axis])
 
 
 def channel_groups(model: onnx.ModelProto) -> list[ChannelGroup]:
