@@ -44,7 +44,7 @@ def _jobs(run: Path, nid: int, steps: int, threads: int) -> list[Job]:
         cand = p.stem.split("__", 1)[1]
         res = run / "bench_done" / f"{p.stem}.json"
         out.append(Job(neighbourhood=nid, candidate=cand, student=str(p), teacher=str(run / "teacher" / f"{nid}.onnx"),
-                       lookahead=(), cache=str(run / "cache"), noise=None, sparsity=None, train=cand != "teacher",
+                       lookahead=(), cache=str(run / "cache"), noise=None, sparsity=None, prunable=(), train=cand != "teacher",
                        params=0, nonzero=0, weights_out=str(run / "bench_done" / f"{p.stem}.safetensors"),
                        result_out=str(res), settings=TrainSettings(steps=steps, batch=64, threads=threads)))
     return out

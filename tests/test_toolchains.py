@@ -306,7 +306,7 @@ def test_look_ahead_crosses_multi_tensor_boundaries(fpn, tmp_path):
     k = next(k for k in range(1, len(nb)) if len(nb[k].inputs) > 1 and set(nb[k].inputs) & set(nb[k - 1].outputs))
     subs = {n.id: Path(f"{n.id}.onnx") for n in nb}
     job = Job(neighbourhood=nb[k - 1].id, candidate="teacher", student="s", teacher="t", lookahead=(), cache="c",
-              noise=None, sparsity=None, train=True, params=0, nonzero=0, weights_out="w", result_out="r")
+              noise=None, sparsity=None, prunable=(), train=True, params=0, nonzero=0, weights_out="w", result_out="r")
     cfg = DistillConfig(lookahead=2)
     assert _with_context(job, part, subs, tmp_path, cfg).lookahead[0] == f"{nb[k].id}.onnx"
     assert _with_context(job, part, subs, tmp_path, with_(cfg, data_free=True)).lookahead == ()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -46,22 +46,13 @@ class Job:
     cache: str | None  # activation cache folder (None: data-free without real data)
     noise: str | None  # data-free: safetensors with per-channel mean/std and side-input banks
     sparsity: float | None
+    prunable: tuple[str, ...]  # sparse students: the weights the plan counts, and so the ones masked
     train: bool  # False: evaluate only (teacher, identity)
     params: int
     nonzero: int
     weights_out: str  # safetensors written when the job finishes
     result_out: str  # the journal record, written last
     settings: TrainSettings = field(default_factory=TrainSettings)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @staticmethod
-    def from_json(text: str) -> "Job":
-        d = json.loads(text)
-        d["settings"] = TrainSettings(**d["settings"])
-        d["lookahead"] = tuple(d["lookahead"])
-        return Job(**d)
 
 
 class Batches:
@@ -245,7 +236,7 @@ def _apply_sparsity(st: Trainable, job: Job, step: int, masks: dict | None) -> d
     if masks is None or step % every == 0 or step == steps - 1:
         target = zhu_gupta(step + 1, steps, job.sparsity)
         masks = {n: torch.as_tensor(np.asarray(m)) for n, m in
-                 magnitude_masks({n: w.detach().cpu().numpy() for n, w in weights.items() if w.dim() > 1}, target).items()}
+                 magnitude_masks({n: weights[n].detach().cpu().numpy() for n in job.prunable}, target).items()}
     with torch.no_grad():
         for n, m in masks.items():
             weights[n].mul_(m.to(weights[n].device, weights[n].dtype))

@@ -159,7 +159,7 @@ def _distill(teacher: Teacher, part: Partition, data: Dataset | None, run_dir: P
                 _save_model(st.model, spath)
             jobs.append(Job(
                 neighbourhood=nbh.id, candidate=name, student=str(spath), teacher=str(path), lookahead=(),
-                cache=str(cache_dir), noise=None, sparsity=st.sparsity,
+                cache=str(cache_dir), noise=None, sparsity=st.sparsity, prunable=st.prunable,
                 train=name != "teacher" and st.params > 0, params=params, nonzero=nonzero,
                 weights_out=str(run_dir / "weights" / f"{job_stem(nbh.id, name)}.safetensors"),
                 result_out=str(run_dir / "done" / f"{job_stem(nbh.id, name)}.json"),
