@@ -132,7 +132,7 @@ def _validate(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ndonnx.distill.cache import atomic_write_text
+    from ndonnx.files import atomic_write_text
     from ndonnx.gates import GateConfig, as_json, junit, run_gates
 
     cfg = GateConfig(max_params=args.max_params, max_size=args.max_size, max_nonzero=args.max_nonzero,

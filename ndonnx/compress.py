@@ -16,7 +16,8 @@ import onnx
 import torch
 
 from ndonnx.config import STRATEGIES, CompressConfig, DistillConfig, PartitionConfig, SampleConfig  # noqa: F401
-from ndonnx.distill.cache import CacheReader, atomic_write_text
+from ndonnx.distill.cache import CacheReader
+from ndonnx.files import atomic_write_text
 from ndonnx.data import load_data, teacher_hash
 from ndonnx.distill.runner import distill
 from ndonnx.errors import GoalNotMet, NdonnxError

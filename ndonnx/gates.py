@@ -12,6 +12,7 @@ from onnx import numpy_helper
 
 from ndonnx.budget import parse_target
 from ndonnx.errors import NdonnxError
+from ndonnx.files import file_size
 from ndonnx.graph import load_teacher
 
 
@@ -83,11 +84,6 @@ def parse_count(flag: str, text: str, params: int) -> int:
         return parse_target(text, params)
     except NdonnxError as e:
         raise NdonnxError(str(e).replace("--target-params", flag)) from None
-
-
-def file_size(path: Path) -> int:
-    data = path.with_name(path.name + ".data")
-    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
 def run_gates(model_path: str | Path, cfg: GateConfig) -> list[Gate]:

@@ -15,7 +15,8 @@ import onnx
 
 from ndonnx.budget import parse_target  # noqa: F401  (moved: callers import it from here)
 from ndonnx.convert import extract
-from ndonnx.distill.cache import CacheReader, atomic_write_text
+from ndonnx.distill.cache import CacheReader
+from ndonnx.files import atomic_write_text
 from ndonnx.errors import NdonnxError
 from ndonnx.graph import Teacher
 from ndonnx.metrics import metric_name, rel_err, score_outputs  # noqa: F401  (moved: callers import them from here)

@@ -14,6 +14,7 @@ from onnx import helper
 
 from ndonnx.data import load_data
 from ndonnx.errors import NdonnxError
+from ndonnx.files import atomic_path
 from ndonnx.graph import load_teacher, with_dynamic_batch
 from ndonnx.partition import partition
 from ndonnx.sample import ort_session
@@ -112,8 +113,7 @@ def plot(report: dict, path: str | Path) -> Path:
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    tmp.replace(path)
     return path

@@ -8,14 +8,13 @@ teacher is untouched."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import networkx as nx
 import onnx
 
 from ndonnx import __version__
-from ndonnx.errors import NdonnxError
+from ndonnx.files import atomic_path
 from ndonnx.graph import node_inputs, prune_initializers, remove_dead_nodes
 from ndonnx.partition import Partition
 
@@ -132,27 +131,19 @@ def save_atomic(model: onnx.ModelProto, path: str | Path) -> Path:
     """Write to a temporary file beside the target, then rename: the output never half exists.
     Models over 2 GB keep their weights in `<name>.data` beside them."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    large = model.ByteSize() >= TWO_GB
     data_name = f"{path.name}.data"
-    try:
-        if large:
-            onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name + ".tmp")
-            os.replace(tmp.with_name(data_name + ".tmp"), path.with_name(data_name))
-            # the model file names the data file; point it at the final name
-            m = onnx.load(str(tmp), load_external_data=False)
-            for t in onnx.external_data_helper._get_all_tensors(m):
-                for e in t.external_data:
-                    if e.key == "location":
-                        e.value = data_name
-            onnx.save(m, str(tmp))
-        else:
+    with atomic_path(path) as tmp:
+        if model.ByteSize() < TWO_GB:
             onnx.save(model, str(tmp))
-        os.replace(tmp, path)
-    except OSError as e:  # a full disk or a read-only folder: the target is left as it was
-        raise NdonnxError(f"cannot write {path}: {e.strerror or e}") from e
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+            return path
+        with atomic_path(path.with_name(data_name)) as data_tmp:
+            onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_tmp.name)
+        # the model file names the data file; point it at the final name
+        m = onnx.load(str(tmp), load_external_data=False)
+        for t in onnx.external_data_helper._get_all_tensors(m):
+            for e in t.external_data:
+                if e.key == "location":
+                    e.value = data_name
+        onnx.save(m, str(tmp))
     return path

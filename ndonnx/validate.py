@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from ndonnx.files import file_size
 from ndonnx.graph import weight_counts
 from ndonnx.metrics import metric_name, rel_err, score_outputs
 from ndonnx.sample import ort_session
@@ -52,19 +53,13 @@ def validate(student: onnx.ModelProto, teacher: onnx.ModelProto, inputs: dict[st
     batch = {k: v[:64] for k, v in inputs.items()}
     res["latency_ratio"] = _latency(s_sess, batch) / _latency(t_sess, batch)
     if student_path is not None and teacher_path is not None:
-        res["bytes_student"] = _size(student_path)
-        res["bytes_teacher"] = _size(teacher_path)
+        res["bytes_student"] = file_size(student_path)
+        res["bytes_teacher"] = file_size(teacher_path)
     if torch_check:
         res["torch_rel_err"], note = torch_consistency(student, {k: v[:16] for k, v in inputs.items()})
         if note:
             res["torch_note"] = note
     return res
-
-
-def _size(path: Path) -> int:
-    path = Path(path)
-    data = path.with_name(path.name + ".data")
-    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
 def torch_consistency(model: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> tuple[float | None, str | None]:

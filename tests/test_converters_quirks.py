@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 from test_converters import (Case, Init, _assert_torch_matches, _build, _case_id, _run_onnxruntime,
                              assert_original_broken)
 
-import ndonnx.converters
+import ndonnx.converters  # noqa: F401  (registers the replacements)
 import onnx2torch
 from ndonnx.convert import EXACT_REL_ERR, rel_err
 from ndonnx.trainable import Trainable, write_weights

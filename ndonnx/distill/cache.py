@@ -4,7 +4,6 @@ boundary and side-input tensor stored (float16 on disk, memory-mapped; in RAM wh
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,17 +12,12 @@ import onnx
 
 from ndonnx.data import Dataset
 from ndonnx.errors import NdonnxError
+from ndonnx.files import atomic_write_text
 from ndonnx.sample import ort_session
 
 HOLDOUT = 0.1
 FLOAT16_MAX = 60000.0  # a tensor with larger values is stored float32 (float16 would overflow to inf)
 RAM_LIMIT = 2 << 30  # caches smaller than this are read fully into memory
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def fingerprint(teacher_digest: str, data: Dataset) -> str:

@@ -17,7 +17,8 @@ import onnx
 import torch
 from safetensors.numpy import load_file, save_file
 
-from ndonnx.distill.cache import CacheReader, atomic_write_text
+from ndonnx.distill.cache import CacheReader
+from ndonnx.files import atomic_path, atomic_write_text
 from ndonnx.trainable import Trainable
 
 EVAL_BATCH = 256
@@ -209,9 +210,8 @@ def run_group(jobs: list[Job]) -> list[dict]:
         seconds[k] += time.perf_counter() - t1
         w = st.weights() if train[k] else {}
         if w:
-            tmp = job.weights_out + ".tmp"
-            save_file(w, tmp)
-            Path(tmp).replace(job.weights_out)
+            with atomic_path(job.weights_out) as tmp:
+                save_file(w, str(tmp))
         nonzero = job.nonzero
         if job.sparsity and w:
             nonzero = job.params - sum(int((v == 0).sum()) for v in w.values())

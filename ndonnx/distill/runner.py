@@ -34,7 +34,8 @@ from safetensors.numpy import save_file
 from ndonnx.config import DistillConfig
 from ndonnx.convert import extract, round_trip
 from ndonnx.data import Dataset, load_data, teacher_hash
-from ndonnx.distill.cache import CacheReader, atomic_write_text, build_cache, fingerprint
+from ndonnx.distill.cache import CacheReader, build_cache, fingerprint
+from ndonnx.files import atomic_path, atomic_write_text
 from ndonnx.distill.job import Job, TrainSettings, run_group
 from ndonnx.errors import NdonnxError
 from ndonnx.graph import Teacher, load_teacher, with_dynamic_batch
@@ -125,10 +126,8 @@ def _distill(teacher: Teacher, part: Partition, data: Dataset | None, run_dir: P
     if not real:  # data-free: seeded synthetic inputs stand in as the held-out set for scores
         synthetic = run_dir / "synthetic.npz"
         if not synthetic.exists():
-            tmp = synthetic.with_name(synthetic.name + ".tmp")
-            with open(tmp, "wb") as f:
-                np.savez(f, **make_inputs(teacher, SampleConfig(seed=cfg.seed, batch=SYNTHETIC_SAMPLES)))
-            os.replace(tmp, synthetic)
+            with atomic_path(synthetic) as tmp:
+                np.savez(tmp, **make_inputs(teacher, SampleConfig(seed=cfg.seed, batch=SYNTHETIC_SAMPLES)))
         data = load_data(synthetic, teacher)
     sample = run_sample(teacher, feeds=data.head(SampleConfig.batch))
 
@@ -212,9 +211,8 @@ def _teacher_row(nid: int, params: int, reason: str | None) -> dict:
 
 
 def _save_model(model: onnx.ModelProto, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    onnx.save(model, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        onnx.save(model, str(tmp))
 
 
 def _write_noise(part: Partition, part_model: onnx.ModelProto, cache_dir: Path, real: bool, run_dir: Path) -> None:
@@ -248,9 +246,8 @@ def _write_noise(part: Partition, part_model: onnx.ModelProto, cache_dir: Path, 
             bank = reader.read(name, reader.train[:BANK_ROWS])
             arrays[f"bank:{name}"] = np.ascontiguousarray(np.moveaxis(bank, reader.batch_axis.get(name, 0), 0))
             arrays[f"axis:{name}"] = np.array(reader.batch_axis.get(name, 0), np.int64)
-        tmp = run_dir / "noise" / f"{nbh.id}.safetensors.tmp"
-        save_file(arrays, str(tmp))
-        os.replace(tmp, run_dir / "noise" / f"{nbh.id}.safetensors")
+        with atomic_path(run_dir / "noise" / f"{nbh.id}.safetensors") as tmp:
+            save_file(arrays, str(tmp))
 
 
 def _run(jobs: list[Job], device: str, workers: int, progress: Callable | None) -> None:
