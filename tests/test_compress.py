@@ -85,10 +85,38 @@ def test_unreachable_target_exit_1_no_file(done, tmp_path, capsys):
     assert "cannot be met" in err and "smallest model reachable" in err and not out.exists()
 
 
+def _threshold_picks(scores: dict, limit: float) -> dict[str, str]:
+    """The threshold rule, from scores.json: per neighbourhood the smallest candidate whose partial
+    model drops at most `limit` below the teacher (the teacher itself always qualifies)."""
+    by: dict[int, list[dict]] = {}
+    for r in scores["rows"]:
+        by.setdefault(r["neighbourhood"], []).append(r)
+    ok = lambda r: r["candidate"] == "teacher" or scores["teacher"] - r["score"] <= limit
+    return {str(nid): min((r for r in rows if ok(r)), key=lambda r: r["params"])["candidate"]
+            for nid, rows in sorted(by.items())}
+
+
 def test_threshold_strategy_and_max_drop(done, tmp_path):
     d, teacher, _ = done
-    r = build(d / "run", CompressConfig(target="100%", strategy="threshold", max_drop=0.5), tmp_path / "t.onnx")
-    assert r["params_student"] <= r["params_teacher"]
+    scores = json.loads((d / "run" / "scores.json").read_text())  # the partial-model scores the search uses
+    drops = sorted({scores["teacher"] - r["score"] for r in scores["rows"] if r["candidate"] != "teacher"})
+    assert drops[-1] > 0  # some candidate costs score: a limit below it must leave that one out
+    limits = sorted({0.0, *(x for D in drops if D > 0 for x in (D - 1e-6, D))})
+    picks = {}
+    for limit in limits:
+        r = build(d / "run", CompressConfig(target="100%", strategy="threshold", max_drop=limit),
+                  tmp_path / f"t{limit}.onnx")
+        want = _threshold_picks(scores, limit)
+        start = r["search"]["pareto"][0]  # the first choice, before any growing back (the fewest params)
+        assert start["choices"] == want, (limit, start, scores)
+        assert start["params"] == min(p["params"] for p in r["search"]["pareto"])
+        final = {str(n["id"]): n["candidate"] for n in r["neighbourhoods"]}
+        v = r["validation"]
+        assert v["score_teacher"] - v["score_student"] <= limit + 1e-9  # grown back until within --max-drop
+        if scores["teacher"] - start["score"] <= limit + 1e-9:
+            assert final == want and r["params_student"] == start["params"]  # nothing to grow back
+        picks[limit] = tuple(want.values())
+    assert len(set(picks.values())) > 1, picks  # the limit decides: a looser one picks smaller candidates
     assert main(["search", str(d / "run"), "--target-params", "40%", "--max-drop", "-1", "-o", str(tmp_path / "x.onnx")]) == 1
     assert not (tmp_path / "x.onnx").exists()
 
@@ -120,12 +148,33 @@ def test_teacher_never_overwritten(done, capsys):
     assert main(["compress"]) == 2 and "ndonnx compress models/" in capsys.readouterr().err
 
 
-def test_validate_command(done, capsys):
+def test_validate_command(done, tmp_path, capsys):
+    """The figures `ndonnx validate` prints are those of both models run in onnxruntime here."""
+    import onnxruntime as ort
+
     d, teacher, _ = done
-    assert main(["validate", str(d / "teacher.ndonnx-70pct.onnx"), "--reference", str(teacher), "--data", str(d / "calib.npz"),
-                 "--labels", "labels", "--json"]) == 0
+    student = d / "teacher.ndonnx-70pct.onnx"
+    x = np.load(d / "calib.npz")["input"]
+    run = lambda path: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["logits"], {"input": x})[0]
+    s_out, t_out = run(student), run(teacher)
+    labels = (t_out.argmax(-1) + (np.arange(len(x)) % 3 == 0)) % 10  # labels the teacher gets two thirds right
+    data = tmp_path / "eval.npz"
+    np.savez(data, input=x, labels=labels)
+    assert main(["validate", str(student), "--reference", str(teacher), "--data", str(data), "--labels", "labels",
+                 "--json"]) == 0
     v = json.loads(capsys.readouterr().out)
-    assert v["samples"] == 120 and v["accuracy_teacher"] == 1.0 and 0 <= v["top1_agreement"] <= 1
+    agreement = float((s_out.argmax(-1) == t_out.argmax(-1)).mean())
+    acc_s, acc_t = float((s_out.argmax(-1) == labels).mean()), float((t_out.argmax(-1) == labels).mean())
+    assert v["samples"] == 120 and v["metric"] == "accuracy"
+    assert v["top1_agreement"] == pytest.approx(agreement, abs=1e-12)
+    assert v["accuracy_teacher"] == pytest.approx(acc_t, abs=1e-12) and acc_t == pytest.approx(80 / 120)
+    assert v["accuracy_student"] == pytest.approx(acc_s, abs=1e-12) == v["score_student"]
+    assert v["score_teacher"] == v["accuracy_teacher"]
+    diff = s_out.astype(np.float64) - t_out
+    assert v["max_abs_err"] == pytest.approx(np.abs(diff).max(), rel=1e-6)
+    assert v["rel_err"] == pytest.approx(np.linalg.norm(diff) / np.linalg.norm(t_out), rel=1e-6)
+    assert v["params_student"] == sum(int(np.prod(i.dims)) for i in onnx.load(str(student)).graph.initializer
+                                      if np.prod(i.dims) > 1)
 
 
 def test_params_exact_with_tied_weights(zoo, tmp_path):

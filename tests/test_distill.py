@@ -72,13 +72,61 @@ def test_resume_skips_finished_jobs(zoo, calib, tmp_path, monkeypatch):
     assert len(rows) == len(_rows(run)) and any(r["neighbourhood"] == 2 and r["candidate"] == "width:0.5" for r in rows)
 
 
+def _trained(run_dir, rows):
+    return {(r["neighbourhood"], r["candidate"]): (r["rel_mse"], load_file(str(run_dir / "weights" / r["weights"])))
+            for r in rows if r["status"] == "trained"}
+
+
 def test_data_free_and_lookahead(zoo, calib, tmp_path):
     rows = distill(zoo["resnet_legacy"], tmp_path / "free", DistillConfig(**FAST, data_free=True))
+    assert json.loads((tmp_path / "free" / "run.json").read_text())["settings"]["data_free"] is True
     assert any(r["status"] == "trained" for r in rows)
-    rows = distill(zoo["resnet_legacy"], tmp_path / "look", DistillConfig(**FAST, lookahead=1), data_path=calib)
-    assert any(r["status"] == "trained" for r in rows)
+    # look-ahead is used: the same run (same seed, data, steps) with lookahead=1 trains other weights
+    # wherever a next neighbourhood exists, and the very same weights for the last one (nothing ahead)
+    rows = distill(zoo["resnet_legacy"], tmp_path / "plain", DistillConfig(**FAST), data_path=calib)
+    plain, last = _trained(tmp_path / "plain", rows), max(r["neighbourhood"] for r in rows)
+    look = _trained(tmp_path / "look", distill(zoo["resnet_legacy"], tmp_path / "look",
+                                               DistillConfig(**FAST, lookahead=1), data_path=calib))
+    settings = lambda d: json.loads((tmp_path / d / "run.json").read_text())["settings"]
+    assert settings("look")["lookahead"] == 1 and settings("plain")["lookahead"] == 0
+    assert {k: v for k, v in settings("look").items() if k != "lookahead"} == \
+        {k: v for k, v in settings("plain").items() if k != "lookahead"}
+    assert plain.keys() == look.keys() and plain
+    for key, (rel, w) in plain.items():
+        rel_look, w_look = look[key]
+        same = w.keys() == w_look.keys() and all(np.array_equal(w[k], w_look[k]) for k in w)
+        if key[0] == last:
+            assert same and rel == rel_look, key
+        else:
+            assert not same and rel != rel_look, key
     rows = distill(zoo["encoder"], tmp_path / "enc", DistillConfig(**{**FAST, "candidates": "width:0.5,teacher"}, data_free=True))
     assert any(r["status"] == "trained" for r in rows)  # masks stay valid: feed-forward and attention run
+
+
+def test_sparse_schedule_reaches_its_target(zoo, calib, tmp_path):
+    """Zhu & Gupta's ramp ends at the target: after training `sparse:0.8`, every prunable weight
+    (Conv/Gemm/MatMul weights of the student) is at least 80% zeros, and the record counts them."""
+    import onnx
+
+    from ndonnx.candidates.sparse import prunable_weights, pruned_count, zhu_gupta
+
+    assert zhu_gupta(20, 20, 0.8) == 0.8 and zhu_gupta(0, 20, 0.8) == 0.0 and 0 < zhu_gupta(10, 20, 0.8) < 0.8
+    run = tmp_path / "run"
+    rows = distill(zoo["resnet_legacy"], run, DistillConfig(candidates="sparse:0.8,teacher", steps=20, batch=16,
+                                                            jobs=1), data_path=calib)
+    sparse = [r for r in rows if r["candidate"] == "sparse:0.8"]
+    assert sparse and all(r["status"] == "trained" for r in sparse), sparse
+    for r in sparse:
+        student = onnx.load(str(run / "students" / f"{runner.job_stem(r['neighbourhood'], r['candidate'])}.onnx"))
+        names = prunable_weights(student)
+        w = load_file(str(run / "weights" / r["weights"]))
+        assert names and set(names) <= w.keys(), (names, list(w))
+        for n in names:
+            zeros = (w[n] == 0).mean()  # the count is rounded to whole weights: half a weight of slack
+            assert zeros >= 0.8 - 0.5 / w[n].size, (r["neighbourhood"], n, zeros)
+            assert (w[n] == 0).sum() >= pruned_count(w[n].size, 0.8)
+        assert r["nonzero"] == r["params"] - sum(int((v == 0).sum()) for v in w.values())
+        assert r["nonzero"] <= r["params"] - sum(pruned_count(w[n].size, 0.8) for n in names)
 
 
 def test_run_dir_of_another_model_refused(zoo, calib, tmp_path):
@@ -95,11 +143,14 @@ def test_cli_distill(zoo, calib, tmp_path, capsys):
     assert main(argv) == 0
     assert "width:0.5" in capsys.readouterr().out
     assert main(["distill", str(zoo["resnet_legacy"]), "--run-dir", str(tmp_path / "r2")]) == 2
+    assert capsys.readouterr().err == "ndonnx: error: give calibration data with --data FILE.npz, or use --data-free\n"
     bad = tmp_path / "bad.npz"
     np.savez(bad, input=np.zeros((4, 3, 8, 8), np.float32))
     assert main(["distill", str(zoo["resnet_legacy"]), "--data", str(bad), "--run-dir", str(tmp_path / "r3")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("ndonnx: error:") and "3x16x16" in err[-1] or "16" in err[-1]
+    assert len(err) == 1 and err[0].startswith("ndonnx: error:"), err  # one line, no traceback
+    assert f"{bad}: 'input' has shape 4x3x8x8, the model expects Nx3x16x16" in err[0]
+    assert not (tmp_path / "r3").exists()  # inputs are checked before the run directory is made
 
 
 def test_sigkill_mid_run_then_resume(zoo, calib, tmp_path):
