@@ -1,3 +1,3 @@
-from ndonnx_cli.main import main
+from ndonnx_cli.main import entry
 
-raise SystemExit(main())
+entry()

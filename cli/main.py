@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -358,3 +359,14 @@ def _on_sigterm():
         raise Terminated()
 
     return signal.signal(signal.SIGTERM, raise_terminated)
+
+
+def entry() -> None:
+    """The `ndonnx` command. After an interrupt the workers are already ended and every finished job
+    journalled: leave at once rather than run exit handlers that could wait on a dead pool."""
+    code = main()
+    if code in (130, 143):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -75,6 +75,19 @@ def _start_and_wait_for_workers(cmd: list[str]) -> tuple[subprocess.Popen, list[
     pytest.fail(f"no workers started: {proc.communicate()[1][-2000:]}")
 
 
+def _wait(proc: subprocess.Popen, workers: list[int], limit: float = 60) -> str:
+    """The command's stderr once it exits; it used to train on for minutes after ^C, or hang for good."""
+    try:
+        return proc.communicate(timeout=limit)[1]
+    except subprocess.TimeoutExpired:
+        states = {p: Path(f"/proc/{p}/wchan").read_text() if _alive(p) else "gone" for p in [proc.pid, *workers]}
+        stack = subprocess.run(["py-spy", "dump", "--pid", str(proc.pid)], capture_output=True, text=True).stdout \
+            if subprocess.run(["which", "py-spy"], capture_output=True).returncode == 0 else ""
+        os.killpg(proc.pid, signal.SIGKILL)
+        err = proc.communicate()[1]
+        pytest.fail(f"still running {limit:.0f} s after the signal; states {states}; {stack}\n{err[-3000:]}")
+
+
 @pytest.mark.parametrize("signals, code", [
     ((("group", signal.SIGINT),), 130),  # ^C in a terminal reaches the whole process group
     ((("parent", signal.SIGTERM), ("group", signal.SIGINT), ("parent", signal.SIGTERM)), 143),
@@ -86,11 +99,7 @@ def test_signal_stops_workers_and_keeps_journal(setup, signals, code):
     for target, sig in signals:
         os.killpg(proc.pid, sig) if target == "group" else proc.send_signal(sig)
         time.sleep(0.1)
-    try:
-        _, err = proc.communicate(timeout=60)  # it used to train on for minutes, or hang for good
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("still running 60 s after the signal")
+    err = _wait(proc, workers)
     assert proc.returncode == code, err[-2000:]
     assert ("terminated" if code == 143 else "interrupted") in err and "Traceback" not in err
     assert "jobs are journalled" in err
@@ -112,9 +121,9 @@ def test_rerun_after_interrupt_resumes(setup):
                            capture_output=True, text=True)
     assert quick.returncode == 0, quick.stderr[-2000:]
     journalled = sorted(p.name for p in (run / "done").glob("*.json"))
-    proc, _ = _start_and_wait_for_workers(cmd)
+    proc, workers = _start_and_wait_for_workers(cmd)
     os.killpg(proc.pid, signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    err = _wait(proc, workers)
     assert proc.returncode == 130
     assert f"{len(journalled)} of " in err  # the finished jobs are counted as kept
     assert set(journalled) <= {p.name for p in (run / "done").glob("*.json")}

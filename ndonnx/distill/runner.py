@@ -267,11 +267,13 @@ def _run(jobs: list[Job], device: str, workers: int, progress: Callable | None) 
             run_group(g)
         return
     # Not `with`: its exit waits for the jobs in flight. On an interrupt the pool is stopped instead.
-    with _signals_ignored():  # workers inherit the ignored SIGINT: a ^C reaches only this process
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_ignore_interrupts)
-        futures = {pool.submit(run_group, g): g for g in batches}
+    pool = None
     try:
+        with _signals_ignored():  # workers inherit the ignored SIGINT: a ^C to the group reaches only us
+            pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                                       initializer=_worker_start)
+            futures = {pool.submit(run_group, g): g for g in batches}
+
         def finished():
             for f in as_completed(futures):
                 f.result()
@@ -280,18 +282,20 @@ def _run(jobs: list[Job], device: str, workers: int, progress: Callable | None) 
         for _ in _shown(finished(), progress, len(batches)):
             pass
     except BaseException:
-        _stop(pool)
+        if pool is not None:
+            _stop(pool)
         raise
     pool.shutdown()
 
 
-def _ignore_interrupts() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _worker_start() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # ^C is the parent's to handle: it ends the workers
 
 
 @contextlib.contextmanager
 def _signals_ignored():
-    """SIGINT and SIGTERM held off (main thread only): while workers start, and while they stop."""
+    """SIGINT and SIGTERM dropped (main thread only): while the workers start, so that they inherit
+    the ignored SIGINT (a handler would not survive their exec), and while they are stopped."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
