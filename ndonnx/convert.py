@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import warnings
 from dataclasses import dataclass
 
@@ -12,6 +11,7 @@ import torch
 from onnx import helper
 
 import ndonnx.converters  # noqa: F401  (registers converters onnx2torch lacks)
+from ndonnx.converters._registry import missing as missing_converters
 from ndonnx.graph import Teacher
 from ndonnx.metrics import rel_err  # noqa: F401  (moved: callers import it from here)
 from ndonnx.partition import Neighbourhood
@@ -79,9 +79,6 @@ def run_torch(module: torch.nn.Module, sub: onnx.ModelProto, values: dict[str, n
 
 
 def _reason(e: Exception) -> str:
-    m = re.search(r"operation_type='(\w+)', version=(\d+)", str(e))
-    if isinstance(e, NotImplementedError) and m:
-        return f"no torch converter for {m.group(1)}-{m.group(2)}"
     first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
     return f"conversion failed: {type(e).__name__}: {first}".rstrip(": ")
 
@@ -90,6 +87,12 @@ def round_trip(teacher: Teacher, nbh: Neighbourhood, sample: Sample) -> RoundTri
     """Convert the neighbourhood and compare torch with the teacher's onnxruntime activations."""
     try:
         sub = extract(teacher, nbh, sample)
+    except Exception as e:  # any failure here means "keep this neighbourhood as the teacher"
+        return RoundTrip(False, _reason(e), None)
+    absent = missing_converters(sub)
+    if absent:  # asked of the registry up front, not read from an exception's text
+        return RoundTrip(False, f"no torch converter for {', '.join(absent)}", None)
+    try:
         module = to_torch(sub)
         outs = run_torch(module, sub, sample.values)
     except Exception as e:  # any failure here means "keep this neighbourhood as the teacher"

@@ -78,8 +78,7 @@ def load_teacher(path: str | os.PathLike) -> Teacher:
     if opset < UPGRADE_BELOW:
         model = _upgrade_opset(model, path)
     model = fold_constants(model)
-    model = remove_dead_nodes(model)
-    model = drop_unused_optional_outputs(model)
+    model, _ = remove_unused(model)
     return Teacher(path=path, model=model, opset=onnx_opset(model), weights=weight_counts(model))
 
 
@@ -242,7 +241,7 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
             g.initializer.append(numpy_helper.from_array(value, name))
     del g.node[:]
     g.node.extend(kept)
-    return prune_initializers(model)
+    return remove_unused(model)[0]
 
 
 def _constant_value(node: onnx.NodeProto) -> TensorProto | None:
@@ -269,50 +268,67 @@ def _evaluate(model: onnx.ModelProto, nodes: list[onnx.NodeProto], outputs: list
     return dict(zip(outputs, sess.run(outputs, {})))
 
 
-def prune_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
-    g = model.graph
-    used = {n for node in g.node for n in node.input} | {o.name for o in g.output} | _subgraph_names(model)
-    dropped = {i.name for i in g.initializer if i.name not in used}
-    keep = [i for i in g.initializer if i.name in used]
-    del g.initializer[:]
-    g.initializer.extend(keep)
-    for vi in [i for i in g.input if i.name in dropped]:  # old IR lists initializers as inputs too
-        g.input.remove(vi)
-    return model
+@dataclass(frozen=True)
+class Removed:
+    """What `remove_unused` took out."""
+
+    nodes: int = 0
+    outputs: int = 0  # unread trailing optional outputs (Dropout's mask, BatchNormalization's statistics)
+    initializers: int = 0
+    value_info: int = 0
+
+    def __bool__(self) -> bool:
+        return any((self.nodes, self.outputs, self.initializers, self.value_info))
 
 
-def remove_dead_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Drop nodes none of whose outputs reach a graph output (they would skew parameter counts)."""
-    g = model.graph
-    live = {o.name for o in g.output}
+def remove_unused(model: onnx.ModelProto) -> tuple[onnx.ModelProto, Removed]:
+    """The one dead-code routine (teacher loading, splicing, every student): returns a copy without
+    nodes none of whose outputs reach a graph output, unread trailing outputs the op's schema marks
+    optional, initializers nothing reads, and value_info of tensors no node makes. Reads inside
+    If/Loop/Scan bodies count. Postcondition: the graph outputs are made exactly as before."""
+    out = _copy(model)
+    g = out.graph
+    graph_outputs = {o.name for o in g.output}
+    live = set(graph_outputs)
     keep: list[onnx.NodeProto] = []
     for node in reversed(g.node):
         if set(node.output) & live:
             keep.append(node)
-            live.update(n for n in node.input if n)
-            live.update(subgraph_reads(node))
-    if len(keep) == len(g.node):
-        return model
-    model = _copy(model)
-    del model.graph.node[:]
-    model.graph.node.extend(reversed(keep))
-    return prune_initializers(model)
+            live.update(node_inputs(node))
+    keep.reverse()
+    opsets = {o.domain: o.version for o in out.opset_import}
+    outputs = 0
+    for node in keep:
+        optional = _optional_outputs(node, opsets)
+        while len(node.output) > 1 and len(node.output) - 1 in optional and node.output[-1] not in live:
+            node.output.pop()
+            outputs += 1
+    dropped = {i.name for i in g.initializer if i.name not in live}
+    made = {o for node in keep for o in node.output}
+    vis = [vi for vi in g.value_info if vi.name in made and vi.name not in graph_outputs]
+    removed = Removed(len(g.node) - len(keep), outputs, len(dropped), len(g.value_info) - len(vis))
+    if not removed:
+        return out, removed
+    for field, items in (("node", keep), ("initializer", [i for i in g.initializer if i.name not in dropped]),
+                         ("value_info", vis), ("input", [i for i in g.input if i.name not in dropped])):
+        del getattr(g, field)[:]  # old IR versions list initializers as graph inputs too
+        getattr(g, field).extend(items)
+    lost = graph_outputs - {o for node in g.node for o in node.output} - {i.name for i in g.input} - \
+        {i.name for i in g.initializer}
+    if lost:
+        raise AssertionError(f"remove_unused lost graph outputs {sorted(lost)}")
+    return out, removed
 
 
-# Ops whose trailing outputs are optional statistics or masks that inference never reads.
-OPTIONAL_TRAILING_OUTPUTS = {"Dropout", "BatchNormalization", "MaxPool", "LayerNormalization"}
-
-
-def drop_unused_optional_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Remove unread trailing outputs (Dropout's mask, ...): onnx2torch indexes a multi-output
-    node's result, and a Dropout module returns one tensor, so its first row would be taken."""
-    g = model.graph
-    read = {n for node in g.node for n in node_inputs(node)} | {o.name for o in g.output}
-    for node in g.node:
-        if node.op_type in OPTIONAL_TRAILING_OUTPUTS:
-            while len(node.output) > 1 and node.output[-1] not in read:
-                node.output.pop()
-    return model
+def _optional_outputs(node: onnx.NodeProto, opsets: dict[str, int]) -> set[int]:
+    """Indices of the outputs the op's schema marks optional (none for ops onnx does not know)."""
+    domain = "" if node.domain in ONNX_DOMAINS else node.domain
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opsets.get(node.domain, opsets.get(domain, 1)), domain)
+    except onnx.defs.SchemaError:
+        return set()
+    optional = onnx.defs.OpSchema.FormalParameterOption.Optional
+    return {k for k, o in enumerate(schema.outputs) if o.option == optional}
 
 
 def node_inputs(node: onnx.NodeProto) -> list[str]:

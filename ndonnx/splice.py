@@ -15,7 +15,7 @@ import onnx
 
 from ndonnx import __version__
 from ndonnx.files import atomic_path
-from ndonnx.graph import node_inputs, prune_initializers, remove_dead_nodes
+from ndonnx.graph import node_inputs, remove_unused
 from ndonnx.partition import Partition
 
 TWO_GB = 2 << 30
@@ -81,8 +81,7 @@ def splice(teacher_model: onnx.ModelProto, part: Partition, students: dict[int, 
     g.initializer.extend(new_inits)
     del g.value_info[:]  # the teacher's inner shapes no longer all exist; keep the interface only
     _merge_opsets(out, students.values())
-    out = remove_dead_nodes(out)  # the teacher's shape arithmetic that only replaced nodes read
-    out = prune_initializers(out)
+    out, _ = remove_unused(out)  # e.g. the teacher's shape arithmetic that only replaced nodes read
     if metadata:
         for key, value in metadata.items():
             prop = out.metadata_props.add()

@@ -62,8 +62,10 @@ def setup(zoo, tmp_path):
 
 
 def _start_and_wait_for_workers(cmd: list[str]) -> tuple[subprocess.Popen, list[int]]:
+    # Its own process group, as a terminal's foreground job; ^C restored to its default, since a
+    # runner that started these tests in the background (`cmd &`) hands its children SIGINT ignored.
     proc = subprocess.Popen(cmd + LONG, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # its own process group, as a terminal's foreground job
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
         workers = _workers(proc.pid)

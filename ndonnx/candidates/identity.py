@@ -79,6 +79,6 @@ def skip_student(sub: onnx.ModelProto) -> onnx.ModelProto:
 @register("identity")
 def generate(sub: onnx.ModelProto, spec: CandidateSpec) -> Student:
     model = skip_student(copy_model(sub))
-    finish(sub, model, str(spec))
+    model = finish(sub, model, str(spec))
     n = param_count(model)
     return Student(spec, model, n, n)

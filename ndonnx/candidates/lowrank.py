@@ -144,6 +144,6 @@ def generate(sub: onnx.ModelProto, spec: CandidateSpec) -> Student:
     model, factored = factor(sub, float(spec.value))
     if not factored:
         raise NotApplicable(f"no Conv/Gemm/MatMul weight where rank {spec.value:g} saves parameters")
-    finish(sub, model, str(spec))
+    model = finish(sub, model, str(spec))
     n = param_count(model)
     return Student(spec, model, n, n)

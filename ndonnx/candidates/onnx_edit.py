@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ndonnx.graph import weight_counts
+from ndonnx.graph import remove_unused, weight_counts
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -125,20 +125,6 @@ def add_value_info(model: onnx.ModelProto, like: str, name: str, axis: int, size
     set_dim(model, name, axis, size)
 
 
-def tidy(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Drop initializers no node reads and value_info of tensors no node makes."""
-    g = model.graph
-    read = {n for node in g.node for n in node.input} | {o.name for o in g.output}
-    keep = [t for t in g.initializer if t.name in read]
-    del g.initializer[:]
-    g.initializer.extend(keep)
-    made = {o for node in g.node for o in node.output}
-    vis = [vi for vi in g.value_info if vi.name in made and vi.name not in {o.name for o in g.output}]
-    del g.value_info[:]
-    g.value_info.extend(vis)
-    return model
-
-
 def fold_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
     """Fold every BatchNormalization that directly follows a Conv (its only consumer, constant
     weights) into the Conv's weight and bias. Students carry no BN (the documented choice): the
@@ -183,7 +169,7 @@ def fold_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
         kept = [n for i, n in enumerate(g.node) if i not in drop]
         del g.node[:]
         g.node.extend(kept)
-    return tidy(model)
+    return remove_unused(model)[0]
 
 
 def _write(model, cons, name: str, array: np.ndarray, taken: set[str]) -> str:
@@ -207,8 +193,9 @@ class ContractError(AssertionError):
 
 
 def finish(teacher: onnx.ModelProto, student: onnx.ModelProto, what: str) -> onnx.ModelProto:
-    """Tidy a student and check the contract: same boundary as the teacher, valid ONNX."""
-    tidy(student)
+    """The student without unused parts, checked against the contract: same boundary as the
+    teacher, valid ONNX. Returns a new model (like every whole-model rewrite)."""
+    student, _ = remove_unused(student)
     if student.ir_version < 4:
         # IR < 4 wants every initializer listed as a graph input too; blocks extracted from such a
         # teacher (onnx's light models, upgraded to opset 13 but left at IR 3) already break that.

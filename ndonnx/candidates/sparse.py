@@ -78,7 +78,7 @@ def prunable_weights(model: onnx.ModelProto) -> list[str]:
 def generate(sub: onnx.ModelProto, spec: CandidateSpec) -> Student:
     s = float(spec.value)
     model = fold_batchnorm(sub)
-    finish(sub, model, str(spec))
+    model = finish(sub, model, str(spec))
     counts = weight_counts(model)
     prunable = prunable_weights(model)
     if not prunable:

@@ -526,6 +526,6 @@ def generate(sub: onnx.ModelProto, spec: CandidateSpec) -> Student:
     if all(old == new for old, new in sizes):
         raise NotApplicable(f"width {spec.value:g} removes no channel (groups of "
                             f"{', '.join(str(o) for o, _ in sizes)} channels)")
-    finish(sub, model, str(spec))
+    model = finish(sub, model, str(spec))
     n = param_count(model)
     return Student(spec, model, n, n)

@@ -78,6 +78,25 @@ def replace(op_type: str, *versions: int, reason: str) -> Callable[[TConverter],
     return deco
 
 
+def missing(model) -> List[str]:
+    """``op-version`` of every node in ``model`` (an ``onnx.ModelProto``) that no registered converter
+    covers, looked up as onnx2torch's ``get_converter`` does (the schema version in force at the
+    model's opset); sorted, each once."""
+    opsets = {o.domain: o.version for o in model.opset_import}
+    out = set()
+    for node in model.graph.node:
+        domain = '' if node.domain == 'ai.onnx' else node.domain
+        version = opsets.get(node.domain, opsets.get(domain, 1))
+        try:
+            version = defs.get_schema(node.op_type, domain=domain, max_inclusive_version=version).since_version
+        except (RuntimeError, defs.SchemaError):
+            pass
+        key = OperationDescription(domain=domain, operation_type=node.op_type, version=version)
+        if key not in _CONVERTER_REGISTRY:
+            out.add(f'{node.op_type}-{version}' if not domain else f'{domain}.{node.op_type}-{version}')
+    return sorted(out)
+
+
 def alias(op_type: str, versions: Sequence[int], existing_version: int) -> None:
     """Register ``versions`` with onnx2torch's own converter for ``existing_version``.
 
