@@ -51,7 +51,8 @@ import train_resnet20 as tr  # noqa: E402  (the teacher's data, model and recipe
 from ndonnx.compress import open_run  # noqa: E402
 from ndonnx.config import DistillConfig  # noqa: E402
 from ndonnx.files import atomic_write_text  # noqa: E402
-from ndonnx.distill.runner import distill, job_stem  # noqa: E402
+from ndonnx.distill.layout import job_stem  # noqa: E402
+from ndonnx.distill.runner import distill  # noqa: E402
 from ndonnx.graph import load_teacher  # noqa: E402
 from ndonnx.sample import ort_session  # noqa: E402
 from ndonnx.search import search, total_params  # noqa: E402

@@ -17,14 +17,15 @@ import torch
 
 from ndonnx.config import STRATEGIES, CompressConfig, DistillConfig, PartitionConfig, SampleConfig  # noqa: F401
 from ndonnx.distill.cache import CacheReader
+from ndonnx.distill.layout import Layout
 from ndonnx.files import atomic_write_text
 from ndonnx.data import load_data, teacher_hash
 from ndonnx.distill.runner import distill
 from ndonnx.errors import GoalNotMet, NdonnxError
-from ndonnx.graph import Teacher, load_teacher, restore_interface, with_dynamic_batch
+from ndonnx.graph import Teacher, load_teacher, restore_interface
 from ndonnx.partition import Partition, partition
 from ndonnx.metrics import score_outputs
-from ndonnx.sample import ort_session, run_sample
+from ndonnx.sample import ort_session, run_sample, with_dynamic_batch
 from ndonnx.search import THRESHOLD_MAX_DROP, Scorer, load_options, parse_target, save_scores, search
 from ndonnx.splice import check, save_atomic
 from ndonnx.trainable import Trainable, write_weights
@@ -154,7 +155,6 @@ class Run:
     """A finished run directory, opened: the teacher, its partition, the cache and every trained option."""
 
     dir: Path
-    meta: dict
     declared: Teacher  # the teacher as loaded, with its declared interface
     teacher: Teacher  # the same with a dynamic batch, as the run used it
     part: Partition
@@ -164,8 +164,9 @@ class Run:
 
 
 def _run_meta(run_dir: Path) -> dict:
-    meta_path = run_dir / "run.json"
-    if not meta_path.exists() or not (run_dir / "candidates.json").exists():
+    layout = Layout(run_dir)
+    meta_path = layout.run_json
+    if not meta_path.exists() or not layout.candidates_json.exists():
         raise NdonnxError(f"{run_dir}: not a finished ndonnx run directory (no run.json / candidates.json)")
     return json.loads(meta_path.read_text())
 
@@ -193,14 +194,14 @@ def open_run(run_dir: str | Path) -> Run:
         raise NdonnxError(f"{path} is not the teacher {run_dir} was distilled from (its hash differs): "
                           f"put that file back, or distil this one into a new run directory")
     part = partition(teacher, PartitionConfig(**meta["config"]["partition"]))
-    cache = CacheReader(run_dir / "cache")
+    cache = CacheReader(Layout(run_dir).cache)
     if cache.teacher_hash != meta["teacher_hash"]:  # the cache of an earlier teacher left behind
         raise NdonnxError(f"{run_dir}: its activation cache was made from another teacher; rerun the distillation")
     sample = run_sample(teacher, feeds={n: cache.read(n, cache.holdout[:SampleConfig.batch]) for n in teacher.input_names})
     scorer = Scorer(teacher, part, sample, cache, meta["config"].get("labels") is not None)
-    options = load_options(run_dir, json.loads((run_dir / "candidates.json").read_text()))
+    options = load_options(run_dir, json.loads(Layout(run_dir).candidates_json.read_text()))
     _load_scores(run_dir, options)
-    return Run(run_dir, meta, declared, teacher, part, cache, scorer, options)
+    return Run(run_dir, declared, teacher, part, cache, scorer, options)
 
 
 class DropTooLarge(GoalNotMet):
@@ -236,7 +237,7 @@ def _tolerances(cfg: CompressConfig, part) -> Tolerances | None:
 
 def _load_scores(run_dir: Path, options) -> None:
     """Reuse partial-model scores of unchanged candidates (same params and held-out error)."""
-    path = run_dir / "scores.json"
+    path = Layout(run_dir).scores_json
     if not path.exists():
         return
     cached = {(r["neighbourhood"], r["candidate"], r["params"]): r["score"] for r in json.loads(path.read_text())["rows"]}

@@ -61,6 +61,14 @@ def graph_inputs(model: onnx.ModelProto) -> list[str]:
     return [i.name for i in model.graph.input if i.name not in inits]
 
 
+def attr(node: onnx.NodeProto, name: str, default=None):
+    """The value of a node's attribute, or `default` when it is not set."""
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
 def onnx_opset(model: onnx.ModelProto) -> int:
     for o in model.opset_import:
         if o.domain in ONNX_DOMAINS:
@@ -356,45 +364,6 @@ def weight_counts(model: onnx.ModelProto) -> dict[str, int]:
         if init.data_type in FLOAT_TYPES and n > 1 and not (uses and uses <= NON_WEIGHT_SLOTS):
             out[init.name] = n
     return out
-
-
-def with_dynamic_batch(teacher: Teacher) -> Teacher:
-    """Distillation trains on batches. A graph input whose batch dimension is fixed at 1 (a common
-    export default) gets a symbolic one when the graph really is batch-agnostic, checked in
-    onnxruntime against sample-by-sample runs; otherwise the model is refused with the reason."""
-    fixed = [vi for vi in teacher.model.graph.input if vi.name in teacher.input_names
-             and vi.type.tensor_type.shape.dim and vi.type.tensor_type.shape.dim[0].HasField("dim_value")]
-    if not fixed:
-        return teacher
-    from ndonnx.config import SampleConfig
-    from ndonnx.sample import make_inputs, ort_session
-
-    model = _copy(teacher.model)
-    for vi in [*model.graph.input, *model.graph.output]:
-        dims = vi.type.tensor_type.shape.dim
-        if vi.name in {f.name for f in fixed} | {o.name for o in model.graph.output} and dims \
-                and dims[0].HasField("dim_value") and dims[0].dim_value == 1:
-            dims[0].dim_param = "N"
-    del model.graph.value_info[:]
-    shape = "x".join(str(d.dim_value or d.dim_param) for d in fixed[0].type.tensor_type.shape.dim)
-    refuse = NdonnxError(f"input {fixed[0].name!r} has a fixed batch dimension ({shape}) and the graph does not "
-                         f"run on other batch sizes; distillation needs batches: export the model with a "
-                         f"dynamic batch axis")
-    if any(f.type.tensor_type.shape.dim[0].dim_value != 1 for f in fixed):
-        raise refuse
-    singles = [make_inputs(teacher, SampleConfig(seed=seed)) for seed in (0, 1)]
-    try:
-        want = [ort_session(teacher.model).run(None, s) for s in singles]
-        got = ort_session(model).run(None, {k: np.concatenate([s[k] for s in singles]) for k in singles[0]})
-    except Exception:  # onnxruntime refuses the batch of two: shapes are baked into the graph
-        raise refuse from None
-    for k, g in enumerate(got):
-        ref = np.concatenate([w[k] for w in want])
-        if g.shape != ref.shape or not np.allclose(g, ref, rtol=1e-4, atol=1e-5, equal_nan=True):
-            raise refuse
-    log.warning("input %r had a fixed batch of 1; distilling with a dynamic batch (the student keeps the "
-                "teacher's declared shapes)", fixed[0].name)
-    return Teacher(path=teacher.path, model=model, opset=teacher.opset, weights=teacher.weights)
 
 
 def restore_interface(model: onnx.ModelProto, like: onnx.ModelProto) -> onnx.ModelProto:

@@ -3,6 +3,7 @@ one onnxruntime run that records every tensor, for real shapes and round-trip re
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,8 +11,10 @@ import onnx
 from onnx import helper
 
 from ndonnx.config import SampleConfig
+from ndonnx.errors import NdonnxError
 from ndonnx.graph import Teacher
 
+log = logging.getLogger(__name__)
 Shape = list  # of int | str
 
 
@@ -186,3 +189,40 @@ def _declared_shapes(teacher: Teacher, values: dict[str, np.ndarray], cfg: Sampl
         shapes[name] = [k if k not in (0, "?") else (batch if j == 0 and batch and r == cfg.batch else r)
                         for j, (k, r) in enumerate(zip(known, v.shape))]
     return shapes, batch
+
+
+def with_dynamic_batch(teacher: Teacher) -> Teacher:
+    """Distillation trains on batches. A graph input whose batch dimension is fixed at 1 (a common
+    export default) gets a symbolic one when the graph really is batch-agnostic, checked in
+    onnxruntime against sample-by-sample runs; otherwise the model is refused with the reason."""
+    fixed = [vi for vi in teacher.model.graph.input if vi.name in teacher.input_names
+             and vi.type.tensor_type.shape.dim and vi.type.tensor_type.shape.dim[0].HasField("dim_value")]
+    if not fixed:
+        return teacher
+    model = onnx.ModelProto()
+    model.CopyFrom(teacher.model)
+    for vi in [*model.graph.input, *model.graph.output]:
+        dims = vi.type.tensor_type.shape.dim
+        if vi.name in {f.name for f in fixed} | {o.name for o in model.graph.output} and dims \
+                and dims[0].HasField("dim_value") and dims[0].dim_value == 1:
+            dims[0].dim_param = "N"
+    del model.graph.value_info[:]
+    shape = "x".join(str(d.dim_value or d.dim_param) for d in fixed[0].type.tensor_type.shape.dim)
+    refuse = NdonnxError(f"input {fixed[0].name!r} has a fixed batch dimension ({shape}) and the graph does not "
+                         f"run on other batch sizes; distillation needs batches: export the model with a "
+                         f"dynamic batch axis")
+    if any(f.type.tensor_type.shape.dim[0].dim_value != 1 for f in fixed):
+        raise refuse
+    singles = [make_inputs(teacher, SampleConfig(seed=seed)) for seed in (0, 1)]
+    try:
+        want = [ort_session(teacher.model).run(None, s) for s in singles]
+        got = ort_session(model).run(None, {k: np.concatenate([s[k] for s in singles]) for k in singles[0]})
+    except Exception:  # onnxruntime refuses the batch of two: shapes are baked into the graph
+        raise refuse from None
+    for k, g in enumerate(got):
+        ref = np.concatenate([w[k] for w in want])
+        if g.shape != ref.shape or not np.allclose(g, ref, rtol=1e-4, atol=1e-5, equal_nan=True):
+            raise refuse
+    log.warning("input %r had a fixed batch of 1; distilling with a dynamic batch (the student keeps the "
+                "teacher's declared shapes)", fixed[0].name)
+    return Teacher(path=teacher.path, model=model, opset=teacher.opset, weights=teacher.weights)

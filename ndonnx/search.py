@@ -16,6 +16,7 @@ import onnx
 from ndonnx.budget import parse_target  # noqa: F401  (moved: callers import it from here)
 from ndonnx.convert import extract
 from ndonnx.distill.cache import CacheReader
+from ndonnx.distill.layout import Layout
 from ndonnx.files import atomic_write_text
 from ndonnx.errors import NdonnxError
 from ndonnx.graph import Teacher
@@ -44,13 +45,11 @@ def load_options(run_dir: Path, rows: list[dict]) -> dict[int, list[Option]]:
             continue
         model = None
         if r["candidate"] != "teacher":
-            from ndonnx.distill.runner import job_stem
-
-            model = onnx.load(str(run_dir / "students" / f"{job_stem(r['neighbourhood'], r['candidate'])}.onnx"))
+            model = onnx.load(str(Layout(run_dir).student(r["neighbourhood"], r["candidate"])))
             if r.get("weights"):
                 from ndonnx.distill.job import load_weights
 
-                model = write_weights(model, load_weights(run_dir / "weights" / r["weights"]))
+                model = write_weights(model, load_weights(Layout(run_dir).weights(r["neighbourhood"], r["candidate"])))
         out.setdefault(r["neighbourhood"], []).append(
             Option(r["neighbourhood"], r["candidate"], r["params"], r["rel_mse"], model))
     return out
@@ -274,5 +273,5 @@ class TargetUnreachable(NdonnxError):
 def save_scores(run_dir: Path, options: dict[int, list[Option]], scorer: Scorer) -> None:
     rows = [{"neighbourhood": o.neighbourhood, "candidate": o.candidate, "params": o.params, "score": o.score}
             for opts in options.values() for o in opts]
-    atomic_write_text(run_dir / "scores.json", json.dumps({"metric": scorer.metric, "teacher": scorer.teacher_score,
+    atomic_write_text(Layout(run_dir).scores_json, json.dumps({"metric": scorer.metric, "teacher": scorer.teacher_score,
                                                            "rows": rows}, indent=1))

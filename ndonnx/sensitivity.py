@@ -15,9 +15,9 @@ from onnx import helper
 from ndonnx.data import load_data
 from ndonnx.errors import NdonnxError
 from ndonnx.files import atomic_path
-from ndonnx.graph import load_teacher, with_dynamic_batch
+from ndonnx.graph import load_teacher
 from ndonnx.partition import partition
-from ndonnx.sample import ort_session
+from ndonnx.sample import ort_session, with_dynamic_batch
 from ndonnx.metrics import metric_name, score_outputs
 
 DEFAULT_EPS = (0.01, 0.03, 0.1, 0.3, 1.0)

@@ -19,7 +19,7 @@ from onnx import numpy_helper
 from torch import nn
 
 import ndonnx.converters  # noqa: F401  (registers converters; jobs may run in fresh processes)
-from ndonnx.graph import weight_counts
+from ndonnx.graph import attr, weight_counts
 
 CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -34,13 +34,6 @@ class Binding:
     @property
     def tensor(self) -> torch.Tensor:
         return getattr(self.owner, self.attr)
-
-
-def _attr(node: onnx.NodeProto, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
 
 
 class Trainable(nn.Module):
@@ -58,7 +51,6 @@ class Trainable(nn.Module):
         self.input_names = [i.name for i in sub.graph.input]
         self.output_names = [o.name for o in sub.graph.output]
         inits = {i.name: numpy_helper.to_array(i) for i in sub.graph.initializer}
-        self._sub = sub
         bindings = self._bind(sub)
         self.trainable = sorted(n for n in weight_counts(sub) if n in bindings)
         self.frozen = sorted(set(weight_counts(sub)) - set(self.trainable))
@@ -114,8 +106,8 @@ class Trainable(nn.Module):
                 if len(node.input) > 2:
                     add(node.input[2], m, "bias")
             elif isinstance(m, nn.Linear) and node.op_type == "Gemm":
-                alpha, beta = _attr(node, "alpha", 1.0), _attr(node, "beta", 1.0)
-                trans_b = bool(_attr(node, "transB", 0))
+                alpha, beta = attr(node, "alpha", 1.0), attr(node, "beta", 1.0)
+                trans_b = bool(attr(node, "transB", 0))
                 add(node.input[1], m, "weight", lambda t, a=alpha, tb=trans_b: (t / a) if tb else (t / a).T)
                 if len(node.input) > 2:
                     add(node.input[2], m, "bias", lambda t, b=beta: t / b)
@@ -124,8 +116,8 @@ class Trainable(nn.Module):
                 add(node.input[2], m, "bias")
             for j, arg in enumerate(fx_node.args):  # initializers passed as buffers
                 if isinstance(arg, torch.fx.Node) and arg.op == "get_attr" and j < len(mapping.inputs):
-                    owner_path, _, attr = arg.target.rpartition(".")
-                    add(mapping.inputs[j], self.gm.get_submodule(owner_path), attr)
+                    owner_path, _, name = arg.target.rpartition(".")
+                    add(mapping.inputs[j], self.gm.get_submodule(owner_path), name)
         return out
 
     def forward(self, *inputs):

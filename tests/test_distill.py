@@ -10,6 +10,7 @@ from safetensors.numpy import load_file
 
 from ndonnx.config import DistillConfig
 from ndonnx.distill import runner
+from ndonnx.distill.layout import job_stem
 from ndonnx.distill.runner import distill
 from ndonnx.errors import NdonnxError
 from ndonnx_cli.main import main
@@ -117,7 +118,7 @@ def test_sparse_schedule_reaches_its_target(zoo, calib, tmp_path):
     sparse = [r for r in rows if r["candidate"] == "sparse:0.8"]
     assert sparse and all(r["status"] == "trained" for r in sparse), sparse
     for r in sparse:
-        student = onnx.load(str(run / "students" / f"{runner.job_stem(r['neighbourhood'], r['candidate'])}.onnx"))
+        student = onnx.load(str(run / "students" / f"{job_stem(r['neighbourhood'], r['candidate'])}.onnx"))
         names = prunable_weights(student)
         w = load_file(str(run / "weights" / r["weights"]))
         assert names and set(names) <= w.keys(), (names, list(w))

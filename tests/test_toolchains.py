@@ -14,9 +14,9 @@ from ndonnx.config import DistillConfig
 from ndonnx.convert import extract, rel_err, round_trip
 from ndonnx.data import load_data
 from ndonnx.distill.cache import CacheReader, build_cache
-from ndonnx.graph import load_teacher, with_dynamic_batch
+from ndonnx.graph import load_teacher
 from ndonnx.partition import partition, shape_tensors
-from ndonnx.sample import ort_session, run_sample
+from ndonnx.sample import ort_session, run_sample, with_dynamic_batch
 from ndonnx.splice import check, splice
 from ndonnx_cli.main import main
 

@@ -20,6 +20,7 @@ import onnx
 from onnx import helper
 
 from ndonnx.candidates.base import CandidateSpec, NotApplicable, Student, register, scaled
+from ndonnx.graph import onnx_opset
 from ndonnx.candidates.onnx_edit import (add_array, add_value_info, attr, finish, fold_batchnorm, get_array,
                                          names_in_use, param_count, shapes, unique_name)
 
@@ -91,7 +92,7 @@ def _plan(model, node, inits, dims, r) -> tuple[int, int, int] | None:
         if w.ndim != 2 or node.input[0] in inits:
             return None
         fan_in, out = w.shape[::-1] if attr(node, "transB", 0) else w.shape
-        if attr(node, "transA", 0) and model.opset_import and _opset(model) < 11:  # C optional from 11
+        if attr(node, "transA", 0) and model.opset_import and onnx_opset(model) < 11:  # C optional from 11
             return None
     elif node.op_type == "MatMul":
         if w.ndim != 2 or node.input[0] in inits or len(dims.get(node.input[0], [])) < 2:
@@ -100,10 +101,6 @@ def _plan(model, node, inits, dims, r) -> tuple[int, int, int] | None:
     else:
         return None
     return scaled(min(out, fan_in), r), int(fan_in), int(out)
-
-
-def _opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
 
 def _factor_node(model, node, plan, mid, label, fresh, taken) -> list[onnx.NodeProto]:

@@ -7,9 +7,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ndonnx.graph import remove_unused, weight_counts
+from ndonnx.graph import WEIGHTED_OPS, attr, remove_unused, weight_counts  # noqa: F401  (candidates import them from here)
 
-WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -71,13 +70,6 @@ def add_array(model: onnx.ModelProto, base: str, array: np.ndarray, taken: set[s
     name = unique_name(taken if taken is not None else names_in_use(model), base)
     model.graph.initializer.append(numpy_helper.from_array(np.asarray(array, order="C"), name))
     return name
-
-
-def attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
 
 
 def set_attr(node: onnx.NodeProto, name: str, value) -> None:

@@ -1,16 +1,6 @@
 """`ndonnx distill`: prepare the run directory (teacher pieces, students, activation cache), then
-run every unfinished job, in parallel across neighbourhoods, resumable after a crash.
-
-Run directory:
-    run.json                  teacher hash and settings (a directory made for another model is refused)
-    teacher/N.onnx            neighbourhood N of the teacher as a standalone model
-    students/N__CAND.onnx     each candidate before training
-    cache/                    the activation cache (absent in data-free mode without data)
-    noise/N.safetensors       data-free input statistics and side-input banks
-    weights/N__CAND.safetensors   trained weights
-    done/N__CAND.json         the journal: one record per finished job, written last and atomically
-    candidates.json           every candidate with its error (rebuilt from the journal)
-"""
+run every unfinished job, in parallel across neighbourhoods, resumable after a crash. What the run
+directory holds: `ndonnx.distill.layout`."""
 
 from __future__ import annotations
 
@@ -37,20 +27,16 @@ from ndonnx.data import Dataset, load_data, teacher_hash
 from ndonnx.distill.cache import CacheReader, build_cache, fingerprint
 from ndonnx.files import atomic_path, atomic_write_text
 from ndonnx.distill.job import Job, TrainSettings, run_group
+from ndonnx.distill.layout import Layout
 from ndonnx.errors import NdonnxError
-from ndonnx.graph import Teacher, load_teacher, with_dynamic_batch
+from ndonnx.graph import Teacher, load_teacher
 from ndonnx.partition import Partition, partition
 from ndonnx.config import SampleConfig
-from ndonnx.sample import index_ranges, make_inputs, run_sample
+from ndonnx.sample import index_ranges, make_inputs, run_sample, with_dynamic_batch
 
 log = logging.getLogger(__name__)
 BANK_ROWS = 256
 SYNTHETIC_SAMPLES = 256  # data-free runs without data: held-out inputs for scoring
-
-
-def job_stem(nid: int, candidate: str) -> str:
-    """File stem shared by a candidate's student, weights and journal record."""
-    return f"{nid}__{candidate.replace(':', '_').replace('/', '_')}"
 
 
 def resolve_device(device: str) -> str:
@@ -67,7 +53,7 @@ def _open_run_dir(run_dir: Path, teacher: Teacher, cfg: DistillConfig) -> None:
     """Refuse a directory made for another model (or wipe it with --force); bind a new one to this
     teacher. Settings are recorded when the stage commits (`_commit`), so a failed or interrupted
     command leaves run.json as the last finished one wrote it."""
-    meta_path = run_dir / "run.json"
+    meta_path = Layout(run_dir).run_json
     digest = teacher_hash(teacher.model)
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
@@ -78,15 +64,14 @@ def _open_run_dir(run_dir: Path, teacher: Teacher, cfg: DistillConfig) -> None:
             shutil.rmtree(run_dir)
         elif meta.get("settings") != _job_settings(cfg):
             log.warning("%s was made with other settings; finished jobs are kept, new ones use the new settings", run_dir)
-    for sub in ("teacher", "students", "weights", "done", "noise"):
-        (run_dir / sub).mkdir(parents=True, exist_ok=True)
+    Layout(run_dir).make()
     if not meta_path.exists():
         _commit(run_dir, teacher, cfg)
 
 
 def _commit(run_dir: Path, teacher: Teacher, cfg: DistillConfig) -> None:
     # absolute: `search` works from any folder
-    atomic_write_text(run_dir / "run.json", json.dumps(
+    atomic_write_text(Layout(run_dir).run_json, json.dumps(
         {"teacher": str(teacher.path.resolve()), "teacher_hash": teacher_hash(teacher.model),
          "settings": _job_settings(cfg), "config": cfg.to_dict()}, indent=1))
 
@@ -112,7 +97,7 @@ def distill(model_path: str | Path, run_dir: str | Path, cfg: DistillConfig, dat
     try:
         return _distill(teacher, part, data, run_dir, cfg, specs, device, progress)
     except Exception:
-        if created and not any((run_dir / "done").glob("*.json")):  # nothing worth keeping: leave no stub
+        if created and not Layout(run_dir).journal:  # nothing worth keeping: leave no stub
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
 
@@ -122,9 +107,10 @@ def _distill(teacher: Teacher, part: Partition, data: Dataset | None, run_dir: P
     from ndonnx.candidates import build_candidates
 
     _open_run_dir(run_dir, teacher, cfg)
+    layout = Layout(run_dir)
     real = data is not None
     if not real:  # data-free: seeded synthetic inputs stand in as the held-out set for scores
-        synthetic = run_dir / "synthetic.npz"
+        synthetic = layout.synthetic
         if not synthetic.exists():
             with atomic_path(synthetic) as tmp:
                 np.savez(tmp, **make_inputs(teacher, SampleConfig(seed=cfg.seed, batch=SYNTHETIC_SAMPLES)))
@@ -133,7 +119,7 @@ def _distill(teacher: Teacher, part: Partition, data: Dataset | None, run_dir: P
 
     rows_fixed: list[dict] = []  # neighbourhoods kept as the teacher without training
     jobs: list[Job] = []
-    cache_dir = run_dir / "cache"
+    cache_dir = layout.cache
     subs: dict[int, Path] = {}
     skipped: dict[str, dict[str, str]] = {}
     for nbh in _shown(part.neighbourhoods, progress, label="prepare"):
@@ -142,7 +128,7 @@ def _distill(teacher: Teacher, part: Partition, data: Dataset | None, run_dir: P
             rows_fixed.append(_teacher_row(nbh.id, nbh.params, f"kept as teacher: {rt.reason}"))
             continue
         sub = extract(teacher, nbh, sample)
-        path = run_dir / "teacher" / f"{nbh.id}.onnx"
+        path = layout.teacher(nbh.id)
         _save_model(sub, path)
         subs[nbh.id] = path
         students, reasons = build_candidates(sub, specs)
@@ -153,18 +139,17 @@ def _distill(teacher: Teacher, part: Partition, data: Dataset | None, run_dir: P
             # counted once, outside (a student gets its own copy, so its count includes them).
             params = nbh.params if name == "teacher" else st.params
             nonzero = nbh.params if name == "teacher" else st.nonzero
-            spath = run_dir / "students" / f"{job_stem(nbh.id, name)}.onnx"
+            spath = layout.student(nbh.id, name)
             if not spath.exists():
                 _save_model(st.model, spath)
             jobs.append(Job(
                 neighbourhood=nbh.id, candidate=name, student=str(spath), teacher=str(path), lookahead=(),
                 cache=str(cache_dir), noise=None, sparsity=st.sparsity, prunable=st.prunable,
                 train=name != "teacher" and st.params > 0, params=params, nonzero=nonzero,
-                weights_out=str(run_dir / "weights" / f"{job_stem(nbh.id, name)}.safetensors"),
-                result_out=str(run_dir / "done" / f"{job_stem(nbh.id, name)}.json"),
+                weights_out=str(layout.weights(nbh.id, name)), result_out=str(layout.done(nbh.id, name)),
                 settings=TrainSettings(steps=cfg.steps, batch=cfg.batch, lr=cfg.lr, seed=cfg.seed, device=device,
                                        lookahead=cfg.lookahead, data_free=cfg.data_free)))
-    atomic_write_text(run_dir / "skipped.json", json.dumps(skipped, indent=1))
+    atomic_write_text(layout.skipped_json, json.dumps(skipped, indent=1))
 
     names = sorted({n for nbh in part.neighbourhoods for n in (*nbh.inputs, *nbh.outputs, *nbh.side_inputs)}
                    | set(teacher.input_names) | {o.name for o in teacher.model.graph.output})
@@ -201,7 +186,7 @@ def _with_context(job: Job, part: Partition, subs: dict[int, Path], run_dir: Pat
             break
         made |= set(nbh.outputs)
         nxt.append(str(subs[i]))
-    noise = str(run_dir / "noise" / f"{job.neighbourhood}.safetensors") if cfg.data_free else None
+    noise = str(Layout(run_dir).noise(job.neighbourhood)) if cfg.data_free else None
     return replace(job, lookahead=tuple(nxt), noise=noise)
 
 
@@ -246,7 +231,7 @@ def _write_noise(part: Partition, part_model: onnx.ModelProto, cache_dir: Path, 
             bank = reader.read(name, reader.train[:BANK_ROWS])
             arrays[f"bank:{name}"] = np.ascontiguousarray(np.moveaxis(bank, reader.batch_axis.get(name, 0), 0))
             arrays[f"axis:{name}"] = np.array(reader.batch_axis.get(name, 0), np.int64)
-        with atomic_path(run_dir / "noise" / f"{nbh.id}.safetensors") as tmp:
+        with atomic_path(Layout(run_dir).noise(nbh.id)) as tmp:
             save_file(arrays, str(tmp))
 
 
@@ -331,7 +316,7 @@ def _shown(items, progress: Callable | None, total: int | None = None, label: st
 
 
 def write_candidates(run_dir: Path, extra_rows: list[dict] = ()) -> list[dict]:
-    rows = list(extra_rows) + [json.loads(p.read_text()) for p in (run_dir / "done").glob("*.json")]
+    rows = list(extra_rows) + [json.loads(p.read_text()) for p in Layout(run_dir).journal]
     rows.sort(key=lambda r: (r["neighbourhood"], r["candidate"] != "teacher", r["params"]))
-    atomic_write_text(run_dir / "candidates.json", json.dumps(rows, indent=1))
+    atomic_write_text(Layout(run_dir).candidates_json, json.dumps(rows, indent=1))
     return rows
