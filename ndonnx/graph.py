@@ -1,5 +1,10 @@
 """Loading a teacher: safe external data, opset upgrade, constant folding, dead-code removal,
-parameter counting. Everything downstream sees weights as initializers only."""
+parameter counting. Everything downstream sees weights as initializers only.
+
+The rule for rewrites, here and everywhere: a function that rewrites a whole model returns a new
+one and leaves its argument as it was (`fold_constants`, `remove_unused`, `dynamic_dims`,
+`fold_batchnorm`, `finish`, `splice`); only the editing primitives of `candidates.onnx_edit`
+(`set_array`, `set_dim`, ...) change the model in hand, a copy its generator made first."""
 
 from __future__ import annotations
 
@@ -81,7 +86,7 @@ def load_teacher(path: str | os.PathLike) -> Teacher:
     path = Path(path)
     model = _read(path)
     _refuse_quantized(model)
-    dynamic_dims(model)
+    model, _ = dynamic_dims(model)
     opset = onnx_opset(model)
     if opset < UPGRADE_BELOW:
         model = _upgrade_opset(model, path)
@@ -152,16 +157,17 @@ def _refuse_quantized(model: onnx.ModelProto) -> None:
                                       f"{node.name!r} has integer weights)")
 
 
-def dynamic_dims(model: onnx.ModelProto) -> int:
-    """Mutates: dims declared as `dim_value <= 0` (paddle2onnx and others write -1 for a dynamic dim)
-    become symbolic, as onnxruntime reads them. Returns how many changed."""
+def dynamic_dims(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Dims declared as `dim_value <= 0` (paddle2onnx and others write -1 for a dynamic dim) made
+    symbolic, as onnxruntime reads them: the new model, and how many changed."""
+    model = _copy(model)
     changed = 0
     for vi in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
         for j, d in enumerate(vi.type.tensor_type.shape.dim):
             if d.HasField("dim_value") and d.dim_value <= 0:
                 d.dim_param = f"{vi.name}_dim{j}"
                 changed += 1
-    return changed
+    return model, changed
 
 
 def _upgrade_opset(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:

@@ -172,3 +172,20 @@ def test_rewrite_is_checked_against_the_file(zoo):
     init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 1.5, init.name))
     with pytest.raises(NdonnxError, match="computes something else than the file: relative error"):
         run_sample(teacher)
+
+
+def test_rewrites_return_a_new_model_and_leave_theirs():
+    """The rule for whole-model rewrites: the argument is left as it was."""
+    from ndonnx.graph import dynamic_dims, remove_unused
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 4])
+    dead = numpy_helper.from_array(np.ones((4, 4), np.float32), "unused")
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Neg", ["x"], ["z"])], "g", [x], [y], [dead]))
+    before = model.SerializeToString()
+    fixed, changed = dynamic_dims(model)
+    assert changed == 2 and fixed.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "x_dim0"
+    clean, removed = remove_unused(model)
+    assert (removed.nodes, removed.initializers) == (1, 1) and [n.op_type for n in clean.graph.node] == ["Relu"]
+    assert model.SerializeToString() == before
