@@ -366,6 +366,9 @@ def entry() -> None:
     journalled: leave at once rather than run exit handlers that could wait on a dead pool."""
     code = main()
     if code in (130, 143):
+        from multiprocessing import util
+
+        util._exit_function()  # multiprocessing's own exit step: releases the pool's semaphores
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

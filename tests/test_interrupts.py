@@ -38,6 +38,13 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _ignored(pid: int) -> set[int]:
+    """The signals a process ignores (its SigIgn mask)."""
+    line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith("SigIgn"))
+    mask = int(line.split()[1], 16)
+    return {s for s in range(1, 64) if mask >> (s - 1) & 1}
+
+
 def _workers(pid: int) -> list[int]:
     """The pool's workers: children running multiprocessing's spawn entry point."""
     found = []
@@ -97,6 +104,8 @@ def _wait(proc: subprocess.Popen, workers: list[int], limit: float = 60) -> str:
 def test_signal_stops_workers_and_keeps_journal(setup, signals, code):
     cmd, run = setup
     proc, workers = _start_and_wait_for_workers(cmd)
+    for w in workers:  # ^C is the parent's to handle; SIGTERM must still end a worker at once
+        assert signal.SIGINT in _ignored(w) and signal.SIGTERM not in _ignored(w)
     done_before = sorted(p.name for p in (run / "done").glob("*.json"))
     for target, sig in signals:
         os.killpg(proc.pid, sig) if target == "group" else proc.send_signal(sig)
@@ -104,6 +113,7 @@ def test_signal_stops_workers_and_keeps_journal(setup, signals, code):
     err = _wait(proc, workers)
     assert proc.returncode == code, err[-2000:]
     assert ("terminated" if code == 143 else "interrupted") in err and "Traceback" not in err
+    assert "leaked" not in err and "Warning" not in err  # exit handlers ran: nothing left for the tracker
     assert "jobs are journalled" in err
     deadline = time.monotonic() + 10
     while any(_alive(w) for w in workers) and time.monotonic() < deadline:

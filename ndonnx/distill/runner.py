@@ -254,7 +254,7 @@ def _run(jobs: list[Job], device: str, workers: int, progress: Callable | None) 
     # Not `with`: its exit waits for the jobs in flight. On an interrupt the pool is stopped instead.
     pool = None
     try:
-        with _signals_ignored():  # workers inherit the ignored SIGINT: a ^C to the group reaches only us
+        with _signals_ignored(signal.SIGINT):  # workers inherit it ignored: a ^C to the group reaches only us
             pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
                                        initializer=_worker_start)
             futures = {pool.submit(run_group, g): g for g in batches}
@@ -278,13 +278,14 @@ def _worker_start() -> None:
 
 
 @contextlib.contextmanager
-def _signals_ignored():
-    """SIGINT and SIGTERM dropped (main thread only): while the workers start, so that they inherit
-    the ignored SIGINT (a handler would not survive their exec), and while they are stopped."""
+def _signals_ignored(*signals: signal.Signals):
+    """Signals dropped (main thread only). SIGINT while the workers start: they inherit it ignored (a
+    handler would not survive their exec), SIGTERM not, as `_stop` ends them with it. Both while the
+    workers are stopped, so that a second ^C cannot cut the stop short."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    saved = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    saved = {s: signal.signal(s, signal.SIG_IGN) for s in signals}
     try:
         yield
     finally:
@@ -295,7 +296,7 @@ def _signals_ignored():
 def _stop(pool: ProcessPoolExecutor) -> None:
     """Cancel what has not started and end the workers now; a second ^C meanwhile is ignored, so
     stopping cannot be cut short and leave workers behind. Finished jobs are already journalled."""
-    with _signals_ignored():
+    with _signals_ignored(signal.SIGINT, signal.SIGTERM):
         procs = list((getattr(pool, "_processes", None) or {}).values())
         pool.shutdown(wait=False, cancel_futures=True)
         for p in procs:
