@@ -5,6 +5,7 @@ installed: this module imports torch only for that check)."""
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -74,7 +75,8 @@ def torch_consistency(model: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> 
 
     try:
         module = Trainable(model)
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():  # converter deprecation chatter is not the user's
+            warnings.simplefilter("ignore")
             got = module(*[torch.as_tensor(np.array(inputs[n])) for n in module.input_names])
     except Exception:
         return None, "does not convert"
