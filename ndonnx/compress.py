@@ -93,8 +93,7 @@ def build(run_dir: Path, cfg: CompressConfig, output: str | Path | None, timings
     timings["search"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    student = scorer.compose(result.choice)
-    _add_meta(student, {"settings": {"target": cfg.target, "strategy": cfg.strategy, "max_drop": cfg.max_drop,
+    student = _with_meta(scorer.compose(result.choice), {"settings": {"target": cfg.target, "strategy": cfg.strategy, "max_drop": cfg.max_drop,
                                      "finetune_steps": cfg.finetune_steps, **meta["settings"]}})
     check(student)
     timings["splice"] = time.perf_counter() - t0
@@ -246,10 +245,13 @@ def _load_scores(run_dir: Path, options) -> None:
             o.score = cached.get((o.neighbourhood, o.candidate, o.params))
 
 
-def _add_meta(model: onnx.ModelProto, meta: dict) -> None:
+def _with_meta(model: onnx.ModelProto, meta: dict) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
     for k, v in meta.items():
-        p = model.metadata_props.add()
+        p = out.metadata_props.add()
         p.key, p.value = f"ndonnx.{k}", json.dumps(v)
+    return out
 
 
 def _table(part, options, result) -> list[dict]:
