@@ -173,7 +173,7 @@ def search(scorer: Scorer, options: dict[int, list[Option]], target: int, strate
         # Back off: measure each change's real cost inside the composed student (restore it to the
         # teacher and see what comes back), and search again with those costs.
         changed = [nid for nid, o in choice.items() if o.candidate != "teacher"]
-        for nid in changed:
+        for nid in changed if progress is None else progress(changed, len(changed), "re-measure"):
             restored = dict(choice)
             restored[nid] = teacher_opt[nid]
             gain = scorer.composed(restored) - score
