@@ -12,10 +12,12 @@ from pathlib import Path
 
 import networkx as nx
 import onnx
+from onnx import version_converter
 
 from ndonnx import __version__
+from ndonnx.errors import NdonnxError
 from ndonnx.files import atomic_path
-from ndonnx.graph import node_inputs, remove_unused
+from ndonnx.graph import node_inputs, onnx_opset, remove_unused
 from ndonnx.partition import Partition
 
 TWO_GB = 2 << 30
@@ -54,6 +56,7 @@ def splice(teacher_model: onnx.ModelProto, part: Partition, students: dict[int, 
     by_id = {n.id: n for n in part.neighbourhoods}
     replaced: dict[int, int] = {}  # teacher node index -> neighbourhood id (to drop)
     insert_at: dict[int, int] = {}  # last teacher node index of a neighbourhood -> its id
+    students = {nid: _at_opset(st, onnx_opset(teacher_model), nid) for nid, st in students.items()}
     for nid, st in students.items():
         nbh = by_id[nid]
         want = list(nbh.feeds)
@@ -108,6 +111,21 @@ def _topological(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.
         return [nodes[k] for k in order]
     except nx.NetworkXUnfeasible as e:
         raise ValueError("splice: the spliced graph has a cycle") from e
+
+
+def _at_opset(student: onnx.ModelProto, opset: int, nid: int) -> onnx.ModelProto:
+    """The student at the teacher's default-domain opset: the spliced model keeps the teacher's, and
+    raising it would change what the teacher's own nodes mean. A newer student is converted down
+    with onnx's version converter, or refused."""
+    if onnx_opset(student) <= opset:
+        return student
+    try:
+        down = version_converter.convert_version(student, opset)
+        onnx.checker.check_model(down)
+    except Exception as e:
+        raise NdonnxError(f"splice: the student of neighbourhood {nid} uses opset {onnx_opset(student)}, above the "
+                          f"teacher's {opset}, and cannot be converted down ({type(e).__name__})") from e
+    return down
 
 
 def _merge_opsets(model: onnx.ModelProto, students) -> None:
