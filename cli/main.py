@@ -137,7 +137,8 @@ def _check(args: argparse.Namespace) -> int:
     from ndonnx.gates import GateConfig, as_json, junit, run_gates
 
     cfg = GateConfig(max_params=args.max_params, max_size=args.max_size, max_nonzero=args.max_nonzero,
-                     reference=args.reference, data=args.data, labels=args.labels,
+                     max_macs=args.max_macs, dims=tuple(args.dim or ()), reference=args.reference, data=args.data,
+                     labels=args.labels,
                      min_agreement=args.min_agreement, max_rel_err=args.max_rel_err,
                      max_accuracy_drop=args.max_accuracy_drop)
     gates = run_gates(args.model, cfg)
@@ -281,6 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-params", help="parameters (dense float weights): 18M, 250K, 1.5e6")
     s.add_argument("--max-size", help="file size with external data: 10MB, 512KiB, ...")
     s.add_argument("--max-nonzero", help="non-zero weights (sparse students)")
+    s.add_argument("--max-macs", help="multiply-accumulates for one sample (batch 1), counted from the graph's "
+                   "shapes: 1.2G, 40M, 5e8; deterministic, unlike latency")
+    s.add_argument("--dim", action="append", metavar="NAME=N", help="size of a symbolic input dim other than the "
+                   "batch, for --max-macs (e.g. --dim seq=128); repeatable")
     s.add_argument("--reference", help="teacher .onnx for the quality gates")
     s.add_argument("--data", help="data for the quality gates")
     s.add_argument("--labels", help="name of a labels array in the data, for --max-accuracy-drop")

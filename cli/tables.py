@@ -5,6 +5,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+from ndonnx.macs import fmt_macs
+
 stdout = Console()
 
 
@@ -20,8 +22,8 @@ def _ops(op_types: dict[str, int], limit: int = 3) -> str:
 
 def inspect_table(r: dict) -> None:
     t = Table(title=f"{r['model']}: opset {r['opset']}, primary input {r['primary_input']!r}")
-    for col in ("id", "shapes in -> out", "ops", "params", "torch"):
-        t.add_column(col, justify="right" if col in ("id", "params") else "left", overflow="fold")
+    for col in ("id", "shapes in -> out", "ops", "params", "MACs", "torch"):
+        t.add_column(col, justify="right" if col in ("id", "params", "MACs") else "left", overflow="fold")
     for n in r["neighbourhoods"]:
         side = f" +{len(n['side_inputs'])} side" if n["side_inputs"] else ""
         shapes = ", ".join(map(_shape, n["input_shapes"])) + side + " -> " + ", ".join(map(_shape, n["output_shapes"]))
@@ -31,7 +33,7 @@ def inspect_table(r: dict) -> None:
             torch_col = f"[green]exact[/] {n['rel_err']:.0e}"
         else:
             torch_col = f"[red]no[/]: {n['reason']}"
-        t.add_row(str(n["id"]), shapes, _ops(n["op_types"]), f"{n['params']:,}", torch_col)
+        t.add_row(str(n["id"]), shapes, _ops(n["op_types"]), f"{n['params']:,}", fmt_macs(n["macs"]), torch_col)
     stdout.print(t)
     conv = [n for n in r["neighbourhoods"] if n["convertible"]]
     conv_params = sum(n["params"] for n in conv)
@@ -39,8 +41,10 @@ def inspect_table(r: dict) -> None:
     checked = any(n["convertible"] is not None for n in r["neighbourhoods"])
     torch_text = (f"{len(conv)} convert to torch exactly, holding {conv_params:,} of {inside:,} parameters"
                   if checked else "torch round trip not checked")
+    macs_text = (f"{r['macs']:,} MACs for one sample" if r["macs"] is not None else
+                 f"MACs not counted ({r['macs_uncounted'][0]})")
     stdout.print(f"{len(r['neighbourhoods'])} neighbourhoods, {r['params']:,} parameters "
-                 f"({r['outside_params']:,} outside neighbourhoods: tied or side-path weights); "
+                 f"({r['outside_params']:,} outside neighbourhoods: tied or side-path weights), {macs_text}; "
                  f"{torch_text}. Tensor names: --json.")
 
 

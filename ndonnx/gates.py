@@ -14,6 +14,7 @@ from ndonnx.budget import parse_target
 from ndonnx.errors import NdonnxError
 from ndonnx.files import file_size
 from ndonnx.graph import load_teacher
+from ndonnx.macs import count_macs
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,8 @@ class GateConfig:
     max_params: str | None = None
     max_size: str | None = None
     max_nonzero: str | None = None
+    max_macs: str | None = None
+    dims: tuple[str, ...] = ()  # NAME=N: symbolic input dims other than the batch, for --max-macs
     reference: str | None = None
     data: str | None = None
     labels: str | None = None
@@ -79,17 +82,31 @@ def parse_size(text: str) -> int:
 
 
 def parse_count(flag: str, text: str, params: int) -> int:
-    """A parameter count for --max-params / --max-nonzero ('1M', '250K', '60%' of the model's own)."""
+    """A count for --max-params / --max-nonzero / --max-macs ('1M', '1.2G', '60%' of the model's own)."""
     try:
         return parse_target(text, params)
     except NdonnxError as e:
         raise NdonnxError(str(e).replace("--target-params", flag)) from None
 
 
+def parse_dims(items: tuple[str, ...] | list[str]) -> dict[str, int]:
+    """('seq=128', 'H=224') -> {'seq': 128, 'H': 224}."""
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip() or not value.strip().isdigit() or int(value) < 1:
+            raise NdonnxError(f"--dim {item!r}: expected NAME=N with a positive integer N, e.g. --dim seq=128")
+        out[name.strip()] = int(value)
+    return out
+
+
 def run_gates(model_path: str | Path, cfg: GateConfig) -> list[Gate]:
-    if not any([cfg.max_params, cfg.max_size, cfg.max_nonzero, cfg.quality]):
-        raise NdonnxError("no gate given: use --max-params, --max-size, --max-nonzero, --min-agreement, --max-rel-err "
-                          "or --max-accuracy-drop")
+    if not any([cfg.max_params, cfg.max_size, cfg.max_nonzero, cfg.max_macs, cfg.quality]):
+        raise NdonnxError("no gate given: use --max-params, --max-size, --max-nonzero, --max-macs, --min-agreement, "
+                          "--max-rel-err or --max-accuracy-drop")
+    if cfg.dims and not cfg.max_macs:
+        raise NdonnxError("--dim is used by --max-macs only; give that gate, or leave --dim out")
+    dims = parse_dims(cfg.dims)
     model_path = Path(model_path)
     student = load_teacher(model_path)
     gates = []
@@ -104,6 +121,14 @@ def run_gates(model_path: str | Path, cfg: GateConfig) -> list[Gate]:
         nonzero = sum(int(np.count_nonzero(numpy_helper.to_array(inits[n]))) for n in student.weights)
         allowed = parse_count("--max-nonzero", cfg.max_nonzero, student.params)
         gates.append(Gate("max-nonzero", nonzero, allowed, nonzero <= allowed))
+    if cfg.max_macs:
+        count = count_macs(student.model, dims)
+        if count.uncounted:
+            first = count.uncounted[0][1]
+            more = f" (and {len(count.uncounted) - 1} more)" if len(count.uncounted) > 1 else ""
+            raise NdonnxError(f"--max-macs: cannot count the MACs of {first}{more}")
+        allowed = parse_count("--max-macs", cfg.max_macs, count.total)
+        gates.append(Gate("max-macs", count.total, allowed, count.total <= allowed))
     if cfg.quality:
         if not cfg.reference or not cfg.data:
             raise NdonnxError("--min-agreement, --max-rel-err and --max-accuracy-drop need --reference TEACHER and "

@@ -9,6 +9,7 @@ from typing import Callable
 from ndonnx.config import PartitionConfig, SampleConfig
 from ndonnx.errors import FULL_INSTALL_HINT, NdonnxError, missing_full_dependency
 from ndonnx.graph import load_teacher
+from ndonnx.macs import MacCount, concrete_dims, count_macs
 from ndonnx.partition import partition
 from ndonnx.sample import run_sample
 
@@ -36,6 +37,7 @@ def inspect_model(path: str | Path, cfg: PartitionConfig = PartitionConfig(),
         feeds = load_data(data, teacher).head(sample_cfg.batch)
     sample = run_sample(teacher, sample_cfg, feeds=feeds)
     model = teacher.model
+    macs, macs_error = _macs(model, sample.feeds)
     rows = []
     items = part.neighbourhoods
     if progress is not None and check:
@@ -52,6 +54,7 @@ def inspect_model(path: str | Path, cfg: PartitionConfig = PartitionConfig(),
             "side_input_shapes": [sample.shapes[n] for n in nbh.side_inputs],
             "output_shapes": [sample.shapes[n] for n in nbh.outputs],
             "params": nbh.params,
+            "macs": macs.of(nbh.nodes) if macs else None,
             "op_types": nbh.op_types(model),
             "convertible": rt.convertible if rt else None,
             "reason": rt.reason if rt else "not checked",
@@ -62,8 +65,18 @@ def inspect_model(path: str | Path, cfg: PartitionConfig = PartitionConfig(),
         "opset": teacher.opset,
         "params": teacher.params,
         "outside_params": part.outside_params,
+        "macs": macs.total if macs and not macs.uncounted else None,
+        "macs_uncounted": [why for _, why in macs.uncounted] if macs else [macs_error],
         "primary_input": part.primary_input,
         "inputs": teacher.input_names,
         "outputs": [o.name for o in model.graph.output],
         "neighbourhoods": rows,
     }
+
+
+def _macs(model, feeds) -> tuple[MacCount | None, str | None]:
+    """MACs for one sample, other symbolic dims as in the sample run; (None, why) when shape inference fails."""
+    try:
+        return count_macs(model, concrete_dims(model, feeds)), None
+    except NdonnxError as e:
+        return None, str(e)

@@ -13,7 +13,7 @@ import pytest
 from ndonnx_cli.main import build_parser, main
 
 KEYS = {"id", "inputs", "side_inputs", "shape_inputs", "outputs", "input_shapes", "output_shapes", "params", "op_types",
-        "convertible", "reason", "rel_err"}
+        "macs", "convertible", "reason", "rel_err"}
 
 
 def _json(capsys, argv):
@@ -23,13 +23,15 @@ def _json(capsys, argv):
 
 def test_inspect_json_contract(zoo, capsys):
     r = _json(capsys, ["inspect", str(zoo["encoder"]), "--json"])
-    assert {"model", "opset", "params", "outside_params", "primary_input", "neighbourhoods"} <= r.keys()
+    assert {"model", "opset", "params", "outside_params", "macs", "macs_uncounted", "primary_input",
+            "neighbourhoods"} <= r.keys()
     assert isinstance(r["opset"], int) and r["primary_input"] == "ids"
     for n in r["neighbourhoods"]:
         assert KEYS <= n.keys()
         assert all(isinstance(d, (int, str)) for s in n["input_shapes"] + n["output_shapes"] for d in s)
         assert n["convertible"] is True and n["reason"] is None and n["rel_err"] <= 1e-4
     assert sum(n["params"] for n in r["neighbourhoods"]) + r["outside_params"] == r["params"]
+    assert r["macs_uncounted"] == [] and 0 < sum(n["macs"] for n in r["neighbourhoods"]) <= r["macs"]
 
 
 def test_inspect_options(zoo, capsys):
