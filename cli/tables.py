@@ -41,7 +41,9 @@ def inspect_table(r: dict) -> None:
     checked = any(n["convertible"] is not None for n in r["neighbourhoods"])
     torch_text = (f"{len(conv)} convert to torch exactly, holding {conv_params:,} of {inside:,} parameters"
                   if checked else "torch round trip not checked")
-    macs_text = (f"{r['macs']:,} MACs for one sample" if r["macs"] is not None else
+    at = ", ".join(f"{k} {_shape(v)}" for k, v in r.get("macs_inputs", {}).items())
+    macs_text = (f"{r['macs']:,} MACs for one sample ({at}; other sizes: check --max-macs --dim)"
+                 if r["macs"] is not None else
                  f"MACs not counted ({r['macs_uncounted'][0]})")
     stdout.print(f"{len(r['neighbourhoods'])} neighbourhoods, {r['params']:,} parameters "
                  f"({r['outside_params']:,} outside neighbourhoods: tied or side-path weights), {macs_text}; "

@@ -67,6 +67,8 @@ def inspect_model(path: str | Path, cfg: PartitionConfig = PartitionConfig(),
         "outside_params": part.outside_params,
         "macs": macs.total if macs and not macs.uncounted else None,
         "macs_uncounted": [why for _, why in macs.uncounted] if macs else [macs_error],
+        # the input shapes the MACs are for: one sample, other dims as in the sample run
+        "macs_inputs": {n: [1, *v.shape[1:]] for n, v in sample.feeds.items() if getattr(v, "ndim", 0)},
         "primary_input": part.primary_input,
         "inputs": teacher.input_names,
         "outputs": [o.name for o in model.graph.output],
