@@ -53,7 +53,7 @@ def _distill_config(args: argparse.Namespace):
         partition=PartitionConfig(primary_input=args.primary_input, block_size=args.block_size),
         candidates=args.candidates, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
         device=args.device, jobs=args.jobs, lookahead=args.lookahead, data_free=args.data_free,
-        labels=args.labels, force=args.force)
+        labels=args.labels, force=args.force, channel_multiple=args.channel_multiple)
 
 
 def _compress_config(args: argparse.Namespace, distill_cfg=None):
@@ -178,6 +178,8 @@ def _add_distill_options(s) -> None:
     s.add_argument("--candidates", help='student candidates per neighbourhood, e.g. '
                    '"width:0.1-0.9/0.1,lowrank:0.5,sparse:0.8,identity,teacher" (default: width 0.25/0.5/0.75, '
                    'lowrank 0.25/0.5, identity, teacher)')
+    s.add_argument("--channel-multiple", type=int, default=1, help="round width and lowrank students' channels "
+                   "and ranks to a multiple of N (8 or 16 suit onnxruntime's blocked CPU kernels; default 1: none)")
     s.add_argument("--steps", type=int, default=300, help="training steps per candidate (default 300)")
     s.add_argument("--batch", type=int, default=64, help="samples per training step (default 64)")
     s.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate, cosine-decayed (default 1e-3)")

@@ -48,6 +48,7 @@ class DistillConfig:
     data_free: bool = False
     labels: str | None = None
     force: bool = False  # start anew in a run directory made for another model
+    channel_multiple: int = 1  # width/lowrank sizes rounded to a multiple of this (onnxruntime's blocked kernels)
 
     def __post_init__(self) -> None:
         from ndonnx.errors import NdonnxError
@@ -55,6 +56,8 @@ class DistillConfig:
         for name in ("steps", "batch"):
             if getattr(self, name) < 1:
                 raise NdonnxError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.channel_multiple < 1:
+            raise NdonnxError(f"--channel-multiple must be >= 1, got {self.channel_multiple}")
         if self.lookahead < 0 or self.jobs < 0 or self.lr <= 0:
             raise NdonnxError("--lookahead and --jobs must be >= 0 and --lr > 0")
         if self.device not in ("auto", "cpu", "cuda"):

@@ -7,6 +7,7 @@ Families (one module each, registered explicitly below; registering a name twice
 - ``teacher``   the block unchanged; always the first candidate.
 - ``width:k``   bottleneck multiplier: inner channel groups shrink to round(k * size) (width.py).
 - ``lowrank:r`` each Conv/Gemm/MatMul factored by SVD into two ops of rank r * min(out, in) (lowrank.py).
+- ``width:k@N``, ``lowrank:r@N``: kept channels / ranks rounded to a multiple of N (`--channel-multiple`).
 - ``sparse:s``  the same graph with target sparsity s for magnitude pruning during training (sparse.py).
 - ``identity``  a residual block x + f(x) reduced to x (identity.py).
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from dataclasses import replace
 
 import onnx
 
@@ -72,6 +74,29 @@ def _values(text: str, item: str) -> list[float]:
     return [round(lo + i * step, 10) for i in range(n + 1)]
 
 
+ROUNDED = ("width", "lowrank")  # the families whose sizes `@N` rounds
+
+
+def _multiple(text: str, item: str, family: str) -> int:
+    if family not in ROUNDED:
+        raise NdonnxError(f"--candidates: {item!r}: only {' and '.join(ROUNDED)} round to a channel multiple (@N)")
+    try:
+        n = int(text)
+    except ValueError:
+        raise NdonnxError(f"--candidates: {item!r}: @{text} is not a whole number") from None
+    if n < 1:
+        raise NdonnxError(f"--candidates: {item!r}: the channel multiple must be >= 1")
+    return n
+
+
+def with_multiple(specs: list[CandidateSpec], multiple: int) -> list[CandidateSpec]:
+    """`--channel-multiple N`: width and lowrank candidates without their own @N round to N."""
+    if multiple <= 1:
+        return specs
+    out = [replace(s, multiple=multiple) if s.family in ROUNDED and s.multiple == 1 else s for s in specs]
+    return list(dict.fromkeys(out))
+
+
 def parse_candidates(text: str) -> list[CandidateSpec]:
     """'width:0.1-0.9/0.1,lowrank:0.5,sparse:0.8,identity,teacher' -> specs, in order, without
     repeats. Raises NdonnxError (one line) on unknown families and bad values."""
@@ -95,12 +120,14 @@ def parse_candidates(text: str) -> list[CandidateSpec]:
             if not sep or not value.strip():
                 raise NdonnxError(f"--candidates: {name!r} needs a value in {fam.describe_values()}, "
                                   f"e.g. {name}:0.5")
+            value, _, mult = value.partition("@")
+            multiple = _multiple(mult, item, name) if mult else 1
             vals = _values(value, item)
             bad = [v for v in vals if not fam.accepts(v)]
             if bad:
                 raise NdonnxError(f"--candidates: {item!r}: {name} values must be in "
                                   f"{fam.describe_values()} (got {bad[0]:g})")
-            new = [CandidateSpec(name, v) for v in vals]
+            new = [CandidateSpec(name, v, multiple) for v in vals]
         specs += [s for s in new if s not in specs]
     return specs
 

@@ -18,9 +18,11 @@ class CandidateSpec:
 
     family: str
     value: float | None = None
+    multiple: int = 1  # width/lowrank: kept channels (ranks) rounded to a multiple of this ("width:0.5@8")
 
     def __str__(self) -> str:
-        return self.family if self.value is None else f"{self.family}:{self.value:g}"
+        text = self.family if self.value is None else f"{self.family}:{self.value:g}"
+        return text + (f"@{self.multiple}" if self.multiple > 1 else "")
 
 
 @dataclass
@@ -85,6 +87,11 @@ def register(family: str, *, values: tuple[float, float, bool, bool] | None = No
     return deco
 
 
-def scaled(size: int, k: float) -> int:
-    """round(k * size), halves rounded up (not to even), at least 1."""
-    return max(1, int(math.floor(k * size + 0.5 + 1e-9)))
+def scaled(size: int, k: float, multiple: int = 1) -> int:
+    """round(k * size), halves rounded up (not to even), at least 1; with `multiple`, rounded to the
+    nearest multiple of it (at least one), never above `size`. onnxruntime's blocked convolutions take
+    channel counts in multiples of 8 or 16; others fall back to slower kernels."""
+    n = max(1, int(math.floor(k * size + 0.5 + 1e-9)))
+    if multiple > 1:
+        n = multiple * max(1, int(math.floor(n / multiple + 0.5 + 1e-9)))
+    return min(n, size)

@@ -47,7 +47,8 @@ def _svd_factors(w: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
     return a.astype(w.dtype), b.astype(w.dtype)
 
 
-def factor(sub: onnx.ModelProto, r: float, only_if_smaller: bool = True) -> tuple[onnx.ModelProto, list[str]]:
+def factor(sub: onnx.ModelProto, r: float, only_if_smaller: bool = True,
+           multiple: int = 1) -> tuple[onnx.ModelProto, list[str]]:
     """The rank-r student and the names of the factored nodes (possibly none).
     only_if_smaller=False factors every supported op (tests: full rank reproduces the teacher)."""
     model = fold_batchnorm(sub)
@@ -62,7 +63,7 @@ def factor(sub: onnx.ModelProto, r: float, only_if_smaller: bool = True) -> tupl
         return unique_name(taken, base)
 
     for idx, node in enumerate(g.node):
-        plan = _plan(model, node, inits, dims, r)
+        plan = _plan(model, node, inits, dims, r, multiple)
         if plan is None or (only_if_smaller and plan[0] * (plan[1] + plan[2]) >= plan[1] * plan[2]):
             new_nodes.append(node)
             continue
@@ -79,7 +80,7 @@ def factor(sub: onnx.ModelProto, r: float, only_if_smaller: bool = True) -> tupl
     return model, factored
 
 
-def _plan(model, node, inits, dims, r) -> tuple[int, int, int] | None:
+def _plan(model, node, inits, dims, r, multiple=1) -> tuple[int, int, int] | None:
     """(rank, in*k*k, out) when the op can be factored."""
     if node.domain not in ("", "ai.onnx") or len(node.input) < 2 or node.input[1] not in inits:
         return None
@@ -100,7 +101,7 @@ def _plan(model, node, inits, dims, r) -> tuple[int, int, int] | None:
         fan_in, out = w.shape
     else:
         return None
-    return scaled(min(out, fan_in), r), int(fan_in), int(out)
+    return scaled(min(out, fan_in), r, multiple), int(fan_in), int(out)
 
 
 def _factor_node(model, node, plan, mid, label, fresh, taken) -> list[onnx.NodeProto]:
@@ -138,7 +139,7 @@ def _factor_node(model, node, plan, mid, label, fresh, taken) -> list[onnx.NodeP
 
 @register("lowrank", values=(0.0, 1.0, False, True))
 def generate(sub: onnx.ModelProto, spec: CandidateSpec) -> Student:
-    model, factored = factor(sub, float(spec.value))
+    model, factored = factor(sub, float(spec.value), multiple=spec.multiple)
     if not factored:
         raise NotApplicable(f"no Conv/Gemm/MatMul weight where rank {spec.value:g} saves parameters")
     model = finish(sub, model, str(spec))

@@ -454,7 +454,8 @@ def channel_groups(model: onnx.ModelProto) -> list[ChannelGroup]:
     return _Analysis(model).groups()
 
 
-def shrink(sub: onnx.ModelProto, k: float, score: str = "l1") -> tuple[onnx.ModelProto, list[tuple[int, int]]]:
+def shrink(sub: onnx.ModelProto, k: float, score: str = "l1",
+           multiple: int = 1) -> tuple[onnx.ModelProto, list[tuple[int, int]]]:
     """The width-k student of a teacher sub-model, and (old, new) size of each shrinkable group.
 
     Raises NotApplicable when no group can shrink. k = 1.0 gives the BN-folded teacher."""
@@ -473,7 +474,7 @@ def shrink(sub: onnx.ModelProto, k: float, score: str = "l1") -> tuple[onnx.Mode
     edits: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}
     sizes = []
     for g in groups:
-        n = scaled(g.size, k)
+        n = scaled(g.size, k, multiple)
         sizes.append((g.size, n))
         if n == g.size:
             continue
@@ -522,7 +523,7 @@ def _apply_slices(model: onnx.ModelProto, edits: dict[tuple[int, int], list[tupl
 
 @register("width", values=(0.0, 1.0, False, True))
 def generate(sub: onnx.ModelProto, spec: CandidateSpec) -> Student:
-    model, sizes = shrink(sub, float(spec.value))
+    model, sizes = shrink(sub, float(spec.value), multiple=spec.multiple)
     if all(old == new for old, new in sizes):
         raise NotApplicable(f"width {spec.value:g} removes no channel (groups of "
                             f"{', '.join(str(o) for o, _ in sizes)} channels)")

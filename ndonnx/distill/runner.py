@@ -77,15 +77,16 @@ def _commit(run_dir: Path, teacher: Teacher, cfg: DistillConfig) -> None:
 
 
 def _job_settings(cfg: DistillConfig) -> dict:
-    return {k: getattr(cfg, k) for k in ("candidates", "steps", "batch", "lr", "seed", "lookahead", "data_free")}
+    return {k: getattr(cfg, k) for k in ("candidates", "channel_multiple", "steps", "batch", "lr", "seed", "lookahead",
+                                         "data_free")}
 
 
 def distill(model_path: str | Path, run_dir: str | Path, cfg: DistillConfig, data_path: str | Path | None = None,
             progress: Callable | None = None) -> list[dict]:
     """Prepare and run every job; returns the rows of candidates.json."""
-    from ndonnx.candidates import DEFAULT_CANDIDATES, parse_candidates
+    from ndonnx.candidates import DEFAULT_CANDIDATES, parse_candidates, with_multiple
 
-    specs = parse_candidates(cfg.candidates or DEFAULT_CANDIDATES)
+    specs = with_multiple(parse_candidates(cfg.candidates or DEFAULT_CANDIDATES), cfg.channel_multiple)
     if data_path is None and not cfg.data_free:
         raise NdonnxError("give calibration data with --data FILE.npz, or use --data-free")
     device = resolve_device(cfg.device)
