@@ -62,7 +62,7 @@ def _compress_config(args: argparse.Namespace, distill_cfg=None):
 
     return CompressConfig(distill=distill_cfg or DistillConfig(), target=args.target_params, strategy=args.strategy,
                           max_drop=args.max_drop, finetune_steps=args.finetune_steps, eval_data=args.eval_data,
-                          tolerances=args.tolerances, force=args.force)
+                          tolerances=args.tolerances, force=args.force, target_macs=args.target_macs)
 
 
 def _finish(report: dict, args: argparse.Namespace) -> None:
@@ -198,6 +198,8 @@ def _add_search_options(s) -> None:
     from ndonnx.config import STRATEGIES
 
     s.add_argument("--target-params", default="50%", help="budget: 18M, 250K, 1.5e6 or 60%% of the teacher (default 50%%)")
+    s.add_argument("--target-macs", help="a compute budget instead: multiply-accumulates per sample, 20M or 60%% of "
+                   "the teacher's (replaces --target-params; sizes of symbolic dims as in the data)")
     s.add_argument("-o", "--output", help="student .onnx (default: <teacher>.ndonnx-<budget>.onnx beside the teacher, "
                    "e.g. resnet.ndonnx-50pct.onnx); an existing file is refused without --force")
     s.add_argument("--report", help="write the report as JSON here (replaced if it exists)")

@@ -42,7 +42,7 @@ def inspect_table(r: dict) -> None:
     torch_text = (f"{len(conv)} convert to torch exactly, holding {conv_params:,} of {inside:,} parameters"
                   if checked else "torch round trip not checked")
     at = ", ".join(f"{k} {_shape(v)}" for k, v in r.get("macs_inputs", {}).items())
-    macs_text = (f"{r['macs']:,} MACs for one sample ({at}; other sizes: check --max-macs --dim)"
+    macs_text = (f"{r['macs']:,} MACs for one sample ({at})"
                  if r["macs"] is not None else
                  f"MACs not counted ({r['macs_uncounted'][0]})")
     stdout.print(f"{len(r['neighbourhoods'])} neighbourhoods, {r['params']:,} parameters "
@@ -71,6 +71,9 @@ def compress_table(r: dict) -> None:
     t.add_row("all", f"{r['params_teacher']:,}", f"{r['params_student']:,}",
               f"{r['params_student'] / r['params_teacher']:.1%} of the teacher", "", end_section=True)
     stdout.print(t)
+    if "macs_student" in r:
+        stdout.print(f"MACs per sample: {r['macs_teacher']:,} -> {r['macs_student']:,} "
+                     f"({r['macs_student'] / r['macs_teacher']:.1%}; target {r['target_macs']:,})")
     ft = r.get("finetune")
     validation_table(r["validation"], ft.get("score_before") if ft else None)
     stdout.print("stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in r["timings"].items()))

@@ -26,7 +26,8 @@ from ndonnx.graph import Teacher, load_teacher, restore_interface
 from ndonnx.partition import Partition, partition
 from ndonnx.metrics import score_outputs
 from ndonnx.sample import ort_session, run_sample, with_dynamic_batch
-from ndonnx.search import THRESHOLD_MAX_DROP, Scorer, load_options, parse_target, save_scores, search
+from ndonnx.search import (THRESHOLD_MAX_DROP, Budget, Scorer, load_options, macs_budget, parse_target, save_scores,
+                           search)
 from ndonnx.splice import check, save_atomic
 from ndonnx.trainable import Trainable, write_weights
 from ndonnx.validate import validate
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 def default_output(teacher_path: Path, target: str) -> Path:
     """`<teacher>.ndonnx-<budget>.onnx` beside the teacher: each budget its own file."""
     name = teacher_path.name[:-5] if teacher_path.name.endswith(".onnx") else teacher_path.name
-    budget = re.sub(r"[^0-9A-Za-z.]", "", str(target).strip().replace("%", "pct"))
+    budget = re.sub(r"[^0-9A-Za-z.-]", "", str(target).strip().replace("%", "pct"))
     return teacher_path.with_name(f"{name}.ndonnx-{budget}.onnx")
 
 
@@ -57,8 +58,10 @@ def compress(model_path: str | Path, run_dir: str | Path, cfg: CompressConfig, d
     t0 = time.perf_counter()
     model_path, run_dir = Path(model_path), Path(run_dir)
     parse_target(cfg.target, 1)
-    output = Path(output) if output else default_output(model_path, cfg.target)
+    output = Path(output) if output else default_output(model_path, cfg.budget_text)
     _check_output(output, model_path, cfg.force)
+    if cfg.target_macs:
+        parse_target(cfg.target_macs, 1, "--target-macs")
     if cfg.tolerances:
         _read_tolerances(cfg.tolerances)
     if cfg.eval_data:
@@ -75,20 +78,27 @@ def build(run_dir: Path, cfg: CompressConfig, output: str | Path | None, timings
     run_dir = Path(run_dir)
     meta = _run_meta(run_dir)
     teacher_path = _teacher_path(run_dir, meta)
-    output = Path(output) if output else default_output(teacher_path, cfg.target)
+    output = Path(output) if output else default_output(teacher_path, cfg.budget_text)
     _check_output(output, teacher_path, cfg.force)
     parse_target(cfg.target, 1)
+    if cfg.target_macs:
+        parse_target(cfg.target_macs, 1, "--target-macs")
     t0 = time.perf_counter()
     run = open_run(run_dir)
     declared, teacher, part, cache, scorer, options = (run.declared, run.teacher, run.part, run.cache, run.scorer,
                                                        run.options)
-    target = parse_target(cfg.target, teacher.params)
+    budget = None
+    if cfg.target_macs:  # a compute budget replaces the parameter one
+        budget = _macs_budget(run, teacher)
+        target = parse_target(cfg.target_macs, budget.teacher_total, "--target-macs")
+    else:
+        target = parse_target(cfg.target, teacher.params)
     tolerances = _tolerances(cfg, part)
     limit = cfg.max_drop  # threshold: the drop it keeps within, by default the tolerances' own
     if limit is None and cfg.strategy == "threshold":
         limit = tolerances.max_drop if tolerances else THRESHOLD_MAX_DROP
     result = search(scorer, options, target, cfg.strategy, limit, tolerances=tolerances and tolerances.by_id,
-                    progress=progress)
+                    progress=progress, budget=budget)
     save_scores(run_dir, options, scorer)
     timings["search"] = time.perf_counter() - t0
 
@@ -119,7 +129,10 @@ def build(run_dir: Path, cfg: CompressConfig, output: str | Path | None, timings
     timings["validate"] = time.perf_counter() - t0
     drop = val["score_teacher"] - val["score_student"]
     report = {
-        "teacher": str(teacher_path), "output": str(output), "target_params": target,
+        "teacher": str(teacher_path), "output": str(output),
+        **({"target_macs": target, "macs_teacher": budget.teacher_total,
+            "macs_student": _macs_of(restore_interface(student, declared.model), run)}
+           if budget else {"target_params": target}),
         "params_teacher": teacher.params, "params_student": val["params_student"], "metric": scorer.metric,
         "neighbourhoods": _table(part, options, result),
         "search": {"strategy": cfg.strategy, "predicted_score": result.predicted, "composed_score": result.score,
@@ -140,6 +153,37 @@ def build(run_dir: Path, cfg: CompressConfig, output: str | Path | None, timings
     val["bytes_teacher"] = teacher_path.stat().st_size
     timings["save"] = time.perf_counter() - t0
     return report
+
+
+def _dims(run: "Run") -> dict:
+    """One held-out sample of every graph input: the sizes of the symbolic dims MACs are counted at."""
+    return {n: run.cache.read(n, run.cache.holdout[:1]) for n in run.teacher.input_names}
+
+
+def _macs_of(model: onnx.ModelProto, run: "Run", feeds: dict | None = None) -> int:
+    from ndonnx.macs import concrete_dims, count_macs
+
+    count = count_macs(model, concrete_dims(model, feeds if feeds is not None else _dims(run)))
+    if count.uncounted:
+        raise NdonnxError(f"--target-macs: cannot count the MACs of {count.uncounted[0][1]}")
+    return count.total
+
+
+def _macs_budget(run: "Run", teacher: Teacher) -> Budget:
+    """MACs per sample of the teacher and of every option, each counted on its own sub-model (the
+    teacher's piece from the run directory) so that all options of a neighbourhood compare alike."""
+    layout = Layout(run.dir)
+    for nid, opts in run.options.items():
+        teacher_sub = layout.teacher(nid)
+        for o in opts:
+            if not teacher_sub.exists():  # kept as the teacher, never converted: no alternative to count
+                o.macs = 0
+                continue
+            model = o.model if o.model is not None else onnx.load(str(teacher_sub))
+            feeds = {i.name: run.cache.read(i.name, run.cache.holdout[:1]) for i in model.graph.input
+                     if i.name not in run.cache.shape_only}
+            o.macs = _macs_of(model, run, feeds)
+    return macs_budget(_macs_of(teacher.model, run), run.options)
 
 
 def score_on(student: onnx.ModelProto, teacher: onnx.ModelProto, inputs: dict, labels) -> float:

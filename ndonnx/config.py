@@ -83,6 +83,12 @@ class CompressConfig:
     eval_data: str | None = None  # validate on this data (e.g. a test set) instead of the held-out split
     tolerances: str | None = None  # `ndonnx sensitivity --json` output: per-neighbourhood noise thresholds
     force: bool = False  # replace an existing output file
+    target_macs: str | None = None  # a budget in MACs per sample instead of parameters ("20M", "60%")
+
+    @property
+    def budget_text(self) -> str:
+        """The budget as given, for file names and reports: '50%', '18M', or '60%-macs'."""
+        return f"{self.target_macs}-macs" if self.target_macs else self.target
 
     def __post_init__(self) -> None:
         from ndonnx.errors import NdonnxError

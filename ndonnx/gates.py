@@ -83,10 +83,7 @@ def parse_size(text: str) -> int:
 
 def parse_count(flag: str, text: str, params: int) -> int:
     """A count for --max-params / --max-nonzero / --max-macs ('1M', '1.2G', '60%' of the model's own)."""
-    try:
-        return parse_target(text, params)
-    except NdonnxError as e:
-        raise NdonnxError(str(e).replace("--target-params", flag)) from None
+    return parse_target(text, params, flag)
 
 
 def parse_dims(items: tuple[str, ...] | list[str]) -> dict[str, int]:

@@ -35,6 +35,7 @@ class Option:
     rel_mse: float | None
     model: onnx.ModelProto | None = field(default=None, repr=False)  # None: keep the teacher
     score: float | None = None
+    macs: int | None = None  # per sample, set when the budget counts MACs
 
 
 def load_options(run_dir: Path, rows: list[dict]) -> dict[int, list[Option]]:
@@ -137,35 +138,61 @@ def total_params(teacher_params: int, part: Partition, choice: dict[int, Option]
     return teacher_params - sum(by_id[nid].params - o.params for nid, o in choice.items())
 
 
+@dataclass(frozen=True)
+class Budget:
+    """What a target counts, per option and for a whole choice: parameters (the default) or MACs."""
+
+    unit: str  # "parameters" | "MACs"
+    teacher_total: int
+    own: dict[int, int]  # neighbourhood id -> the teacher's own amount in it
+    size: Callable[[Option], int]
+
+    def total(self, choice: dict[int, Option]) -> int:
+        return self.teacher_total - sum(self.own[nid] - self.size(o) for nid, o in choice.items())
+
+
+def params_budget(teacher_params: int, part: Partition) -> Budget:
+    return Budget("parameters", teacher_params, {n.id: n.params for n in part.neighbourhoods}, lambda o: o.params)
+
+
+def macs_budget(teacher_macs: int, options: dict[int, list[Option]]) -> Budget:
+    """Every option's `macs` set; the teacher option's are the neighbourhood's own."""
+    own = {nid: next(o.macs for o in opts if o.candidate == "teacher") for nid, opts in options.items()}
+    return Budget("MACs", teacher_macs, own, lambda o: o.macs)
+
+
 THRESHOLD_MAX_DROP = 0.01  # --strategy threshold without --max-drop or tolerances
 
 
 def search(scorer: Scorer, options: dict[int, list[Option]], target: int, strategy: str = "greedy",
            max_drop: float | None = None, rounds: int = 4, tolerances: dict[int, float] | None = None,
-           progress: Callable | None = None) -> SearchResult:
-    """Pick one option per neighbourhood with total parameters <= target."""
+           progress: Callable | None = None, budget: Budget | None = None) -> SearchResult:
+    """Pick one option per neighbourhood with a total (parameters, or what `budget` counts) <= target."""
     part, tparams = scorer.part, scorer.teacher.params
+    budget = budget or params_budget(tparams, part)
     pending = [o for opts in options.values() for o in opts if o.score is None]
     for o in pending if progress is None or not pending else progress(pending, len(pending), "score"):
         o.score = scorer.single(o)
     teacher_opt = {nid: next(o for o in opts if o.candidate == "teacher") for nid, opts in options.items()}
-    smallest = {nid: min(opts, key=lambda o: o.params) for nid, opts in options.items()}
-    floor = total_params(tparams, part, smallest)
+    smallest = {nid: min(opts, key=budget.size) for nid, opts in options.items()}
+    floor = budget.total(smallest)
     if floor > target:
-        raise TargetUnreachable(target, floor)
+        raise TargetUnreachable(target, floor, unit=budget.unit)
     if strategy == "threshold":
-        return _threshold(scorer, options, target, THRESHOLD_MAX_DROP if max_drop is None else max_drop, tolerances)
+        return _threshold(scorer, options, target, THRESHOLD_MAX_DROP if max_drop is None else max_drop, tolerances,
+                          budget)
     if strategy != "greedy":
         raise NdonnxError(f"--strategy must be greedy or threshold, got {strategy!r}")
     pareto: list[dict] = []
     cost = {(o.neighbourhood, o.candidate): scorer.teacher_score - o.score for opts in options.values() for o in opts}
     best = None
     for _ in range(rounds):
-        choice = _greedy(options, teacher_opt, cost, tparams, part, target)
+        choice = _greedy(options, teacher_opt, cost, budget, target)
         params = total_params(tparams, part, choice)
         score = scorer.composed(choice)
         predicted = scorer.teacher_score - sum(cost[(o.neighbourhood, o.candidate)] for o in choice.values())
-        pareto.append({"params": params, "score": score, "predicted": predicted, "choices": _names(choice)})
+        pareto.append({"params": params, "size": budget.total(choice), "score": score, "predicted": predicted,
+                       "choices": _names(choice)})
         if best is None or score > best.score:
             best = SearchResult(choice, params, score, predicted, pareto)
         if score >= predicted - 1e-9:
@@ -183,7 +210,7 @@ def search(scorer: Scorer, options: dict[int, list[Option]], target: int, strate
     return best
 
 
-def _threshold(scorer: Scorer, options, target: int, limit: float, tolerances) -> SearchResult:
+def _threshold(scorer: Scorer, options, target: int, limit: float, tolerances, budget: Budget) -> SearchResult:
     """The paper's: the smallest candidate per neighbourhood within its tolerance (the sensitivity
     thresholds, else a partial-model drop within `limit`). Single tolerances compound, so when the
     composed student drops more than `limit` the neighbourhoods are grown back, the change that
@@ -199,21 +226,22 @@ def _threshold(scorer: Scorer, options, target: int, limit: float, tolerances) -
         def ok(o):
             return scorer.teacher_score - o.score <= limit
         how = f"with --strategy threshold and --max-drop {limit}"
-    choice = {nid: min((o for o in opts if ok(o) or o.candidate == "teacher"), key=lambda o: o.params)
+    choice = {nid: min((o for o in opts if ok(o) or o.candidate == "teacher"), key=budget.size)
               for nid, opts in options.items()}
     params = total_params(tparams, part, choice)
-    if params > target:
-        raise TargetUnreachable(target, params, how)
+    if budget.total(choice) > target:
+        raise TargetUnreachable(target, budget.total(choice), how, budget.unit)
     score, err = scorer.composed_with_error(choice)
-    pareto = [{"params": params, "score": score, "choices": _names(choice)}]
+    pareto = [{"params": params, "size": budget.total(choice), "score": score, "choices": _names(choice)}]
     while scorer.teacher_score - score > limit:
         best = None
         for nid, opts in options.items():  # one step up per neighbourhood: the next larger candidate
-            o = min((o for o in opts if o.params > choice[nid].params), key=lambda o: o.params, default=None)
-            if o is None or total_params(tparams, part, {**choice, nid: o}) > target:
+            size = budget.size(choice[nid])
+            o = min((o for o in opts if budget.size(o) > size), key=budget.size, default=None)
+            if o is None or budget.total({**choice, nid: o}) > target:
                 continue
             s, e = scorer.composed_with_error({**choice, nid: o})
-            key = (err - e) / (o.params - choice[nid].params)  # error removed per parameter spent
+            key = (err - e) / (budget.size(o) - size)  # error removed per unit spent
             if best is None or key > best[0]:
                 best = (key, nid, o, s, e)
         if best is None:  # nothing left that fits the target
@@ -221,20 +249,20 @@ def _threshold(scorer: Scorer, options, target: int, limit: float, tolerances) -
         _, nid, o, score, err = best
         choice = {**choice, nid: o}
         params = total_params(tparams, part, choice)
-        pareto.append({"params": params, "score": score, "choices": _names(choice)})
+        pareto.append({"params": params, "size": budget.total(choice), "score": score, "choices": _names(choice)})
     predicted = scorer.teacher_score - sum(scorer.teacher_score - o.score for o in choice.values())
     return SearchResult(choice, params, score, predicted, _pareto(pareto))
 
 
-def _greedy(options, teacher_opt, cost, tparams, part, target) -> dict[int, Option]:
-    """From the teacher, repeatedly take the change that loses the least score per parameter saved."""
+def _greedy(options, teacher_opt, cost, budget: Budget, target) -> dict[int, Option]:
+    """From the teacher, repeatedly take the change that loses the least score per unit saved."""
     choice = dict(teacher_opt)
-    while total_params(tparams, part, choice) > target:
+    while budget.total(choice) > target:
         best, best_key = None, None
         for nid, opts in options.items():
             cur = choice[nid]
             for o in opts:
-                saved = cur.params - o.params
+                saved = budget.size(cur) - budget.size(o)
                 if saved <= 0:
                     continue
                 lost = cost[(nid, o.candidate)] - cost[(nid, cur.candidate)]
@@ -252,7 +280,7 @@ def _names(choice: dict[int, Option]) -> dict[str, str]:
 
 
 def _pareto(points: list[dict]) -> list[dict]:
-    pts = sorted(points, key=lambda p: (p["params"], -p["score"]))
+    pts = sorted(points, key=lambda p: (p.get("size", p["params"]), -p["score"]))
     out, best = [], -np.inf
     for p in pts:
         if p["score"] > best:
@@ -264,8 +292,8 @@ def _pareto(points: list[dict]) -> list[dict]:
 class TargetUnreachable(NdonnxError):
     exit_code = 1
 
-    def __init__(self, target: int, smallest: int, how: str = "with the candidates at hand"):
-        super().__init__(f"target of {target:,} parameters cannot be met: the smallest model reachable "
+    def __init__(self, target: int, smallest: int, how: str = "with the candidates at hand", unit: str = "parameters"):
+        super().__init__(f"target of {target:,} {unit} cannot be met: the smallest model reachable "
                          f"{how} has {smallest:,}")
         self.smallest = smallest
 

@@ -325,3 +325,25 @@ def test_run_bound_to_its_teacher(done, tmp_path):
     manifest.write_text(json.dumps({**m, "fingerprint": "0123456789abcdef" + m["fingerprint"][16:]}))
     with pytest.raises(NdonnxError, match="activation cache was made from another teacher"):
         build(moved / "run", CompressConfig(target="70%"), tmp_path / "c.onnx")
+
+
+def test_compute_budget_in_macs(done, tmp_path, capsys):
+    """--target-macs: the student's MACs, counted independently on the written file, meet the budget;
+    the parameter target is not what limits it."""
+    from ndonnx.macs import concrete_dims, count_macs
+
+    d, teacher, _ = done
+    out = tmp_path / "m.onnx"
+    assert main(["search", str(d / "run"), "--target-macs", "75%", "-o", str(out), "--report", str(tmp_path / "r.json")]) == 0
+    r = json.loads((tmp_path / "r.json").read_text())
+    t = onnx.load(str(teacher))
+    one = {"input": np.zeros((1, 3, 16, 16), np.float32)}
+    teacher_macs = count_macs(t, concrete_dims(t, one)).total
+    s = onnx.load(str(out))
+    student_macs = count_macs(s, concrete_dims(s, one)).total
+    assert r["macs_teacher"] == teacher_macs and r["macs_student"] == student_macs
+    assert student_macs <= r["target_macs"] == int(0.75 * teacher_macs) < teacher_macs
+    assert "MACs per sample" in capsys.readouterr().out
+    assert main(["search", str(d / "run"), "--target-macs", "1", "-o", str(tmp_path / "x.onnx")]) == 1
+    assert "MACs cannot be met" in capsys.readouterr().err
+    assert default_output(teacher, CompressConfig(target_macs="60%").budget_text).name == "teacher.ndonnx-60pct-macs.onnx"
