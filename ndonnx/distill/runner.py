@@ -253,6 +253,10 @@ def _run(jobs: list[Job], device: str, workers: int, progress: Callable | None) 
             run_group(g)
         return
     # Not `with`: its exit waits for the jobs in flight. On an interrupt the pool is stopped instead.
+    # Workers ended mid-job can leave a queue semaphore for multiprocessing's resource tracker, which
+    # removes it and says so at exit; harmless, and not the user's concern (the tracker reads this
+    # variable: it is its own process).
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning:multiprocessing.resource_tracker")
     pool = None
     try:
         with _signals_ignored(signal.SIGINT):  # workers inherit it ignored: a ^C to the group reaches only us
