@@ -57,11 +57,8 @@ def compress(model_path: str | Path, run_dir: str | Path, cfg: CompressConfig, d
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     model_path, run_dir = Path(model_path), Path(run_dir)
-    parse_target(cfg.target, 1)
     output = Path(output) if output else default_output(model_path, cfg.budget_text)
     _check_output(output, model_path, cfg.force)
-    if cfg.target_macs:
-        parse_target(cfg.target_macs, 1, "--target-macs")
     if cfg.tolerances:
         _read_tolerances(cfg.tolerances)
     if cfg.eval_data:
@@ -80,9 +77,6 @@ def build(run_dir: Path, cfg: CompressConfig, output: str | Path | None, timings
     teacher_path = _teacher_path(run_dir, meta)
     output = Path(output) if output else default_output(teacher_path, cfg.budget_text)
     _check_output(output, teacher_path, cfg.force)
-    parse_target(cfg.target, 1)
-    if cfg.target_macs:
-        parse_target(cfg.target_macs, 1, "--target-macs")
     t0 = time.perf_counter()
     run = open_run(run_dir)
     declared, teacher, part, cache, scorer, options = (run.declared, run.teacher, run.part, run.cache, run.scorer,

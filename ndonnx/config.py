@@ -99,3 +99,8 @@ class CompressConfig:
             raise NdonnxError(f"--finetune-steps must be >= 0, got {self.finetune_steps}")
         if self.tolerances is not None and self.strategy != "threshold":
             raise NdonnxError("--tolerances applies to --strategy threshold")
+        from ndonnx.budget import parse_target
+
+        parse_target(self.target, 1)  # a malformed budget is refused before any work
+        if self.target_macs:
+            parse_target(self.target_macs, 1, "--target-macs")

@@ -81,11 +81,6 @@ def parse_size(text: str) -> int:
     return int(value * mult)
 
 
-def parse_count(flag: str, text: str, params: int) -> int:
-    """A count for --max-params / --max-nonzero / --max-macs ('1M', '1.2G', '60%' of the model's own)."""
-    return parse_target(text, params, flag)
-
-
 def parse_dims(items: tuple[str, ...] | list[str]) -> dict[str, int]:
     """('seq=128', 'H=224') -> {'seq': 128, 'H': 224}."""
     out = {}
@@ -108,7 +103,7 @@ def run_gates(model_path: str | Path, cfg: GateConfig) -> list[Gate]:
     student = load_teacher(model_path)
     gates = []
     if cfg.max_params:
-        allowed = parse_count("--max-params", cfg.max_params, student.params)
+        allowed = parse_target(cfg.max_params, student.params, "--max-params")
         gates.append(Gate("max-params", student.params, allowed, student.params <= allowed))
     if cfg.max_size:
         size, allowed = file_size(model_path), parse_size(cfg.max_size)
@@ -116,7 +111,7 @@ def run_gates(model_path: str | Path, cfg: GateConfig) -> list[Gate]:
     if cfg.max_nonzero:
         inits = {i.name: i for i in student.model.graph.initializer}
         nonzero = sum(int(np.count_nonzero(numpy_helper.to_array(inits[n]))) for n in student.weights)
-        allowed = parse_count("--max-nonzero", cfg.max_nonzero, student.params)
+        allowed = parse_target(cfg.max_nonzero, student.params, "--max-nonzero")
         gates.append(Gate("max-nonzero", nonzero, allowed, nonzero <= allowed))
     if cfg.max_macs:
         count = count_macs(student.model, dims)
@@ -124,7 +119,7 @@ def run_gates(model_path: str | Path, cfg: GateConfig) -> list[Gate]:
             first = count.uncounted[0][1]
             more = f" (and {len(count.uncounted) - 1} more)" if len(count.uncounted) > 1 else ""
             raise NdonnxError(f"--max-macs: cannot count the MACs of {first}{more}")
-        allowed = parse_count("--max-macs", cfg.max_macs, count.total)
+        allowed = parse_target(cfg.max_macs, count.total, "--max-macs")
         gates.append(Gate("max-macs", count.total, allowed, count.total <= allowed))
     if cfg.quality:
         if not cfg.reference or not cfg.data:

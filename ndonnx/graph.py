@@ -90,8 +90,7 @@ def load_teacher(path: str | os.PathLike) -> Teacher:
     opset = onnx_opset(model)
     if opset < UPGRADE_BELOW:
         model = _upgrade_opset(model, path)
-    model = fold_constants(model)
-    model, _ = remove_unused(model)
+    model = fold_constants(model)  # dead code goes with it (remove_unused)
     return Teacher(path=path, model=model, opset=onnx_opset(model), weights=weight_counts(model))
 
 

@@ -71,14 +71,13 @@ def sensitivity(model_path: str | Path, data_path: str | Path, labels_key: str |
         return base - score_outputs(ort_session(noisy).run(outputs, feeds), reference, labels)
 
     rows = []
-    steps = [*part.neighbourhoods, "all together"]
+    steps = [*part.neighbourhoods, None]  # None: every boundary at once
     for nbh in steps if progress is None else progress(steps, len(steps), "sensitivity"):
-        if nbh == "all together":
-            together = [drop(cuts, e) for e in eps]
-            continue
-        drops = [drop(list(nbh.outputs), e) for e in eps]
-        rows.append({"neighbourhood": nbh.id, "tensor": ", ".join(nbh.outputs), "params": nbh.params, "drops": drops,
-                     "threshold": _threshold(eps, drops, max_drop)})
+        drops = [drop(cuts if nbh is None else list(nbh.outputs), e) for e in eps]
+        if nbh is not None:
+            rows.append({"neighbourhood": nbh.id, "tensor": ", ".join(nbh.outputs), "params": nbh.params,
+                         "drops": drops, "threshold": _threshold(eps, drops, max_drop)})
+    together = drops
     return {"model": str(model_path), "metric": metric_name(reference, labels), "score": base, "eps": list(eps),
             "max_drop": max_drop, "samples": len(next(iter(feeds.values()))), "neighbourhoods": rows,
             "all": {"drops": together, "threshold": _threshold(eps, together, max_drop)}}
