@@ -104,6 +104,12 @@ for v in (10, 13, 22):
            pads=[1, 0, 0, 2], output_padding=[1, 2])
 
 
+# ---- NonZero: [rank, count] (tf2onnx's tf.where) ---------------------------------------------------
+_broken('NonZero', [13], [f32(3, 5) > 0], name='bool_2d')
+_broken('NonZero', [13], [np.where(f32(2, 3, 4) > 0.5, f32(2, 3, 4), 0).astype(np.float32)], name='float_3d')
+add('NonZero', [9], [f32(4, 6) > 0], name='bool_2d')
+
+
 @pytest.mark.parametrize('case', CASES, ids=[_case_id(c) for c in CASES])
 def test_matches_onnxruntime(case: Case):
     model, feeds = _build(case)

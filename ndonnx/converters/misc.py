@@ -1,4 +1,5 @@
-"""Trilu-14 (torch.triu/tril export to it; onnx2torch has none), Dropout-22 and EyeLike-22 (types only)."""
+"""Trilu-14 (torch.triu/tril export to it; onnx2torch has none), Dropout-22 and EyeLike-22 (types only),
+NonZero-9/13 (onnx2torch returns torch.nonzero's [count, rank], transposed from ONNX's [rank, count])."""
 
 from typing import Optional
 
@@ -9,7 +10,7 @@ from onnx2torch.onnx_graph import OnnxGraph
 from onnx2torch.onnx_node import OnnxNode
 from onnx2torch.utils.common import OnnxToTorchModule, OperationConverterResult
 
-from ._registry import alias, const_list, input_name, mapping, register
+from ._registry import alias, const_list, input_name, mapping, register, replace
 
 
 class Trilu(nn.Module, OnnxToTorchModule):
@@ -37,3 +38,17 @@ def _trilu(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
 
 alias('Dropout', (22,), 13)
 alias('EyeLike', (22,), 9)
+
+
+class NonZero(nn.Module, OnnxToTorchModule):
+    """ONNX NonZero: the indices of the non-zero elements as [rank, count], row-major order."""
+
+    def forward(self, input_tensor: torch.Tensor) -> torch.Tensor:
+        return torch.nonzero(input_tensor).transpose(0, 1)
+
+
+# tf2onnx writes NonZero -> Transpose for tf.where (the TFJS sentence encoder's sparse batches)
+@replace('NonZero', 13, reason="onnx2torch returns [count, rank]; ONNX's NonZero gives [rank, count]")
+@register('NonZero', 9)
+def _nonzero(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:  # pylint: disable=unused-argument
+    return OperationConverterResult(torch_module=NonZero(), onnx_mapping=mapping(node, node.input_values[:1]))
