@@ -17,17 +17,38 @@ def rel_err(got: np.ndarray, want: np.ndarray) -> float:
     return float(diff / scale) if scale > 0 else float(diff)
 
 
+def is_embedding(o: np.ndarray) -> bool:
+    """Rows of unit L2 norm with negative entries: a normalised embedding (a sentence encoder's),
+    compared by direction. Softmax rows are non-negative and below unit norm unless one-hot."""
+    if o.ndim != 2 or o.shape[1] < 2 or not np.issubdtype(o.dtype, np.floating) or not (o < 0).any():
+        return False
+    return bool(np.allclose(np.linalg.norm(o.astype(np.float64), axis=1), 1.0, atol=1e-3))
+
+
 def metric_name(outputs: list[np.ndarray], labels: np.ndarray | None) -> str:
     if labels is not None:
         return "accuracy"
     o = outputs[0]
+    if is_embedding(o):
+        return "cosine"
     return "agreement" if o.ndim == 2 and o.shape[1] > 1 else "fidelity"
+
+
+def mean_cosine(got: np.ndarray, want: np.ndarray) -> float:
+    """Mean over rows of the cosine between each row of `got` and the same row of `want`."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    dot = (got * want).sum(1)
+    norms = np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1)
+    return float(np.mean(np.where(norms > 0, dot / np.maximum(norms, 1e-300), 0.0)))
 
 
 def score_outputs(outputs: list[np.ndarray], reference: list[np.ndarray], labels: np.ndarray | None) -> float:
     """Higher is better: accuracy with labels; top-1 agreement with the teacher for classifier
-    outputs; otherwise 1 - relative error against the teacher's outputs."""
+    outputs; mean cosine with the teacher's rows for normalised embeddings; otherwise 1 - relative
+    error against the teacher's outputs."""
     kind = metric_name(reference, labels)
+    if kind == "cosine":
+        return mean_cosine(outputs[0], reference[0])
     if kind == "accuracy":
         return float((outputs[0].argmax(-1) == labels).mean())
     if kind == "agreement":
