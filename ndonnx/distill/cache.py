@@ -4,6 +4,7 @@ boundary and side-input tensor stored (float16 on disk, memory-mapped; in RAM wh
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,13 +113,17 @@ def _probe(model: onnx.ModelProto, names: list[str], shape_only: list[str],
 
     Layouts: (batch axis, rows per sample); the axis is None for a tensor that is the same whatever
     the batch, and rows per sample > 1 for a flattened (batch*seq, ...) tensor. Shape-only tensors:
-    their shapes at both sizes, so that any batch size's shape follows (see `shape_at`)."""
+    their shapes at both sizes, so that any batch size's shape follows (see `shape_at`).
+
+    The lone sample is the batch's last, so an integer tensor whose values name a sample's place in
+    the batch (the (sentence, position) pairs of a ragged token batch) differs from its rows there
+    and is refused: cached rows would point into batches that training never builds."""
     every = names + [n for n in shape_only if n not in names]
     sess = ort_session(_with_outputs(model, every))
     n = len(next(iter(feeds.values())))
     big = dict(zip(every, sess.run(every, feeds)))
     big.update({k: v for k, v in feeds.items() if k in every})
-    one = {k: v[:1] for k, v in feeds.items()}
+    one = {k: v[-1:] for k, v in feeds.items()}
     small = dict(zip(every, sess.run(every, one)))
     small.update({k: v for k, v in one.items() if k in every})
     layouts = {}
@@ -130,6 +135,11 @@ def _probe(model: onnx.ModelProto, names: list[str], shape_only: list[str],
             layouts[k] = (None, 1)
         elif len(diff) == 1 and big[k].shape[diff[0]] == n * small[k].shape[diff[0]]:
             layouts[k] = (diff[0], small[k].shape[diff[0]])
+            axis, rows = layouts[k]
+            last = np.take(big[k], range((n - 1) * rows, n * rows), axis=axis)
+            if not np.issubdtype(big[k].dtype, np.floating) and not np.array_equal(last, small[k]):
+                raise NdonnxError(f"tensor {k!r} holds values that depend on a sample's place in the batch "
+                                  "(e.g. the positions of a ragged token batch); ndonnx cannot cache it")
         else:
             raise NdonnxError(f"tensor {k!r} changes shape with the batch in a way ndonnx cannot cache "
                               f"({list(small[k].shape)} for one sample, {list(big[k].shape)} for {n})")
@@ -187,5 +197,27 @@ class CacheReader:
             a = a.reshape(-1, *a.shape[2:])
         return np.moveaxis(a, 0, axis)
 
+    def tensors(self, names: list[str], idx: np.ndarray) -> Mapping[str, np.ndarray]:
+        """The cached tensors `names` at samples `idx`, each read when first asked for."""
+        return _Tensors(self, tuple(n for n in names if n in self.arrays or n in self.shape_only), idx)
+
     def labels(self, idx: np.ndarray) -> np.ndarray | None:
         return self.read("__labels__", idx) if "__labels__" in self.arrays else None
+
+
+class _Tensors(Mapping):
+    def __init__(self, reader: CacheReader, names: tuple[str, ...], idx: np.ndarray):
+        self.reader, self.names, self.idx, self.read = reader, names, idx, {}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self.names:
+            raise KeyError(name)
+        if name not in self.read:
+            self.read[name] = self.reader.read(name, self.idx)
+        return self.read[name]
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
