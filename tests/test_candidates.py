@@ -474,7 +474,7 @@ def test_parse_candidates_errors(text, match):
 def test_register_refuses_a_duplicate():
     with pytest.raises(NdonnxError, match="already registered"):
         register("width")(lambda sub, spec: None)
-    assert list(REGISTRY) == ["teacher", "width", "lowrank", "sparse", "identity"]
+    assert list(REGISTRY) == ["teacher", "width", "lowrank", "sparse", "identity", "heads"]
 
 
 def test_build_candidates_deduplicates_and_explains(blocks):

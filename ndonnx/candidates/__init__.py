@@ -10,6 +10,7 @@ Families (one module each, registered explicitly below; registering a name twice
 - ``width:k@N``, ``lowrank:r@N``: kept channels / ranks rounded to a multiple of N (`--channel-multiple`).
 - ``sparse:s``  the same graph with target sparsity s for magnitude pruning during training (sparse.py).
 - ``identity``  a residual block x + f(x) reduced to x (identity.py).
+- ``heads:k``   each attention sub-layer keeps round(k * H) of its H heads, by ||W_V,h|| * ||W_O,h|| (heads.py).
 
 Every student except ``teacher`` has each BatchNormalization that directly follows a Conv folded
 into that Conv (students carry no BN: onnx2torch's BN would otherwise need care in training).
@@ -35,6 +36,7 @@ from ndonnx.candidates import width as _width  # noqa: E402,F401
 from ndonnx.candidates import lowrank as _lowrank  # noqa: E402,F401
 from ndonnx.candidates import sparse as _sparse  # noqa: E402,F401
 from ndonnx.candidates import identity as _identity  # noqa: E402,F401
+from ndonnx.candidates import heads as _heads  # noqa: E402,F401
 
 __all__ = ["REGISTRY", "CandidateSpec", "Family", "NotApplicable", "Student", "register", "scaled",
            "ContractError", "DEFAULT_CANDIDATES", "parse_candidates", "build_candidates"]

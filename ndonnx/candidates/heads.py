@@ -49,9 +49,22 @@ from onnx import helper, numpy_helper
 
 from ndonnx.candidates import importance as imp
 from ndonnx.candidates.base import CandidateSpec, NotApplicable, Student, register, scaled
-from ndonnx.candidates.onnx_edit import (add_array, attr, consumers, copy_model, finish, fold_batchnorm, get_array,
-                                         names_in_use, param_count, producers, set_array, set_attr, set_dim,
-                                         unique_name)
+from ndonnx.candidates.onnx_edit import (
+    add_array,
+    attr,
+    consumers,
+    copy_model,
+    finish,
+    fold_batchnorm,
+    get_array,
+    names_in_use,
+    param_count,
+    producers,
+    set_array,
+    set_attr,
+    set_dim,
+    unique_name,
+)
 
 MOVE = ("Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Split", "Slice", "Gather", "Identity", "Cast",
         "Dropout")
@@ -194,7 +207,7 @@ class _Graph:
             elif node.op_type in ARITH and len(node.input) == 2 and sum(n in self.consts for n in node.input) == 1:
                 slot = 0 if node.input[1] in self.consts else 1
             else:
-                raise NotApplicable(f"{what} comes from {node.op_type} {node.name!r}, not from a linear projection")
+                raise NotApplicable(f"{what} comes from {node.op_type} {_label(node)}, not from a linear projection")
             steps.append((i, slot, list(node.output).index(name)))
             name = node.input[slot]
 
@@ -213,6 +226,10 @@ class _Graph:
             name = node.output[0]
 
 
+def _label(node: onnx.NodeProto) -> str:
+    return repr(node.name or f"{node.op_type} -> {node.output[0]}")
+
+
 def _cores(g: _Graph) -> list[Core]:
     cores = []
     for i, node in enumerate(g.nodes):
@@ -225,17 +242,17 @@ def _cores(g: _Graph) -> list[Core]:
         x = g.vals[soft.input[0]]
         opset13 = next((o.version for o in g.model.opset_import if o.domain in ("", "ai.onnx")), 1) >= 13
         if attr(soft, "axis", -1 if opset13 else 1) % x.ndim != x.ndim - 1:
-            raise NotApplicable(f"Softmax {soft.name!r} is not over the last axis")
+            raise NotApplicable(f"Softmax {_label(soft)} is not over the last axis")
         to_ctx, (c, slot) = g.forward_chain(soft.output[0], PROB_OPS)
         if c < 0 or slot != 0 or not g.two_activations(g.nodes[c]):
-            raise NotApplicable(f"the probabilities of Softmax {soft.name!r} do not reach a MatMul with V")
+            raise NotApplicable(f"the probabilities of Softmax {_label(soft)} do not reach a MatMul with V")
         ctx = g.nodes[c]
         shapes = [g.vals[n].shape for n in (*node.input, *ctx.input, ctx.output[0])]
         if any(len(s) != 4 for s in shapes):
-            raise NotApplicable(f"attention at MatMul {node.name!r} is not of rank 4 (heads folded into the batch axis)")
+            raise NotApplicable(f"attention at MatMul {_label(node)} is not of rank 4 (heads folded into the batch axis)")
         heads = shapes[0][1]
         if any(s[1] != heads for s in shapes):
-            raise NotApplicable(f"attention at MatMul {node.name!r}: K/V heads differ from Q heads")
+            raise NotApplicable(f"attention at MatMul {_label(node)}: K/V heads differ from Q heads")
         probs = to_soft + [(s, 0, 0)] + to_ctx
         cores.append(Core(i, c, heads, probs=probs))
     return cores
@@ -245,12 +262,12 @@ def _wire(g: _Graph, core: Core) -> None:
     """The projections of Q, K, V and the output projection of one core."""
     sc, cx = g.nodes[core.scores], g.nodes[core.context]
     for role, name in (("q", sc.input[0]), ("k", sc.input[1]), ("v", cx.input[1])):
-        core.inputs[role] = g.back_to_projection(name, f"{role.upper()} of attention at {sc.name!r}")
+        core.inputs[role] = g.back_to_projection(name, f"{role.upper()} of attention at {_label(sc)}")
     core.out, (i, slot) = g.forward_chain(cx.output[0], MOVE)
     proj = g.projection(i) if i >= 0 else None
     if proj is None or slot != 0 or any(g.nodes[s].op_type in ("Split", "Slice", "Gather") for s, _, _ in core.out):
-        what = f"{g.nodes[i].op_type} {g.nodes[i].name!r}" if i >= 0 else f"{slot} readers"
-        raise NotApplicable(f"the context of attention at {sc.name!r} reaches {what}, not an output projection")
+        what = f"{g.nodes[i].op_type} {_label(g.nodes[i])}" if i >= 0 else f"{slot} readers"
+        raise NotApplicable(f"the context of attention at {_label(sc)} reaches {what}, not an output projection")
     node = g.nodes[i]
     x = node.input[0]
     proj.axis = g.vals[x].ndim - 1 if node.op_type == "MatMul" else 1
@@ -275,7 +292,7 @@ def _slice_args(g: _Graph, node: onnx.NodeProto, vals, rank: int) -> list[slice]
 
 def _move(g: _Graph, step: Step, arr: np.ndarray, vals) -> np.ndarray:
     """Where each element of the step's data input lands in its output (numpy, same semantics)."""
-    i, slot, out = step
+    i, _, out = step
     node = g.nodes[i]
     op = node.op_type
     shape = vals[node.output[out]].shape
@@ -327,7 +344,7 @@ def head_map(g: _Graph, cores: list[Core], vals) -> dict[str, np.ndarray]:
             table = owner.setdefault(proj.node, np.full(shape[proj.axis], -1))
             for c, h in set(zip(at.reshape(-1).tolist(), want.reshape(-1).tolist())):
                 if table[c] not in (-1, h):
-                    raise NotApplicable(f"projection {g.nodes[proj.node].name!r}: a channel reaches two heads")
+                    raise NotApplicable(f"projection {_label(g.nodes[proj.node])}: a channel reaches two heads")
                 table[c] = h
             paths.append((proj, steps, chan))
             core.channels[role] = np.unique(at)
@@ -335,13 +352,13 @@ def head_map(g: _Graph, cores: list[Core], vals) -> dict[str, np.ndarray]:
             heads[name] = _head_axis(vals[name].shape, offset)
         probs = _walk(g, core.probs, heads[sc.output[0]], vals, heads)
         if not np.array_equal(probs, heads[cx.input[0]]):
-            raise NotApplicable(f"attention at {sc.name!r}: the path to Softmax mixes heads")
+            raise NotApplicable(f"attention at {_label(sc)}: the path to Softmax mixes heads")
         rows = _walk(g, core.out, heads[cx.output[0]], vals, heads)
-        _rows_of(rows, core.out_proj.axis, f"output projection {g.nodes[core.out_proj.node].name!r}")
+        _rows_of(rows, core.out_proj.axis, f"output projection {_label(g.nodes[core.out_proj.node])}")
         offset += core.heads
     for node, table in owner.items():
         if (table < 0).any():
-            raise NotApplicable(f"projection {g.nodes[node].name!r}: {int((table < 0).sum())} output channels "
+            raise NotApplicable(f"projection {_label(g.nodes[node])}: {int((table < 0).sum())} output channels "
                                 "reach no attention head")
     for core in cores:
         for role, (proj, _) in core.inputs.items():
@@ -416,7 +433,7 @@ def plan(sub: onnx.ModelProto, k: float) -> tuple[onnx.ModelProto, _Graph, list[
         raise NotApplicable("no attention core (MatMul of two activations -> Softmax -> MatMul)")
     for core in cores:
         if core.heads < 2:
-            raise NotApplicable(f"attention at {g.nodes[core.scores].name!r} has a single head")
+            raise NotApplicable(f"attention at {_label(g.nodes[core.scores])} has a single head")
         _wire(g, core)
     heads = head_map(g, cores, runs[0])
     offset = 0
@@ -495,7 +512,7 @@ def _weights(ed: _Edit, g: _Graph, cores: list[Core], keeps: dict, vals: dict) -
             if b is not None and b.ndim >= 1 and b.shape[-1] == vals[node.output[0]].shape[proj.axis] and b.shape[-1] > 1:
                 ed.put(proj.node, 2, np.take(b, keep, axis=b.ndim - 1))
             elif b is not None and b.size > 1 and node.op_type == "Gemm":
-                raise NotApplicable(f"Gemm {node.name!r} has a C of shape {b.shape}")
+                raise NotApplicable(f"Gemm {_label(node)} has a C of shape {b.shape}")
         node = g.nodes[core.out_proj.node]
         keep = keeps[node.input[0]][core.out_proj.axis]
         ed.put(core.out_proj.node, 1, np.take(get_array(g.model, node.input[1]), keep, axis=_weight_axis(node, False)))
@@ -521,7 +538,7 @@ def _operands(ed: _Edit, g: _Graph, steps: list[Step], keeps: dict, vals: dict) 
             dims = vals[name].shape
             lead = len(full) - len(dims)
             if any(a >= lead and dims[a - lead] != 1 and len(keep[a]) < full[a] for a in range(len(full))):
-                raise NotApplicable(f"{node.op_type} {node.name!r} adds a per-head input {name!r} from outside")
+                raise NotApplicable(f"{node.op_type} {_label(node)} adds a per-head input {name!r} from outside")
 
 
 def _movers(ed: _Edit, g: _Graph, steps: list[Step], keeps: list[dict], runs: list[dict]) -> list[int]:
@@ -537,30 +554,31 @@ def _movers(ed: _Edit, g: _Graph, steps: list[Step], keeps: list[dict], runs: li
             acts = (attr(node, "axis", 0) % runs[0][x].ndim,) if node.op_type == "Gather" else [
                 a for a, s in enumerate(_slice_args(g, node, runs[0], runs[0][x].ndim)) if s != slice(None)]
             if set(acts) & set(cut):
-                raise NotApplicable(f"{node.op_type} {node.name!r} cuts across the head axis")
+                raise NotApplicable(f"{node.op_type} {_label(node)} cuts across the head axis")
         elif node.op_type == "Split":
             axis = attr(node, "axis", 0) % runs[0][x].ndim
             if axis not in cut:
                 continue
             sizes = [[len(kk[o][axis]) if o in kk else -1 for o in node.output] for kk in keeps]
             if sizes[0] != sizes[1] or -1 in sizes[0]:
-                raise NotApplicable(f"Split {node.name!r}: its new sizes are not fixed")
+                raise NotApplicable(f"Split {_label(node)}: its new sizes are not fixed")
             if len(node.input) > 1 and node.input[1]:
                 if node.input[1] not in g.consts:
-                    raise NotApplicable(f"Split {node.name!r}: its sizes are computed")
+                    raise NotApplicable(f"Split {_label(node)}: its sizes are computed")
                 ed.put(i, 1, np.array(sizes[0], np.int64))
             elif attr(node, "split") is not None:
                 set_attr(ed.nodes[i], "split", sizes[0])
             elif len(set(sizes[0])) != 1:
-                raise NotApplicable(f"Split {node.name!r}: equal parts no longer fit")
+                raise NotApplicable(f"Split {_label(node)}: equal parts no longer fit")
     return list(dict.fromkeys(reshapes))
 
 
 # shape entries: the Reshape targets evaluated apart from the data, with any tensor dims
 
-def _shape_values(model: onnx.ModelProto, names: list[str], dims, vals: dict) -> dict[str, np.ndarray]:
-    """The values of `names` (shape tensors) when every tensor a Shape/Size reads has the dims
-    `dims(tensor)`: their ancestors, cut at those readers, run by onnxruntime on zeros."""
+def _shape_values(model: onnx.ModelProto, names: list[str], keeps: dict, vals: dict) -> dict[str, np.ndarray]:
+    """The values of `names` (shape tensors) when every tensor a Shape/Size reads has its dims in
+    the student (`keeps`; {} for the teacher): their ancestors, cut at those readers, run by
+    onnxruntime on zeros."""
     prod = producers(model)
     inits = {t.name: t for t in model.graph.initializer}
     out = {n: numpy_helper.to_array(inits[n]) for n in names if n in inits}
@@ -590,7 +608,7 @@ def _shape_values(model: onnx.ModelProto, names: list[str], dims, vals: dict) ->
         [inits[n] for n in sorted(reads & inits.keys())])
     sub = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
     sess = _session(sub)
-    feeds = {n: np.zeros(dims(n), vals[n].dtype) for n in sorted(fed)}
+    feeds = {n: np.zeros(_dims(keeps, vals, n), vals[n].dtype) for n in sorted(fed)}
     out.update(zip(todo, sess.run(todo, feeds)))
     return out
 
@@ -606,9 +624,8 @@ def _reshaped(shape: tuple, target: np.ndarray, allowzero: int) -> tuple[int, ..
 def _targets(ed: _Edit, g: _Graph, reshapes: list[int], keeps: list[dict], runs: list[dict]) -> None:
     """Rewrite the literal entries of Reshape targets that must follow the heads."""
     names = [g.nodes[i].input[1] for i in reshapes]
-    teacher = [_shape_values(g.model, names, lambda n, r=r: runs[r][n].shape, runs[r]) for r in range(len(runs))]
-    student = [_shape_values(g.model, names, lambda n, r=r: _dims(keeps[r], runs[r], n), runs[r])
-               for r in range(len(runs))]
+    teacher = [_shape_values(g.model, names, {}, vals) for vals in runs]
+    student = [_shape_values(g.model, names, kk, vals) for kk, vals in zip(keeps, runs)]
     for i in reshapes:
         node = g.nodes[i]
         x, y, t = node.input[0], node.output[0], node.input[1]
@@ -622,18 +639,18 @@ def _targets(ed: _Edit, g: _Graph, reshapes: list[int], keeps: list[dict], runs:
                 continue
             if any(int(s[t].reshape(-1)[e]) != w[e] for s, w in zip(student, want)):
                 if len({w[e] for w in want}) != 1:
-                    raise NotApplicable(f"Reshape {node.name!r}: entry {e} of its target must change with the input size")
+                    raise NotApplicable(f"Reshape {_label(node)}: entry {e} of its target must change with the input size")
                 fix[e] = want[0][e]
         if not fix:
-            raise NotApplicable(f"Reshape {node.name!r}: its -1/0 entries do not give the pruned shape")
+            raise NotApplicable(f"Reshape {_label(node)}: its -1/0 entries do not give the pruned shape")
         _set_entries(ed, g, i, fix, runs)
     model = ed.done()
     for i in reshapes:
         node = model.graph.node[next(k for k, n in enumerate(model.graph.node) if n.output[0] == g.nodes[i].output[0])]
         for kk, rr in zip(keeps, runs):
-            got = _shape_values(model, [node.input[1]], lambda n: _dims(kk, rr, n), rr)[node.input[1]]
+            got = _shape_values(model, [node.input[1]], kk, rr)[node.input[1]]
             if _reshaped(_dims(kk, rr, node.input[0]), got, attr(node, "allowzero", 0)) != _dims(kk, rr, node.output[0]):
-                raise NotApplicable(f"Reshape {node.name!r}: its target cannot be rewritten for the kept heads")
+                raise NotApplicable(f"Reshape {_label(node)}: its target cannot be rewritten for the kept heads")
 
 
 def _set_entries(ed: _Edit, g: _Graph, i: int, fix: dict[int, int], runs: list[dict]) -> None:
@@ -652,7 +669,7 @@ def _set_entries(ed: _Edit, g: _Graph, i: int, fix: dict[int, int], runs: list[d
     concat = g.nodes[g.prod[src]] if src in g.prod else None
     if concat is None or concat.op_type != "Concat":
         what = concat.op_type if concat is not None else "an input"
-        raise NotApplicable(f"Reshape {node.name!r}: its target comes from {what}, whose head count cannot be set")
+        raise NotApplicable(f"Reshape {_label(node)}: its target comes from {what}, whose head count cannot be set")
     pieces, start = list(concat.input), 0
     for j, p in enumerate(concat.input):
         size = runs[0][p].size
@@ -661,7 +678,7 @@ def _set_entries(ed: _Edit, g: _Graph, i: int, fix: dict[int, int], runs: list[d
         if not mine:
             continue
         if p not in g.consts and not all(np.array_equal(runs[0][p], r[p]) for r in runs):
-            raise NotApplicable(f"Reshape {node.name!r}: the piece {p!r} of its target depends on the input size")
+            raise NotApplicable(f"Reshape {_label(node)}: the piece {p!r} of its target depends on the input size")
         new = runs[0][p].reshape(-1).copy()
         new[list(mine)] = list(mine.values())
         pieces[j] = add_array(ed.model, f"{p}_heads", new.astype(runs[0][p].dtype).reshape(runs[0][p].shape), ed.taken)
