@@ -56,6 +56,7 @@ def candidates_table(rows: list[dict]) -> None:
         t.add_column(col, justify="left" if col in ("candidate", "status") else "right", overflow="fold")
     for r in rows:
         status = r["status"] + (f": {r['reason']}" if r.get("reason") else "")
+        status += f" ({r['note']})" if r.get("note") else ""  # e.g. what a vocab student covers
         rel = f"{r['rel_mse']:.2e}" if r["rel_mse"] is not None else "-"
         t.add_row(str(r["neighbourhood"]), r["candidate"], f"{r['params']:,}", rel, status, f"{r['seconds']:.1f}")
     stdout.print(t)

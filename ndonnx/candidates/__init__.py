@@ -6,11 +6,14 @@ Families (one module each, registered explicitly below; registering a name twice
 
 - ``teacher``   the block unchanged; always the first candidate.
 - ``width:k``   bottleneck multiplier: inner channel groups shrink to round(k * size) (width.py).
-- ``lowrank:r`` each Conv/Gemm/MatMul factored by SVD into two ops of rank r * min(out, in) (lowrank.py).
+- ``lowrank:r`` each Conv/Gemm/MatMul (and embedding Gather) factored by SVD into two ops of rank
+                r * min(out, in) (lowrank.py).
 - ``width:k@N``, ``lowrank:r@N``: kept channels / ranks rounded to a multiple of N (`--channel-multiple`).
 - ``sparse:s``  the same graph with target sparsity s for magnitude pruning during training (sparse.py).
 - ``identity``  a residual block x + f(x) reduced to x (identity.py).
 - ``heads:k``   each attention sub-layer keeps round(k * H) of its H heads, by ||W_V,h|| * ||W_O,h|| (heads.py).
+- ``vocab:k``   an embedding table cut to the calibration data's most frequent ids (at most k of
+                its rows) plus one unknown row; ids remapped inside, interface unchanged (vocab.py).
 
 Every student except ``teacher`` has each BatchNormalization that directly follows a Conv folded
 into that Conv (students carry no BN: onnx2torch's BN would otherwise need care in training).
@@ -25,7 +28,7 @@ from dataclasses import replace
 
 import onnx
 
-from ndonnx.candidates.base import (REGISTRY, CandidateSpec, Family, NotApplicable, Student, register,
+from ndonnx.candidates.base import (REGISTRY, CandidateSpec, Family, NotApplicable, Sample, Student, register,
                                     scaled)
 from ndonnx.candidates.onnx_edit import ContractError, fold_batchnorm, param_count
 from ndonnx.errors import NdonnxError
@@ -37,6 +40,7 @@ from ndonnx.candidates import lowrank as _lowrank  # noqa: E402,F401
 from ndonnx.candidates import sparse as _sparse  # noqa: E402,F401
 from ndonnx.candidates import identity as _identity  # noqa: E402,F401
 from ndonnx.candidates import heads as _heads  # noqa: E402,F401
+from ndonnx.candidates import vocab as _vocab  # noqa: E402,F401
 
 __all__ = ["REGISTRY", "CandidateSpec", "Family", "NotApplicable", "Student", "register", "scaled",
            "ContractError", "DEFAULT_CANDIDATES", "parse_candidates", "build_candidates"]
@@ -134,11 +138,12 @@ def parse_candidates(text: str) -> list[CandidateSpec]:
     return specs
 
 
-def build_candidates(sub: onnx.ModelProto, specs: list[CandidateSpec], *,
-                     strict: bool = False) -> tuple[list[Student], dict[str, str]]:
+def build_candidates(sub: onnx.ModelProto, specs: list[CandidateSpec], *, strict: bool = False,
+                     sample: Sample | None = None) -> tuple[list[Student], dict[str, str]]:
     """Students for one teacher neighbourhood: the teacher first (always), then one per spec that
     applies and differs in size; {str(spec): reason} for the others. A generator bug (an
-    exception other than NotApplicable) is logged and recorded as a reason, or raised if strict."""
+    exception other than NotApplicable) is logged and recorded as a reason, or raised if strict.
+    `sample`: the neighbourhood's inputs over the calibration data, for families that need it."""
     teacher = REGISTRY["teacher"].generate(sub, TEACHER)
     students = [teacher]
     reasons: dict[str, str] = {}
@@ -151,8 +156,11 @@ def build_candidates(sub: onnx.ModelProto, specs: list[CandidateSpec], *,
         if fam is None:
             reasons[str(spec)] = f"unknown family {spec.family!r}"
             continue
+        if fam.needs_sample and sample is None:
+            reasons[str(spec)] = "needs calibration data (--data) to build from"
+            continue
         try:
-            st = fam.generate(sub, spec)
+            st = fam.generate(sub, spec, sample) if fam.needs_sample else fam.generate(sub, spec)
         except NotApplicable as e:
             reasons[str(spec)] = e.reason
             continue

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
+
+import numpy as np
 
 import onnx
 
@@ -31,7 +33,9 @@ class Student:
 
     params: dense float weights (`ndonnx.graph.weight_counts`); nonzero: the non-zeros it will hold
     after training (below params only for sparse students); sparsity: the sparse family's target;
-    prunable: the initializers the trainer masks (sparse students only).
+    prunable: the initializers the trainer masks (sparse students only); note: one line for the
+    user about what the student was made from (e.g. how much of the calibration data it covers),
+    carried to candidates.json.
     """
 
     spec: CandidateSpec
@@ -40,6 +44,7 @@ class Student:
     nonzero: int
     sparsity: float | None = None
     prunable: tuple[str, ...] = ()
+    note: str | None = None
 
 
 class NotApplicable(Exception):
@@ -50,7 +55,10 @@ class NotApplicable(Exception):
         return str(self.args[0]) if self.args else "not applicable"
 
 
-Generator = Callable[[onnx.ModelProto, CandidateSpec], Student]
+# The neighbourhood's input tensors by name over the calibration data (read on first use).
+Sample = Mapping[str, np.ndarray]
+# (sub, spec) -> Student; a family registered with needs_sample=True: (sub, spec, sample) -> Student
+Generator = Callable[..., Student]
 
 
 @dataclass(frozen=True)
@@ -61,6 +69,7 @@ class Family:
     generate: Generator
     # None: takes no value; else (lo, hi, lo_inclusive, hi_inclusive)
     values: tuple[float, float, bool, bool] | None
+    needs_sample: bool = False  # the generator also takes the neighbourhood's calibration inputs
 
     def accepts(self, value: float) -> bool:
         lo, hi, lo_in, hi_in = self.values  # type: ignore[misc]
@@ -75,13 +84,14 @@ class Family:
 REGISTRY: dict[str, Family] = {}
 
 
-def register(family: str, *, values: tuple[float, float, bool, bool] | None = None):
-    """Decorator: add a generator under `family`. Registering a name twice is an error."""
+def register(family: str, *, values: tuple[float, float, bool, bool] | None = None, needs_sample: bool = False):
+    """Decorator: add a generator under `family`. Registering a name twice is an error. With
+    needs_sample, the generator is called (sub, spec, sample): `Sample`, the neighbourhood's inputs."""
 
     def deco(fn: Generator) -> Generator:
         if family in REGISTRY:
             raise NdonnxError(f"student family {family!r} is already registered")
-        REGISTRY[family] = Family(family, fn, values)
+        REGISTRY[family] = Family(family, fn, values, needs_sample)
         return fn
 
     return deco

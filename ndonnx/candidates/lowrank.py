@@ -1,13 +1,19 @@
-"""lowrank:r - factor each weighted op into two of rank R = max(1, round(r * min(out, in*k*k))).
+"""lowrank:r - factor each weighted op (and embedding table) into two of rank
+R = max(1, round(r * min(out, in*k*k))), rounded as `scaled` rounds (to a multiple with `@N`).
 
 - Conv (group 1, any kernel) -> Conv with the same kernel, strides, pads and dilations to R
   channels, then a 1x1 Conv back to `out` channels carrying the bias.
 - Gemm -> MatMul (or Gemm with transA) to R, then Gemm with the original C, alpha and beta.
 - MatMul with a constant 2-D weight -> two MatMuls.
+- Gather of a constant 2-D float table [V, D] on axis 0 (an embedding lookup of token ids) ->
+  Gather of A [V, R] then MatMul by B [R, D], R = round(r * min(V, D)); the ids stay the input.
+  It trades parameters for compute: one R x D product per looked-up row, where the teacher only
+  copied rows. Skipped when the table is also read by another op of the neighbourhood (tied
+  weights: the table would stay, so nothing would be saved).
 
 Initialised by truncated SVD, W = U S V^T with sqrt(S) given to both factors, so a full-rank
 factorisation reproduces the teacher. An op is factored only when that saves parameters
-(R * (in*k*k + out) < out * in*k*k); refused: grouped and depthwise Convs (already cheap, and the
+(R * (in*k*k + out) < out * in*k*k; for a table R * (V + D) < V * D); refused: grouped and depthwise Convs (already cheap, and the
 factor would need per-group SVDs), ConvTranspose, MatMuls of two activations (attention scores),
 MatMuls whose constant is the left operand. A BatchNormalization right after a Conv is folded in
 first, so the factorisation covers the folded weight.
@@ -21,8 +27,8 @@ from onnx import helper
 
 from ndonnx.candidates.base import CandidateSpec, NotApplicable, Student, register, scaled
 from ndonnx.graph import onnx_opset
-from ndonnx.candidates.onnx_edit import (add_array, add_value_info, attr, finish, fold_batchnorm, get_array,
-                                         names_in_use, param_count, shapes, unique_name)
+from ndonnx.candidates.onnx_edit import (add_array, add_value_info, attr, consumers, finish, fold_batchnorm,
+                                         get_array, names_in_use, param_count, shapes, unique_name)
 
 CONV_ATTRS = ("kernel_shape", "strides", "pads", "dilations", "auto_pad")
 
@@ -56,6 +62,7 @@ def factor(sub: onnx.ModelProto, r: float, only_if_smaller: bool = True,
     taken = names_in_use(model)
     dims = shapes(model)
     inits = {t.name for t in g.initializer}
+    readers = {name: len(slots) for name, slots in consumers(model).items()}
     new_nodes: list[onnx.NodeProto] = []
     factored: list[str] = []
 
@@ -63,7 +70,7 @@ def factor(sub: onnx.ModelProto, r: float, only_if_smaller: bool = True,
         return unique_name(taken, base)
 
     for idx, node in enumerate(g.node):
-        plan = _plan(model, node, inits, dims, r, multiple)
+        plan = _plan(model, node, inits, dims, r, multiple, readers)
         if plan is None or (only_if_smaller and plan[0] * (plan[1] + plan[2]) >= plan[1] * plan[2]):
             new_nodes.append(node)
             continue
@@ -80,9 +87,17 @@ def factor(sub: onnx.ModelProto, r: float, only_if_smaller: bool = True,
     return model, factored
 
 
-def _plan(model, node, inits, dims, r, multiple=1) -> tuple[int, int, int] | None:
-    """(rank, in*k*k, out) when the op can be factored."""
-    if node.domain not in ("", "ai.onnx") or len(node.input) < 2 or node.input[1] not in inits:
+def _plan(model, node, inits, dims, r, multiple=1, readers=None) -> tuple[int, int, int] | None:
+    """(rank, in*k*k, out) when the op can be factored; for an embedding table (rank, V, D)."""
+    if node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+        return None
+    if node.op_type == "Gather":
+        table = embedding_table(model, node, inits)
+        if table is None or (readers or {}).get(node.input[0], 1) > 1:
+            return None
+        v, d = table.shape
+        return scaled(min(v, d), r, multiple), int(v), int(d)
+    if node.input[1] not in inits:
         return None
     w = get_array(model, node.input[1])
     if node.op_type == "Conv":
@@ -104,8 +119,28 @@ def _plan(model, node, inits, dims, r, multiple=1) -> tuple[int, int, int] | Non
     return scaled(min(out, fan_in), r, multiple), int(fan_in), int(out)
 
 
+def embedding_table(model: onnx.ModelProto, node: onnx.NodeProto, inits: set[str]) -> np.ndarray | None:
+    """The table of an embedding lookup: a Gather on axis 0 of a constant 2-D float initializer,
+    indexed by a tensor that is not constant. None for any other node."""
+    if (node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or len(node.input) < 2
+            or node.input[0] not in inits or node.input[1] in inits or attr(node, "axis", 0) not in (0, -2)):
+        return None
+    table = get_array(model, node.input[0])
+    if table.ndim != 2 or not np.issubdtype(table.dtype, np.floating):
+        return None
+    return table
+
+
 def _factor_node(model, node, plan, mid, label, fresh, taken) -> list[onnx.NodeProto]:
     rank = plan[0]
+    if node.op_type == "Gather":  # table [V, D] ~= a [V, R] @ b [R, D]: look up rows of a, then times b
+        w = get_array(model, node.input[0])
+        a_mat, b_mat = _svd_factors(w, rank)
+        name_a, name_b = fresh(f"{label}/lowrank_a"), fresh(f"{label}/lowrank_b")
+        wa = add_array(model, f"{node.input[0]}_a", a_mat, taken)
+        wb = add_array(model, f"{node.input[0]}_b", b_mat, taken)
+        return [helper.make_node("Gather", [wa, node.input[1]], [mid], name=name_a, axis=0),
+                helper.make_node("MatMul", [mid, wb], list(node.output), name=name_b)]
     w = get_array(model, node.input[1])
     name_a, name_b = fresh(f"{label}/lowrank_a"), fresh(f"{label}/lowrank_b")
     if node.op_type == "Conv":
@@ -141,7 +176,7 @@ def _factor_node(model, node, plan, mid, label, fresh, taken) -> list[onnx.NodeP
 def generate(sub: onnx.ModelProto, spec: CandidateSpec) -> Student:
     model, factored = factor(sub, float(spec.value), multiple=spec.multiple)
     if not factored:
-        raise NotApplicable(f"no Conv/Gemm/MatMul weight where rank {spec.value:g} saves parameters")
+        raise NotApplicable(f"no Conv/Gemm/MatMul weight or embedding table where rank {spec.value:g} saves parameters")
     model = finish(sub, model, str(spec))
     n = param_count(model)
     return Student(spec, model, n, n)

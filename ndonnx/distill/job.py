@@ -54,6 +54,7 @@ class Job:
     weights_out: str  # safetensors written when the job finishes
     result_out: str  # the journal record, written last
     settings: TrainSettings = field(default_factory=TrainSettings)
+    note: str | None = None  # the student's note for the user (`Student.note`), carried to the record
 
 
 class Batches:
@@ -220,6 +221,8 @@ def run_group(jobs: list[Job]) -> list[dict]:
                "train_rel_mse": float(np.mean(train_loss[k])) if train_loss[k] else None,
                "status": "trained" if train[k] else "frozen", "reason": None,
                "weights": Path(job.weights_out).name if w else None, "seconds": round(seconds[k], 3)}
+        if job.note:
+            rec["note"] = job.note
         atomic_write_text(Path(job.result_out), json.dumps(rec))
         records.append(rec)
     return records

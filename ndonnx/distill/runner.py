@@ -105,7 +105,7 @@ def distill(model_path: str | Path, run_dir: str | Path, cfg: DistillConfig, dat
 
 def _distill(teacher: Teacher, part: Partition, data: Dataset | None, run_dir: Path, cfg: DistillConfig, specs,
              device: str, progress: Callable | None) -> list[dict]:
-    from ndonnx.candidates import build_candidates
+    from ndonnx.candidates import REGISTRY, build_candidates
 
     _open_run_dir(run_dir, teacher, cfg)
     layout = Layout(run_dir)
@@ -118,9 +118,18 @@ def _distill(teacher: Teacher, part: Partition, data: Dataset | None, run_dir: P
         data = load_data(synthetic, teacher)
     sample = run_sample(teacher, feeds=data.head(SampleConfig.batch))
 
+    cache_dir = layout.cache
+    names = sorted({n for nbh in part.neighbourhoods for n in (*nbh.inputs, *nbh.outputs, *nbh.side_inputs)}
+                   | set(teacher.input_names) | {o.name for o in teacher.model.graph.output})
+    shape_only = sorted({n for nbh in part.neighbourhoods for n in nbh.shape_inputs} - set(names))
+    build_cache(teacher.model, names, data, cache_dir, cfg.seed, fingerprint(teacher_hash(teacher.model), data), progress=progress,
+                shape_only=shape_only)
+    # families that build from the calibration data (vocab) read their neighbourhood's inputs of the
+    # training split; synthetic stand-ins for data are no calibration data
+    reader = CacheReader(cache_dir) if real and any(REGISTRY[s.family].needs_sample for s in specs) else None
+
     rows_fixed: list[dict] = []  # neighbourhoods kept as the teacher without training
     jobs: list[Job] = []
-    cache_dir = layout.cache
     subs: dict[int, Path] = {}
     skipped: dict[str, dict[str, str]] = {}
     for nbh in _shown(part.neighbourhoods, progress, label="prepare"):
@@ -132,7 +141,8 @@ def _distill(teacher: Teacher, part: Partition, data: Dataset | None, run_dir: P
         path = layout.teacher(nbh.id)
         _save_model(sub, path)
         subs[nbh.id] = path
-        students, reasons = build_candidates(sub, specs)
+        calib = reader.tensors([i.name for i in sub.graph.input], reader.train) if reader else None
+        students, reasons = build_candidates(sub, specs, sample=calib)
         skipped[str(nbh.id)] = reasons
         for st in students:
             name = str(st.spec)
@@ -146,17 +156,11 @@ def _distill(teacher: Teacher, part: Partition, data: Dataset | None, run_dir: P
             jobs.append(Job(
                 neighbourhood=nbh.id, candidate=name, student=str(spath), teacher=str(path), lookahead=(),
                 cache=str(cache_dir), noise=None, sparsity=st.sparsity, prunable=st.prunable,
-                train=name != "teacher" and st.params > 0, params=params, nonzero=nonzero,
+                train=name != "teacher" and st.params > 0, params=params, nonzero=nonzero, note=st.note,
                 weights_out=str(layout.weights(nbh.id, name)), result_out=str(layout.done(nbh.id, name)),
                 settings=TrainSettings(steps=cfg.steps, batch=cfg.batch, lr=cfg.lr, seed=cfg.seed, device=device,
                                        lookahead=cfg.lookahead, data_free=cfg.data_free)))
     atomic_write_text(layout.skipped_json, json.dumps(skipped, indent=1))
-
-    names = sorted({n for nbh in part.neighbourhoods for n in (*nbh.inputs, *nbh.outputs, *nbh.side_inputs)}
-                   | set(teacher.input_names) | {o.name for o in teacher.model.graph.output})
-    shape_only = sorted({n for nbh in part.neighbourhoods for n in nbh.shape_inputs} - set(names))
-    build_cache(teacher.model, names, data, cache_dir, cfg.seed, fingerprint(teacher_hash(teacher.model), data), progress=progress,
-                shape_only=shape_only)
     if cfg.data_free:
         _write_noise(part, teacher.model, cache_dir, real, run_dir)
     jobs = [_with_context(j, part, subs, run_dir, cfg) for j in jobs]
