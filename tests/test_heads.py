@@ -11,7 +11,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from ndonnx_cli.main import main
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
@@ -23,6 +22,7 @@ from ndonnx.graph import load_teacher
 from ndonnx.partition import partition
 from ndonnx.sample import ort_session, run_sample
 from ndonnx.splice import splice
+from ndonnx_cli.main import main
 
 EXPORTS = {  # name -> (model, export keywords)
     "encoder_13": ("encoder", {"opset": 13}),

@@ -49,22 +49,11 @@ from onnx import helper, numpy_helper
 
 from ndonnx.candidates import importance as imp
 from ndonnx.candidates.base import CandidateSpec, NotApplicable, Student, register, scaled
-from ndonnx.candidates.onnx_edit import (
-    add_array,
-    attr,
-    consumers,
-    copy_model,
-    finish,
-    fold_batchnorm,
-    get_array,
-    names_in_use,
-    param_count,
-    producers,
-    set_array,
-    set_attr,
-    set_dim,
-    unique_name,
-)
+from ndonnx.candidates.onnx_edit import (add_array, attr, consumers, copy_model, finish, fold_batchnorm, get_array,
+                                         names_in_use, param_count, producers, set_array, set_attr, set_dim,
+                                         unique_name)
+from ndonnx.errors import NdonnxError
+from ndonnx.sample import ort_session
 
 MOVE = ("Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Split", "Slice", "Gather", "Identity", "Cast",
         "Dropout")
@@ -125,14 +114,15 @@ def _feeds(model: onnx.ModelProto, n: int, rest: int | None) -> dict[str, np.nda
 
 
 def _session(model: onnx.ModelProto, outputs: list[str] | None = None):
-    from ndonnx.sample import ort_session
-
-    model = copy_model(model)
-    del model.graph.value_info[:]
+    """An onnxruntime session, with `outputs` exposed too."""
     if outputs is not None:
+        model = copy_model(model)
         known = {o.name for o in model.graph.output}
         model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in outputs if n not in known)
-    return ort_session(model)
+    try:
+        return ort_session(model)
+    except NdonnxError as e:
+        raise NotApplicable(str(e)) from e
 
 
 def _runs(model: onnx.ModelProto) -> list[dict[str, np.ndarray]]:
