@@ -15,15 +15,16 @@ could be any of them, and their mean is the single row closest to all of them in
 it towards what the dropped ids that the data does hold need. Ids are counted as Gather reads them:
 a negative id i means V + i.
 
-Counting: `params` is (K + 1) * D, the float weights. The remap is an index constant (int64), which
-`ndonnx.graph.weight_counts` does not count as parameters, like every shape or index tensor, and
-which the trainer leaves as it is (only weights are trained, `ndonnx.trainable`). It still takes
-V * 8 bytes in the file: a student keeps less than the teacher's V * D * 4 bytes only while
-(K + 1) * D * 4 + 8 * V < V * D * 4, i.e. for float32 tables D > 2 (K = V - 2 at the extreme).
-The family applies only when it saves parameters (K + 1 < V).
+Counting: `params` is (K + 1) * D, the float weights. The remap is an index constant (V int64
+values), which `ndonnx.graph.weight_counts` does not count as parameters, like every shape or index
+tensor, and which the trainer leaves as it is (only weights are trained, `ndonnx.trainable`). It
+still takes 8 * V bytes in the file: for a float32 table the file shrinks by 4 * D * (V - K - 1) -
+8 * V bytes, so only while K + 1 < V * (1 - 2 / D) (D = 256: below 99.2% of the rows), although the
+parameter count shrinks whenever K + 1 < V, which is when the family applies.
 
 The calibration ids come from the neighbourhood's inputs (the family is registered with
-needs_sample): read directly when the ids are an input of the neighbourhood, else computed from its
+needs_sample; `ndonnx distill` passes the training split of its activation cache, so the held-out
+error it reports includes the cost of ids the training split never showed): read directly when the ids are an input of the neighbourhood, else computed from its
 inputs with onnxruntime (e.g. ids cast or regrouped inside it). The student's `note` says how many
 distinct ids the data holds, how many rows are kept and the fraction of token occurrences they
 cover; ids outside that fraction (and every id the data never showed) read the unknown row.
