@@ -72,6 +72,9 @@ def compress_table(r: dict) -> None:
     t.add_row("all", f"{r['params_teacher']:,}", f"{r['params_student']:,}",
               f"{r['params_student'] / r['params_teacher']:.1%} of the teacher", "", end_section=True)
     stdout.print(t)
+    for n in r["neighbourhoods"]:  # e.g. how much of the calibration data a vocab student covers
+        if n.get("note"):
+            stdout.print(f"{n['id']} {n['candidate']}: {n['note']}")
     if "macs_student" in r:
         stdout.print(f"MACs per sample: {r['macs_teacher']:,} -> {r['macs_student']:,} "
                      f"({r['macs_student'] / r['macs_teacher']:.1%}; target {r['target_macs']:,})")

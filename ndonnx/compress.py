@@ -298,7 +298,7 @@ def _table(part, options, result) -> list[dict]:
         o = result.choice[nbh.id]
         rows.append({"id": nbh.id, "teacher_params": nbh.params, "student_params": o.params,
                      "candidate": o.candidate, "score": o.score, "rel_mse": o.rel_mse,
-                     "options": len(options.get(nbh.id, []))})
+                     "options": len(options.get(nbh.id, []))} | ({"note": o.note} if o.note else {}))
     return rows
 
 

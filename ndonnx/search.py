@@ -36,6 +36,7 @@ class Option:
     model: onnx.ModelProto | None = field(default=None, repr=False)  # None: keep the teacher
     score: float | None = None
     macs: int | None = None  # per sample, set when the budget counts MACs
+    note: str | None = None  # what the student was made from (`Student.note`), for the report
 
 
 def load_options(run_dir: Path, rows: list[dict]) -> dict[int, list[Option]]:
@@ -52,7 +53,7 @@ def load_options(run_dir: Path, rows: list[dict]) -> dict[int, list[Option]]:
 
                 model = write_weights(model, load_weights(Layout(run_dir).weights(r["neighbourhood"], r["candidate"])))
         out.setdefault(r["neighbourhood"], []).append(
-            Option(r["neighbourhood"], r["candidate"], r["params"], r["rel_mse"], model))
+            Option(r["neighbourhood"], r["candidate"], r["params"], r["rel_mse"], model, note=r.get("note")))
     return out
 
 

@@ -222,3 +222,11 @@ def test_distil_and_splice_through_the_pipeline(teachers, tmp_path, capsys):
     feeds = {"input_ids": np.array([[1, 2, 59, -1, 0, 3, 4]]), "attention_mask": np.ones((1, 7), np.int64)}
     out, ref = ort_session(spliced).run(None, feeds)[0], ort_session(t.model).run(None, feeds)[0]
     assert out.shape == ref.shape and np.isfinite(out).all()
+    # the search under a budget the table's rows decide: the vocab student, its note in the report
+    report = tmp_path / "report.json"
+    target = str(param_count(t.model) - 60 * 16 + voc[0]["params"])
+    assert main(["search", str(run), "--target-params", target, "-o", str(tmp_path / "s.onnx"),
+                 "--report", str(report)]) == 0
+    (first,) = [n for n in json.loads(report.read_text())["neighbourhoods"] if n["id"] == nbh.id]
+    assert first["candidate"] == "vocab:1" and first["note"] == voc[0]["note"]
+    assert voc[0]["note"].split(":")[0] in capsys.readouterr().out
