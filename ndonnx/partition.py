@@ -61,6 +61,7 @@ class Partition:
 
 
 SHAPE_OPS = {"Shape", "Size"}
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 
 
 def shape_tensors(model: onnx.ModelProto, weights, data_edges: frozenset[int] = frozenset()) -> dict[str, int]:
@@ -81,9 +82,34 @@ def shape_tensors(model: onnx.ModelProto, weights, data_edges: frozenset[int] = 
     return out
 
 
-def forward_reach(model: onnx.ModelProto, start: str, shapes: dict[str, int] | None = None) -> set[int]:
+def index_tensors(model: onnx.ModelProto, weights, shapes: dict[str, int], primary: str) -> dict[str, int]:
+    """For an integer or boolean primary input (token ids): the tensors computed from it without
+    weights -> the node that makes them. A ragged token batch's (sentence, position) pairs (NonZero
+    of ids >= 0), the ids gathered at them, masks and position signals derived from them: their
+    values can name a sample's place in the batch, so, like shape tensors, they are recomputed from
+    the input wherever they are read instead of being cached. Empty for float inputs (images)."""
+    vi = next((i for i in model.graph.input if i.name == primary), None)
+    if vi is None or vi.type.tensor_type.elem_type in FLOAT_TYPES:
+        return {}
+    consts = {i.name for i in model.graph.initializer} - set(weights)
+    shape_nodes = set(shapes.values())
+    out: dict[str, int] = {}
+    for i, node in enumerate(model.graph.node):
+        ins = [n for n in node.input if n]
+        if (i in shape_nodes or not ins or node.domain not in ("", "ai.onnx") or subgraph_reads(node)
+                or node.op_type in NONDETERMINISTIC_OPS):
+            continue
+        if any(n == primary or n in out for n in ins) and all(
+                n == primary or n in out or n in consts or n in shapes for n in ins):
+            out.update((o, i) for o in node.output)
+    return out
+
+
+def forward_reach(model: onnx.ModelProto, start: str, shapes: dict[str, int] | None = None,
+                  through: dict[str, int] | None = None) -> set[int]:
     """Indices of the nodes that depend on tensor `start`; with `shapes` (from `shape_tensors`), only
-    through activations: a Shape node reads no values, and shape tensors carry none."""
+    through activations: a Shape node reads no values, and shape tensors carry none. Nodes making
+    `through` tensors (`index_tensors`) are passed through but not counted."""
     consumers: dict[str, list[int]] = {}
     shape_nodes = set((shapes or {}).values())
     for i, node in enumerate(model.graph.node):
@@ -92,6 +118,7 @@ def forward_reach(model: onnx.ModelProto, start: str, shapes: dict[str, int] | N
         for name in node_inputs(node):
             if shapes is None or name not in shapes:
                 consumers.setdefault(name, []).append(i)
+    passed = set((through or {}).values())
     seen: set[int] = set()
     stack = [start]
     while stack:
@@ -99,7 +126,7 @@ def forward_reach(model: onnx.ModelProto, start: str, shapes: dict[str, int] | N
             if i not in seen:
                 seen.add(i)
                 stack.extend(model.graph.node[i].output)
-    return seen
+    return seen - passed
 
 
 def choose_primary_input(teacher: Teacher) -> str:
@@ -145,16 +172,17 @@ def _partition(teacher: Teacher, cfg: PartitionConfig, primary: str,
     model = teacher.model
     nodes = model.graph.node
     shapes = shape_tensors(model, teacher.weights, data_edges)
-    main = forward_reach(model, primary, shapes)
+    index = index_tensors(model, teacher.weights, shapes, primary)
+    main = forward_reach(model, primary, shapes, index)
     inits = {i.name for i in model.graph.initializer}
     main_tensors = {primary} | {o for i in main for o in nodes[i].output}
 
     g = nx.DiGraph()
     g.add_edge(SOURCE, ("t", primary))
     for i in main:
-        for name in node_inputs(nodes[i]):
-            if name in main_tensors:
-                g.add_edge(("t", name), ("n", i))
+        reads = [n for n in node_inputs(nodes[i]) if n in main_tensors]
+        for name in reads or [primary]:  # a node reading only index tensors hangs off the primary input
+            g.add_edge(("t", name), ("n", i))
         for name in nodes[i].output:
             g.add_edge(("n", i), ("t", name))
     outputs = [o.name for o in model.graph.output if o.name in main_tensors]
@@ -205,13 +233,18 @@ def _partition(teacher: Teacher, cfg: PartitionConfig, primary: str,
         outs = [o for o in outputs if o in produced] + sorted(
             (o for o in produced if o not in outputs and readers.get(o, set()) - inside),
             key=lambda o: (position[producer[o]], o))
-        side = tuple(sorted(n for n in reads if n not in main_tensors and n not in inits and n not in shapes))
-        shape_nodes, sources = _shape_closure(model, shapes, reads)
+        index_nodes, index_sources = _index_closure(model, index, reads)
+        ins += [n for n in sorted(index_sources) if n not in ins and n in main_tensors]  # the primary input
+        side = tuple(sorted({n for n in reads if n not in main_tensors and n not in inits and n not in shapes
+                             and n not in index} | (index_sources - main_tensors)))
+        shape_nodes, sources = _shape_closure(model, shapes, reads | {n for i in index_nodes for n in nodes[i].input})
+        shape_nodes = tuple(sorted({*shape_nodes, *index_nodes}))
+        recomputed = {o for i in index_nodes for o in nodes[i].output}
         weights = tuple(sorted(w for w, s in owner.items() if s == k))
         neighbourhoods.append(Neighbourhood(
             id=k, inputs=tuple(ins), side_inputs=side, outputs=tuple(outs), nodes=tuple(idx), weights=weights,
             params=sum(teacher.weights[w] for w in weights), shape_nodes=shape_nodes,
-            shape_inputs=tuple(sorted(sources - produced - set(ins) - set(side)))))
+            shape_inputs=tuple(sorted(sources - produced - recomputed - set(ins) - set(side)))))
     # Tensors that outlive any replacement: graph inputs, boundaries, side computations.
     stable = set(teacher.input_names) | {n for nb in neighbourhoods for n in (*nb.inputs, *nb.outputs)} \
         | {o for i in outside_nodes for o in nodes[i].output}
@@ -382,6 +415,26 @@ def _shape_closure(model: onnx.ModelProto, shapes: dict[str, int], reads: set[st
         else:
             stack.extend(n for n in nodes[i].input if n in shapes)
     return tuple(sorted(seen)), sources
+
+
+def _index_closure(model: onnx.ModelProto, index: dict[str, int], reads: set[str]) -> tuple[set[int], set[str]]:
+    """The nodes that compute the index tensors among `reads`, and the graph inputs they read."""
+    nodes = model.graph.node
+    seen: set[int] = set()
+    sources: set[str] = set()
+    graph_in = {i.name for i in model.graph.input} - {i.name for i in model.graph.initializer}
+    stack = [n for n in reads if n in index]
+    while stack:
+        i = index[stack.pop()]
+        if i in seen:
+            continue
+        seen.add(i)
+        for n in nodes[i].input:
+            if n in index:
+                stack.append(n)
+            elif n in graph_in:
+                sources.add(n)
+    return seen, sources
 
 
 def _segment_of_nodes(g: nx.DiGraph, idom: dict, cuts: tuple[str, ...]) -> dict[int, int]:

@@ -193,3 +193,18 @@ def test_parallel_workers_on_a_dynamo_export(zoo, tmp_path):
                    DistillConfig(candidates="width:0.5,lowrank:0.5", steps=3, batch=8, jobs=2, data_free=True))
     assert {r["status"] for r in rows} == {"trained", "frozen"}
     assert any(r["neighbourhood"] == 4 and r["status"] == "trained" for r in rows)  # the ReduceMean-18 head
+
+
+def test_integer_boundary_outputs_are_not_in_the_loss():
+    """An integer output (an index computed inside a neighbourhood) has no gradient and no variance
+    to scale by: the loss and the held-out error compare the floating outputs only."""
+    import torch
+
+    from ndonnx.distill.job import _learnt, _loss
+
+    out = [torch.tensor([[1.0, 2.0]], requires_grad=True), torch.tensor([3, 4])]
+    want = [torch.tensor([[1.5, 2.0]]), torch.tensor([3, 5])]
+    assert [t.dtype for _, t in _learnt(out, want)] == [torch.float32]
+    loss = _loss(out, want, ["a", "b"], [], {}, [1.0])
+    loss.backward()
+    assert abs(loss.item() - 0.125) < 1e-7 and out[0].grad is not None

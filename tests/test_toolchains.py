@@ -16,7 +16,7 @@ from ndonnx.data import load_data
 from ndonnx.distill.cache import CacheReader, build_cache
 from ndonnx.errors import NdonnxError
 from ndonnx.graph import load_teacher
-from ndonnx.partition import partition, shape_tensors
+from ndonnx.partition import index_tensors, partition, shape_tensors
 from ndonnx.sample import ort_session, run_sample, with_dynamic_batch
 from ndonnx.splice import check, splice
 from ndonnx_cli.main import main
@@ -103,6 +103,61 @@ def test_shape_of_a_tensor_inside_another_block_stays_available(tmp_path):
     check(spliced)
     x = {"X": np.random.default_rng(1).standard_normal((3, 4)).astype(np.float32)}
     np.testing.assert_allclose(ort_session(spliced).run(None, x)[0], ort_session(t.model).run(None, x)[0], rtol=1e-6)
+
+
+def _ragged_encoder(tmp_path):
+    """TF's sparse token batch as tf2onnx writes it (the USE-lite encoder's pattern): ids [N, T], -1 =
+    padding; P = the (sentence, position) pairs of real tokens; per-token work on [tokens, D] rows
+    between GatherND and ScatterND, so positions are read by every block."""
+    rng = np.random.default_rng(0)
+    d = 8
+    w = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32) * 0.5, n)
+         for n, s in (("E", (20, d)), ("W1", (d, d)), ("W2", (d, d)), ("W3", (d, d)))]
+    consts = [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in (("zero", 0), ("D", [d]), ("one", [1]))]
+    nodes = [
+        helper.make_node("GreaterOrEqual", ["ids", "zero"], ["M"]), helper.make_node("NonZero", ["M"], ["NZ"]),
+        helper.make_node("Transpose", ["NZ"], ["P"], perm=[1, 0]), helper.make_node("GatherND", ["ids", "P"], ["V"]),
+        helper.make_node("Gather", ["E", "V"], ["EMB"]),  # [tokens, D]
+        helper.make_node("Shape", ["ids"], ["SI"]), helper.make_node("Concat", ["SI", "D"], ["SD"], axis=0),
+        helper.make_node("ConstantOfShape", ["SD"], ["Z"]),
+        helper.make_node("ScatterND", ["Z", "P", "EMB"], ["X0"]),  # dense [N, T, D]
+        helper.make_node("MatMul", ["X0", "W1"], ["H1"]), helper.make_node("Add", ["H1", "X0"], ["X1"]),
+        helper.make_node("GatherND", ["X1", "P"], ["G"]), helper.make_node("MatMul", ["G", "W2"], ["H2"]),
+        helper.make_node("Relu", ["H2"], ["R2"]), helper.make_node("ScatterND", ["Z", "P", "R2"], ["S2"]),
+        helper.make_node("Add", ["S2", "X1"], ["X2"]), helper.make_node("ReduceSum", ["X2", "one"], ["POOL"], keepdims=0),
+        helper.make_node("MatMul", ["POOL", "W3"], ["Y"]),
+    ]
+    g = helper.make_graph(nodes, "ragged", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", "T"])],
+                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", d])], [*w, *consts])
+    path = tmp_path / "ragged.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_ragged_token_batch_positions_are_recomputed_not_cached(tmp_path):
+    """The positions and ids of a ragged batch depend on the batch, so no neighbourhood boundary
+    carries them: each neighbourhood that reads them recomputes them from the ids. With calibration
+    data of one length (no padding) the rest caches as flattened tensors, and compress works."""
+    t = load_teacher(_ragged_encoder(tmp_path))
+    part = partition(t)
+    assert {"P", "V", "M", "NZ"} <= set(index_tensors(t.model, t.weights, shape_tensors(t.model, t.weights), "ids"))
+    boundaries = {n for nbh in part.neighbourhoods for n in nbh.feeds + nbh.outputs}
+    assert not boundaries & {"P", "V", "M", "NZ"}
+    assert len(part.neighbourhoods) >= 3
+    assert all("ids" in nbh.inputs for nbh in part.neighbourhoods if "G" in
+               {o for i in nbh.nodes for o in t.model.graph.node[i].output})
+    ids = np.random.default_rng(1).integers(0, 20, (96, 6))
+    np.savez(tmp_path / "ids.npz", ids=ids)
+    out = tmp_path / "student.onnx"
+    report = compress(t.path, tmp_path / "run", CompressConfig(
+        distill=DistillConfig(candidates="lowrank:0.5,teacher", steps=5, batch=16, jobs=1), target="90%"),
+        data_path=tmp_path / "ids.npz", output=out)
+    assert report["params_student"] <= 0.9 * report["params_teacher"]
+    student = onnx.load(str(out))
+    check(student)
+    padded = np.where(np.arange(9) < np.array([[9], [4], [7]]), np.arange(27).reshape(3, 9) % 20, -1)
+    got = ort_session(student).run(None, {"ids": padded})[0]  # another length, with padding
+    assert got.shape == (3, 8) and np.isfinite(got).all()
 
 
 def test_compress_bert_style_with_data_and_data_free(bert, tmp_path):

@@ -135,19 +135,25 @@ def call(module: Trainable, x: torch.Tensor, sides: dict) -> list[torch.Tensor]:
     return module(x, *[sides[n] for n in module.input_names[1:]])
 
 
+def _learnt(outs, targets):
+    """The (student, teacher) output pairs a loss compares: floating ones. Integer boundary outputs
+    (token positions, masks) come from weightless ops that every student keeps as they are."""
+    return [(o, t) for o, t in zip(outs, targets) if t.is_floating_point()]
+
+
 def evaluate(module: Trainable, batches: Batches) -> float:
     """Held-out relative MSE: MSE / variance of the teacher's output."""
     se = ss = 0.0
     with torch.no_grad():
         for x, sides, ys in batches.holdout():
-            for o, t in zip(call(module, x, sides), ys):
+            for o, t in _learnt(call(module, x, sides), ys):
                 se += float(((o - t) ** 2).sum())
                 ss += float(((t - t.mean()) ** 2).sum())
     return se / ss if ss > 0 else se
 
 
 def _loss(out, targets, names, lookahead, sides, scale) -> torch.Tensor:
-    loss = sum(torch.mean((o - t) ** 2) / s for o, t, s in zip(out, targets, scale))
+    loss = sum(torch.mean((o - t) ** 2) / s for (o, t), s in zip(_learnt(out, targets), scale))
     s_vals, t_vals = dict(zip(names, out)), dict(zip(names, targets))
     for look in lookahead:  # paper Eq. 4-5: the next teacher neighbourhoods applied to the student's output
         s_out = look(*[s_vals.get(n, sides.get(n)) for n in look.input_names])
@@ -155,7 +161,7 @@ def _loss(out, targets, names, lookahead, sides, scale) -> torch.Tensor:
             t_out = look(*[t_vals.get(n, sides.get(n)) for n in look.input_names])
         s_vals.update(zip(look.output_names, s_out))
         t_vals.update(zip(look.output_names, t_out))
-        loss = loss + sum(torch.mean((s - t) ** 2) / (t.var() + 1e-12) for s, t in zip(s_out, t_out))
+        loss = loss + sum(torch.mean((s - t) ** 2) / (t.var() + 1e-12) for s, t in _learnt(s_out, t_out))
     return loss
 
 
@@ -188,7 +194,7 @@ def run_group(jobs: list[Job]) -> list[dict]:
         for step in range(s.steps):
             x, sides, ys = batches.train_batch()
             if scale is None:  # variance of the teacher's outputs, fixed from the first batch
-                scale = [float(y.var()) + 1e-12 for y in ys]
+                scale = [float(y.var()) + 1e-12 for y in ys if y.is_floating_point()]
             for k, (job, st) in enumerate(zip(jobs, students)):
                 if not train[k]:
                     continue
