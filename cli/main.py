@@ -176,8 +176,8 @@ def _add_distill_options(s) -> None:
     s.add_argument("--data", help="calibration data: .npz (arrays named after the inputs) or a folder of .npz shards")
     s.add_argument("--data-free", action="store_true", help="train on Gaussian noise (matched to --data statistics if given)")
     s.add_argument("--candidates", help='student candidates per neighbourhood, e.g. '
-                   '"width:0.1-0.9/0.1,lowrank:0.5,sparse:0.8,identity,teacher" (default: width 0.25/0.5/0.75, '
-                   'lowrank 0.25/0.5, identity, teacher)')
+                   '"width:0.1-0.9/0.1,lowrank:0.5,heads:0.5,vocab:1,sparse:0.8,identity,teacher" (default: width '
+                   '0.25/0.5/0.75, lowrank 0.25/0.5, heads 0.5, vocab 1, identity, teacher)')
     s.add_argument("--channel-multiple", type=int, default=1, help="round width and lowrank students' channels "
                    "and ranks to a multiple of N (8 or 16 suit onnxruntime's blocked CPU kernels; default 1: none)")
     s.add_argument("--steps", type=int, default=300, help="training steps per candidate (default 300)")

@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -112,7 +113,9 @@ def build(run_dir: Path, cfg: CompressConfig, output: str | Path | None, timings
     if cfg.finetune_steps > 0:
         t0 = time.perf_counter()
         before = score_on(student, teacher.model, inputs, eval_labels)
-        student, finetune_report = finetune(student, teacher.model, cache, scorer, cfg, progress)
+        with warnings.catch_warnings():  # converter deprecation chatter would garble the progress display
+            warnings.simplefilter("ignore")
+            student, finetune_report = finetune(student, teacher.model, cache, scorer, cfg, progress)
         finetune_report["score_before"] = before
         check(student)
         timings["finetune"] = time.perf_counter() - t0

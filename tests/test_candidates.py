@@ -455,7 +455,7 @@ def test_parse_candidates_ranges_and_order():
     assert [str(s) for s in parse_candidates("width:0.25-1/0.25, width:0.5")] == \
         ["width:0.25", "width:0.5", "width:0.75", "width:1"]
     assert [str(s) for s in parse_candidates("sparse:0,sparse:0.2-0.5/0.2")] == ["sparse:0", "sparse:0.2", "sparse:0.4"]
-    assert len(parse_candidates(DEFAULT_CANDIDATES)) == 7
+    assert len(parse_candidates(DEFAULT_CANDIDATES)) == 9
 
 
 @pytest.mark.parametrize("text,match", [

@@ -47,7 +47,7 @@ __all__ = ["REGISTRY", "CandidateSpec", "Family", "NotApplicable", "Student", "r
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CANDIDATES = "width:0.25,width:0.5,width:0.75,lowrank:0.25,lowrank:0.5,identity,teacher"
+DEFAULT_CANDIDATES = "width:0.25,width:0.5,width:0.75,lowrank:0.25,lowrank:0.5,heads:0.5,vocab:1,identity,teacher"
 TEACHER = CandidateSpec("teacher")
 MAX_RANGE_VALUES = 1000
 
