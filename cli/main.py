@@ -62,7 +62,8 @@ def _compress_config(args: argparse.Namespace, distill_cfg=None):
 
     return CompressConfig(distill=distill_cfg or DistillConfig(), target=args.target_params, strategy=args.strategy,
                           max_drop=args.max_drop, finetune_steps=args.finetune_steps, eval_data=args.eval_data,
-                          tolerances=args.tolerances, force=args.force, target_macs=args.target_macs)
+                          tolerances=args.tolerances, force=args.force, target_macs=args.target_macs,
+                          quantize=args.quantize)
 
 
 def _finish(report: dict, args: argparse.Namespace) -> None:
@@ -117,7 +118,7 @@ def _validate(args: argparse.Namespace) -> int:
     from ndonnx.validate import validate
 
     teacher = load_teacher(args.reference)
-    student = load_teacher(args.student)
+    student = load_teacher(args.student, quantized=True)  # a quantized student is compared as well
     data = load_data(args.data, teacher, args.labels).read_all()
     labels = data.pop(args.labels) if args.labels else None
     s_names, t_names = student.input_names, teacher.input_names
@@ -195,13 +196,14 @@ def _add_distill_options(s) -> None:
 
 
 def _add_search_options(s) -> None:
-    from ndonnx.config import STRATEGIES
+    from ndonnx.config import QUANTIZE, STRATEGIES
 
     s.add_argument("--target-params", default="50%", help="budget: 18M, 250K, 1.5e6 or 60%% of the teacher (default 50%%)")
     s.add_argument("--target-macs", help="a compute budget instead: multiply-accumulates per sample, 20M or 60%% of "
                    "the teacher's (replaces --target-params; sizes of symbolic dims as in the data)")
     s.add_argument("-o", "--output", help="student .onnx (default: <teacher>.ndonnx-<budget>.onnx beside the teacher, "
-                   "e.g. resnet.ndonnx-50pct.onnx); an existing file is refused without --force")
+                   "e.g. resnet.ndonnx-50pct.onnx, resnet.ndonnx-50pct-int8.onnx with --quantize); an existing file is "
+                   "refused without --force")
     s.add_argument("--report", help="write the report as JSON here (replaced if it exists)")
     s.add_argument("--strategy", default="greedy", choices=STRATEGIES,
                    help="greedy: least score lost per parameter saved until the budget is met (default); "
@@ -212,6 +214,13 @@ def _add_search_options(s) -> None:
     s.add_argument("--finetune-steps", type=int, default=0, help="end-to-end KD steps after splicing (paper Eq. 3)")
     s.add_argument("--tolerances", help="with --strategy threshold: per-neighbourhood noise thresholds from "
                    "`ndonnx sensitivity --json` (a candidate fits when its relative MSE <= threshold^2)")
+    s.add_argument("--quantize", choices=QUANTIZE, help="quantize the student to int8 after splicing and "
+                   "fine-tuning, with onnxruntime's quantizer: int8 picks static QDQ (uint8 activations calibrated "
+                   "on 256 samples of the calibration data, int8 weights per channel) when Conv/ConvTranspose hold "
+                   ">= 50%% of the Conv, ConvTranspose, MatMul and Gemm parameters (conv nets), else dynamic (int8 "
+                   "weights per channel, activations quantized at run time: transformers); int8-static and "
+                   "int8-dynamic force one. The output is the quantized model (default name ends in -int8); "
+                   "--max-drop applies to it")
     s.add_argument("--eval-data", help="validate on this .npz (e.g. a test set, with labels under the name used "
                    "for distilling) instead of the held-out 10%% of the calibration data")
 

@@ -80,6 +80,8 @@ def compress_table(r: dict) -> None:
                      f"({r['macs_student'] / r['macs_teacher']:.1%}; target {r['target_macs']:,})")
     ft = r.get("finetune")
     validation_table(r["validation"], ft.get("score_before") if ft else None)
+    if r.get("quantize"):
+        quantize_lines(r["quantize"], r["metric"])
     stdout.print("stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in r["timings"].items()))
     if "error" in r:
         stdout.print(f"[red]{r['error']}[/]")
@@ -87,6 +89,27 @@ def compress_table(r: dict) -> None:
         if "warning" in r:
             stdout.print(f"[yellow]{r['warning']}[/]")
         stdout.print(f"wrote {r['output']}")
+
+
+def quantize_lines(q: dict, metric: str) -> None:
+    """The quantized student (the validation above) next to its float model."""
+    how = f"{q['method']} ({q['format']}"
+    how += f", {q['calibration_samples']} calibration samples)" if "calibration_samples" in q else ")"
+    stdout.print(f"quantized {q['requested']}: {how}; conv share of the parameters "
+                 f"{q['conv_share']:.0%}")
+    rows = [("file size", f"{q['bytes_float']:,} B", f"{q['bytes_int8']:,} B ({q['size_ratio']:.1%})"),
+            (metric, f"{q['score_float']:.4f}", f"{q['score_int8']:.4f}")]
+    for key, label in (("accuracy", "accuracy"), ("top1_agreement", "top-1 agreement with the teacher"),
+                       ("latency_ratio", "latency (student / teacher)")):
+        if f"{key}_float" in q and (key != "accuracy" or metric != "accuracy"):
+            fmt = (lambda x: f"{x:.2f}x") if key == "latency_ratio" else (lambda x: f"{x:.4f}")
+            rows.append((label, fmt(q[f"{key}_float"]), fmt(q[f"{key}_int8"])))
+    t = Table(title="float student vs int8 student")
+    for col in ("figure", "float", "int8"):
+        t.add_column(col, justify="left" if col == "figure" else "right")
+    for row in rows:
+        t.add_row(*row)
+    stdout.print(t)
 
 
 def validation_table(v: dict, before_finetune: float | None = None) -> None:

@@ -1,5 +1,5 @@
 """`ndonnx compress` end to end: distill (reusing the run directory) -> score and search -> splice
--> (fine-tune) -> validate -> report. `ndonnx search` is the same minus the distillation."""
+-> (fine-tune) -> (quantize) -> validate -> report. `ndonnx search` is the same minus the distillation."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from ndonnx.distill.runner import distill
 from ndonnx.errors import GoalNotMet, NdonnxError
 from ndonnx.graph import Teacher, load_teacher, restore_interface
 from ndonnx.partition import Partition, partition
+from ndonnx.quantize import calibration_feeds, quantize
 from ndonnx.metrics import score_outputs
 from ndonnx.sample import ort_session, run_sample, with_dynamic_batch
 from ndonnx.search import (THRESHOLD_MAX_DROP, Budget, Scorer, load_options, macs_budget, parse_target, save_scores,
@@ -36,11 +37,12 @@ from ndonnx.validate import validate
 log = logging.getLogger(__name__)
 
 
-def default_output(teacher_path: Path, target: str) -> Path:
-    """`<teacher>.ndonnx-<budget>.onnx` beside the teacher: each budget its own file."""
+def default_output(teacher_path: Path, target: str, quantize: str | None = None) -> Path:
+    """`<teacher>.ndonnx-<budget>.onnx` beside the teacher: each budget its own file; a quantized
+    student's ends in `-int8` (`<teacher>.ndonnx-50pct-int8.onnx`)."""
     name = teacher_path.name[:-5] if teacher_path.name.endswith(".onnx") else teacher_path.name
     budget = re.sub(r"[^0-9A-Za-z.-]", "", str(target).strip().replace("%", "pct"))
-    return teacher_path.with_name(f"{name}.ndonnx-{budget}.onnx")
+    return teacher_path.with_name(f"{name}.ndonnx-{budget}{'-int8' if quantize else ''}.onnx")
 
 
 def _check_output(output: Path, teacher_path: Path, force: bool) -> None:
@@ -58,7 +60,7 @@ def compress(model_path: str | Path, run_dir: str | Path, cfg: CompressConfig, d
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     model_path, run_dir = Path(model_path), Path(run_dir)
-    output = Path(output) if output else default_output(model_path, cfg.budget_text)
+    output = Path(output) if output else default_output(model_path, cfg.budget_text, cfg.quantize)
     _check_output(output, model_path, cfg.force)
     if cfg.tolerances:
         _read_tolerances(cfg.tolerances)
@@ -76,7 +78,7 @@ def build(run_dir: Path, cfg: CompressConfig, output: str | Path | None, timings
     run_dir = Path(run_dir)
     meta = _run_meta(run_dir)
     teacher_path = _teacher_path(run_dir, meta)
-    output = Path(output) if output else default_output(teacher_path, cfg.budget_text)
+    output = Path(output) if output else default_output(teacher_path, cfg.budget_text, cfg.quantize)
     _check_output(output, teacher_path, cfg.force)
     t0 = time.perf_counter()
     run = open_run(run_dir)
@@ -99,7 +101,8 @@ def build(run_dir: Path, cfg: CompressConfig, output: str | Path | None, timings
 
     t0 = time.perf_counter()
     student = _with_meta(scorer.compose(result.choice), {"settings": {"target": cfg.target, "strategy": cfg.strategy, "max_drop": cfg.max_drop,
-                                     "finetune_steps": cfg.finetune_steps, **meta["settings"]}})
+                                     "finetune_steps": cfg.finetune_steps, "quantize": cfg.quantize,
+                                     **meta["settings"]}})
     check(student)
     timings["splice"] = time.perf_counter() - t0
 
@@ -120,8 +123,18 @@ def build(run_dir: Path, cfg: CompressConfig, output: str | Path | None, timings
         check(student)
         timings["finetune"] = time.perf_counter() - t0
 
+    float_val = quant = None
+    if cfg.quantize:  # the float student is validated too: its figures stay in the report
+        t0 = time.perf_counter()
+        float_val = validate(student, teacher.model, inputs, eval_labels)
+        float_bytes = restore_interface(student, declared.model).ByteSize()
+        timings["validate_float"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        student, quant = quantize(student, cfg.quantize, calibration_feeds(cache, student, cfg.distill.seed))
+        timings["quantize"] = time.perf_counter() - t0
+
     t0 = time.perf_counter()
-    val = validate(student, teacher.model, inputs, eval_labels)
+    val = validate(student, teacher.model, inputs, eval_labels, torch_check=quant is None)
     val["data"] = str(cfg.eval_data) if cfg.eval_data else "held-out split of the calibration data"
     timings["validate"] = time.perf_counter() - t0
     drop = val["score_teacher"] - val["score_student"]
@@ -136,6 +149,9 @@ def build(run_dir: Path, cfg: CompressConfig, output: str | Path | None, timings
                    "pareto": result.pareto},
         "finetune": finetune_report, "validation": val, "timings": timings,
     }
+    final = restore_interface(student, declared.model)
+    if quant is not None:
+        report["quantize"] = _quantize_report(quant, float_val, val, float_bytes, final.ByteSize())
     if cfg.max_drop is not None and drop > cfg.max_drop:
         report["error"] = f"{scorer.metric} dropped by {drop:.4f}, more than --max-drop {cfg.max_drop}"
         raise DropTooLarge(report["error"], report)
@@ -145,11 +161,23 @@ def build(run_dir: Path, cfg: CompressConfig, output: str | Path | None, timings
                              f"search grew neighbourhoods back within the target: try a larger --target-params")
         log.warning(report["warning"])
     t0 = time.perf_counter()
-    save_atomic(restore_interface(student, declared.model), output)
+    save_atomic(final, output)
     val["bytes_student"] = output.stat().st_size
     val["bytes_teacher"] = teacher_path.stat().st_size
     timings["save"] = time.perf_counter() - t0
     return report
+
+
+def _quantize_report(quant: dict, float_val: dict, val: dict, bytes_float: int, bytes_int8: int) -> dict:
+    """The quantized student next to its float model: how it was quantized, and both validations'
+    figures (the float model's whole validation under 'float_validation')."""
+    both = {"bytes_float": bytes_float, "bytes_int8": bytes_int8, "size_ratio": bytes_int8 / bytes_float,
+            "score_float": float_val["score_student"], "score_int8": val["score_student"]}
+    for key in ("top1_agreement", "accuracy_student", "rel_err", "latency_ratio"):
+        if key in val:
+            name = key.removesuffix("_student")
+            both[f"{name}_float"], both[f"{name}_int8"] = float_val[key], val[key]
+    return {**quant, **both, "float_validation": float_val}
 
 
 def _dims(run: "Run") -> dict:

@@ -68,6 +68,7 @@ class DistillConfig:
 
 
 STRATEGIES = ("greedy", "threshold")
+QUANTIZE = ("int8", "int8-static", "int8-dynamic")  # ndonnx.quantize: int8 chooses by the parameter shares
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ class CompressConfig:
     tolerances: str | None = None  # `ndonnx sensitivity --json` output: per-neighbourhood noise thresholds
     force: bool = False  # replace an existing output file
     target_macs: str | None = None  # a budget in MACs per sample instead of parameters ("20M", "60%")
+    quantize: str | None = None  # QUANTIZE: the student to int8 after splicing and fine-tuning
 
     @property
     def budget_text(self) -> str:
@@ -97,6 +99,8 @@ class CompressConfig:
             raise NdonnxError(f"--strategy must be {' or '.join(STRATEGIES)}, got {self.strategy!r}")
         if self.finetune_steps < 0:
             raise NdonnxError(f"--finetune-steps must be >= 0, got {self.finetune_steps}")
+        if self.quantize is not None and self.quantize not in QUANTIZE:
+            raise NdonnxError(f"--quantize must be {', '.join(QUANTIZE)}, got {self.quantize!r}")
         if self.tolerances is not None and self.strategy != "threshold":
             raise NdonnxError("--tolerances applies to --strategy threshold")
         from ndonnx.budget import parse_target

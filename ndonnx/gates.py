@@ -1,5 +1,8 @@
 """`ndonnx check`: size and quality gates for CI. Each gate reports measured vs allowed.
-Needs onnx, onnxruntime and numpy only: nothing on this path imports torch (a light CI install)."""
+Needs onnx, onnxruntime and numpy only: nothing on this path imports torch (a light CI install).
+Quantized models (`compress --quantize`) are gated too: their int8 weights count as parameters,
+once each, scales and zero points do not, and a weight's zero is its zero point (`graph.weight_counts`,
+`graph.weight_nonzeros`)."""
 
 from __future__ import annotations
 
@@ -7,13 +10,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
-import numpy as np
-from onnx import numpy_helper
-
 from ndonnx.budget import parse_target
 from ndonnx.errors import NdonnxError
 from ndonnx.files import file_size
-from ndonnx.graph import load_teacher
+from ndonnx.graph import load_teacher, weight_nonzeros
 from ndonnx.macs import count_macs
 
 
@@ -100,7 +100,7 @@ def run_gates(model_path: str | Path, cfg: GateConfig) -> list[Gate]:
         raise NdonnxError("--dim is used by --max-macs only; give that gate, or leave --dim out")
     dims = parse_dims(cfg.dims)
     model_path = Path(model_path)
-    student = load_teacher(model_path)
+    student = load_teacher(model_path, quantized=True)  # gated as stored: quantized or not
     gates = []
     if cfg.max_params:
         allowed = parse_target(cfg.max_params, student.params, "--max-params")
@@ -109,8 +109,7 @@ def run_gates(model_path: str | Path, cfg: GateConfig) -> list[Gate]:
         size, allowed = file_size(model_path), parse_size(cfg.max_size)
         gates.append(Gate("max-size", size, allowed, size <= allowed, " B"))
     if cfg.max_nonzero:
-        inits = {i.name: i for i in student.model.graph.initializer}
-        nonzero = sum(int(np.count_nonzero(numpy_helper.to_array(inits[n]))) for n in student.weights)
+        nonzero = sum(weight_nonzeros(student.model).values())
         allowed = parse_target(cfg.max_nonzero, student.params, "--max-nonzero")
         gates.append(Gate("max-nonzero", nonzero, allowed, nonzero <= allowed))
     if cfg.max_macs:

@@ -34,6 +34,22 @@ QUANT_OPS = {
     "QLinearGlobalAveragePool", "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu",
     "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm", "QAttention",
 }
+# Where a quantized model keeps its integer weights: op -> {input slot of a weight: slot of its zero
+# point (None: the zero is 0)}. An int8 Gather table is an embedding quantized by onnxruntime's
+# dynamic quantizer (its zero point is that of the DequantizeLinear reading the gathered rows).
+QUANT_WEIGHT_SLOTS = {
+    "DequantizeLinear": {0: 2}, "MatMulInteger": {0: 2, 1: 3}, "ConvInteger": {0: 2, 1: 3},
+    "QLinearConv": {0: 2, 3: 5, 8: None}, "QLinearMatMul": {0: 2, 3: 5}, "DynamicQuantizeMatMul": {1: 3},
+    "MatMulIntegerToFloat": {0: 4, 1: 5}, "Gather": {0: None},
+}
+# Inputs that hold scales and zero points: never parameters.
+QUANT_PARAM_SLOTS = {
+    "QuantizeLinear": {1, 2}, "DequantizeLinear": {1, 2}, "MatMulInteger": {2, 3}, "ConvInteger": {2, 3},
+    "QLinearConv": {1, 2, 4, 5, 6, 7}, "QLinearMatMul": {1, 2, 4, 5, 6, 7}, "DynamicQuantizeMatMul": {2, 3},
+    "MatMulIntegerToFloat": {2, 3, 4, 5},
+}
+QUANT_TYPES = {TensorProto.INT8, TensorProto.UINT8, TensorProto.INT16, TensorProto.UINT16, TensorProto.INT4,
+               TensorProto.UINT4, TensorProto.INT32}  # INT32: a QDQ bias; only ever at a weight slot
 WEIGHTED_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 NONDETERMINISTIC_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
                         "Bernoulli", "Multinomial", "Dropout"}
@@ -81,16 +97,19 @@ def onnx_opset(model: onnx.ModelProto) -> int:
     return 1
 
 
-def load_teacher(path: str | os.PathLike) -> Teacher:
-    """Read, check and normalise a teacher model; raises NdonnxError on anything a user can fix."""
+def load_teacher(path: str | os.PathLike, quantized: bool = False) -> Teacher:
+    """Read, check and normalise a teacher model; raises NdonnxError on anything a user can fix.
+    A quantized model is refused (there is nothing to distil) unless `quantized` (what `ndonnx check`
+    and `validate` gate): it is then loaded as stored, its quantization nodes never folded away."""
     path = Path(path)
     model = _read(path)
-    _refuse_quantized(model)
+    if not quantized:
+        _refuse_quantized(model)
     model, _ = dynamic_dims(model)
     opset = onnx_opset(model)
     if opset < UPGRADE_BELOW:
         model = _upgrade_opset(model, path)
-    model = fold_constants(model)  # dead code goes with it (remove_unused)
+    model = fold_constants(model, keep_ops=QUANT_OPS if quantized else ())  # dead code goes with it
     return Teacher(path=path, model=model, opset=onnx_opset(model), weights=weight_counts(model))
 
 
@@ -206,12 +225,13 @@ def subgraph_reads(node: onnx.NodeProto) -> set[str]:
     return names
 
 
-def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+def fold_constants(model: onnx.ModelProto, keep_ops=()) -> onnx.ModelProto:
     """Turn every subgraph whose inputs are all constant into initializers.
 
     Constant nodes become initializers; Identity of an initializer becomes an alias (the legacy
     exporter's deduplication: copying would count the weight twice); the rest of the constant
     subgraph (ConstantOfShape, Cast, Reshape, ...) is evaluated in one onnxruntime session.
+    Nodes of the op types `keep_ops` stay (a quantized model's DequantizeLinear of its weights).
     """
     model = _copy(model)
     g = model.graph
@@ -237,7 +257,8 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
             continue
         inputs = [n for n in node.input if n]
         if (inputs and all(n in constant for n in inputs) and node.domain in ONNX_DOMAINS
-                and node.op_type not in NONDETERMINISTIC_OPS and not _has_subgraph(node)
+                and node.op_type not in NONDETERMINISTIC_OPS and node.op_type not in keep_ops
+                and not _has_subgraph(node)
                 and not set(node.output) & keep_names):
             foldable.append(node)
             constant.update(node.output)
@@ -357,18 +378,110 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def weight_counts(model: onnx.ModelProto) -> dict[str, int]:
     """Parameters per initializer: float tensors of more than one element that some op reads as a
-    weight. Shape/index constants (integers), scalars and op settings (Resize scales) are not weights."""
+    weight. Shape/index constants (integers), scalars and op settings (Resize scales) are not weights.
+    In a quantized model the integer weights count too, once each (`QUANT_WEIGHT_SLOTS`: int8/uint8
+    weights, int32 QDQ biases), and scales and zero points do not (`QUANT_PARAM_SLOTS`, and the
+    weight scales onnxruntime's dynamic quantizer multiplies into the output): a quantized student
+    has the parameters of its float model."""
     slots: dict[str, set[tuple[str, int]]] = {}
     for node in model.graph.node:
         for k, name in enumerate(node.input):
             slots.setdefault(name, set()).add((node.op_type, k))
+    scales = _dynamic_scales(model)
     out = {}
     for init in model.graph.initializer:
         n = int(np.prod(init.dims)) if init.dims else 1
         uses = slots.get(init.name, set())
-        if init.data_type in FLOAT_TYPES and n > 1 and not (uses and uses <= NON_WEIGHT_SLOTS):
+        if n <= 1 or init.name in scales:
+            continue
+        if init.data_type in FLOAT_TYPES:
+            settings = {(op, k) for op, k in uses if k in QUANT_PARAM_SLOTS.get(op, ())} | (uses & NON_WEIGHT_SLOTS)
+            if not (uses and uses <= settings):
+                out[init.name] = n
+        elif init.data_type in QUANT_TYPES and _quant_weight(init, uses):
             out[init.name] = n
     return out
+
+
+def _quant_weight(init: TensorProto, uses: set[tuple[str, int]]) -> bool:
+    """An integer initializer read where a quantized op takes its weight (an int8 Gather table only)."""
+    for op, k in uses:
+        if k in QUANT_WEIGHT_SLOTS.get(op, {}) and (op != "Gather" or init.data_type in (TensorProto.INT8,
+                                                                                       TensorProto.UINT8)):
+            return True
+    return False
+
+
+def _dynamic_scales(model: onnx.ModelProto) -> set[str]:
+    """Float initializers that scale an integer product back to floats: onnxruntime's dynamic
+    quantizer writes Mul(Cast(MatMulInteger(...)), Mul(input scale, weight scale)); the weight scale
+    (per channel, so more than one element) is not a parameter."""
+    made = {o: n for n in model.graph.node for o in n.output}
+    inits = {i.name for i in model.graph.initializer}
+    found: set[str] = set()
+
+    def collect(name: str, depth: int) -> None:
+        if name in inits:
+            found.add(name)
+        elif depth and name in made and made[name].op_type == "Mul":
+            for i in made[name].input:
+                collect(i, depth - 1)
+
+    for node in model.graph.node:
+        if node.op_type != "Mul":
+            continue
+        for a, b in (node.input[:2], node.input[1::-1]):
+            cast = made.get(a)
+            if cast is not None and cast.op_type == "Cast" and cast.input[0] in made \
+                    and made[cast.input[0]].op_type in ("MatMulInteger", "ConvInteger"):
+                collect(b, 2)
+    return found
+
+
+def weight_nonzeros(model: onnx.ModelProto) -> dict[str, int]:
+    """Non-zero values per weight (the weights of `weight_counts`). An integer weight's zero is its
+    zero point: a stored value equal to it dequantizes to 0 (a per-axis or blocked zero point is
+    broadcast along the axis the reading op gives it)."""
+    inits = {i.name: i for i in model.graph.initializer}
+    zero_points: dict[str, np.ndarray] = {}
+    for node in model.graph.node:
+        for k in QUANT_WEIGHT_SLOTS.get(node.op_type, {}):
+            name = node.input[k] if k < len(node.input) else ""
+            if name in inits and name not in zero_points:
+                shape = tuple(inits[name].dims)
+                zp = _zero_point(model, inits, node, k, shape)
+                if zp is not None:
+                    zero_points[name] = zp
+    out = {}
+    for name in weight_counts(model):
+        w = numpy_helper.to_array(inits[name])
+        out[name] = int(np.count_nonzero(w if name not in zero_points else w != zero_points[name]))
+    return out
+
+
+def _zero_point(model: onnx.ModelProto, inits: dict, node: onnx.NodeProto, k: int, shape: tuple):
+    """The zero point of input `k` of a quantized op, broadcastable to `shape`; None when it is 0."""
+    if node.op_type == "Gather":  # the zero point of the DequantizeLinear that reads the gathered rows
+        reader = next((r for r in model.graph.node if r.op_type == "DequantizeLinear" and r.input[0] == node.output[0]),
+                      None)
+        zp = None if reader is None else _zero_point(model, inits, reader, 0, ())
+        return None if zp is None or zp.size > 1 else zp.reshape(())  # a per-axis one belongs to the rows
+    slot = QUANT_WEIGHT_SLOTS[node.op_type][k]
+    if slot is None or slot >= len(node.input) or node.input[slot] not in inits:
+        return None
+    zp = numpy_helper.to_array(inits[node.input[slot]])
+    if zp.size <= 1 or not shape:
+        return zp.reshape(()) if zp.size == 1 else zp
+    if node.op_type == "DequantizeLinear":
+        axis = attr(node, "axis", 1) % len(shape)
+        block = attr(node, "block_size", 0) or 0
+        if block and zp.ndim == len(shape):  # blocked: each zero point covers `block` values along the axis
+            return np.repeat(zp, block, axis=axis)[tuple(slice(0, d) for d in shape)]
+    elif node.op_type in ("ConvInteger", "QLinearConv"):
+        axis = 0  # per output channel
+    else:  # MatMul-like: B per column (its last axis), A per row
+        axis = len(shape) - 1 if k == max(QUANT_WEIGHT_SLOTS[node.op_type]) else 0
+    return zp.reshape([-1 if j == axis else 1 for j in range(len(shape))])
 
 
 def restore_interface(model: onnx.ModelProto, like: onnx.ModelProto) -> onnx.ModelProto:

@@ -18,7 +18,9 @@ inferred shape of a tensor as a tuple of ints, or None when unknown. The MAC ops
 - Conv: N * Cout * prod(out spatial) * (Cin / group) * prod(kernel), any spatial rank;
 - ConvTranspose: N * Cin * prod(in spatial) * (Cout / group) * prod(kernel) (every input element
   meets one kernel slice of each output channel in its group);
-- Gemm: M * N * K; MatMul: prod(output shape) * K, broadcast batch dims and 1-D operands included.
+- Gemm: M * N * K; MatMul: prod(output shape) * K, broadcast batch dims and 1-D operands included;
+- quantized models: ConvInteger, QLinearConv, MatMulInteger and QLinearMatMul as their float ops (a
+  QDQ model's Conv/MatMul count as such; QuantizeLinear/DequantizeLinear cost none).
 
 Biases, activations, additions, pooling and normalisations cost no MACs: the elementwise and
 normalisation ops that read weights (BatchNormalization, LayerNormalization, Add/Mul of a constant,
@@ -94,7 +96,19 @@ def _matmul(node: onnx.NodeProto, shape: ShapeOf) -> int | None:
     return math.prod(y) * a[-1]  # the output holds the broadcast batch dims; each element sums K products
 
 
-ZERO_OPS = ("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "PRelu", "Where", "Clip",
+rule("ConvInteger")(_conv)  # quantized models: the same products, on integers
+rule("MatMulInteger", "QLinearMatMul")(_matmul)
+
+
+@rule("QLinearConv")
+def _qlinear_conv(node: onnx.NodeProto, shape: ShapeOf) -> int | None:
+    y, w = shape(node.output[0]), shape(node.input[3])
+    if y is None or w is None:
+        return None
+    return math.prod(y) * math.prod(w[1:])
+
+
+ZERO_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "PRelu", "Where", "Clip",
             "BatchNormalization", "InstanceNormalization", "LayerNormalization", "GroupNormalization",
             "RMSNormalization", "SkipLayerNormalization", "Gather", "GatherElements", "GatherND", "Concat",
             "Expand", "Reshape", "Tile", "Pad", "Equal", "Less", "Greater", "Cast", "Identity", "Unsqueeze",
