@@ -137,6 +137,62 @@ def test_ffn_width_half_by_hand(built):
     assert student(built, "encoder", 2, "teacher").params == 32 + 16 * 32 + 32 + 32 * 16 + 16
 
 
+def _tensordot_ffn(shared_target: bool = False) -> onnx.ModelProto:
+    """A feed-forward layer on [tokens, 8] as tf2onnx writes TensorFlow's Tensordot: the hidden 16
+    channels go through Reshape targets built from Shape -> Cast -> Gather([0, 1]) -> Concat(const)."""
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((8, 16)).astype(np.float32)
+    w1[:, 1::2] *= 0.01  # the odd hidden channels are the weak ones
+    arrays = {"W1": w1, "B1": rng.standard_normal(16).astype(np.float32),
+              "W2": rng.standard_normal((16, 8)).astype(np.float32), "B2": rng.standard_normal(8).astype(np.float32),
+              "zero": np.array([0], np.int64), "lead": np.array([0, 1], np.int64), "in8": np.array([-1, 8], np.int64),
+              "in16": np.array([-1, 16], np.int64), "c16": np.array([16], np.int64), "c8": np.array([8], np.int64)}
+    nodes = [helper.make_node("Unsqueeze", ["X", "zero"], ["E"])]
+    for k, (x, w, inner, width_const, out) in enumerate(
+            (("E", "W1", "in8", "c16", "H"), ("R", "W2", "in16", "c8", "F"))):
+        nodes += [helper.make_node("Shape", [x], [f"s{k}"]), helper.make_node("Cast", [f"s{k}"], [f"sc{k}"], to=7),
+                  helper.make_node("Gather", [f"sc{k}", "lead"], [f"g{k}"]),
+                  helper.make_node("Concat", [f"g{k}", width_const], [f"t{k}"], axis=0),
+                  helper.make_node("Reshape", [x, inner], [f"r{k}"]), helper.make_node("MatMul", [f"r{k}", w], [f"m{k}"]),
+                  helper.make_node("Reshape", [f"m{k}", f"t{k}"], [out])]
+        if k == 0:
+            nodes += [helper.make_node("Add", ["H", "B1"], ["HB"]), helper.make_node("Relu", ["HB"], ["R"])]
+    nodes += [helper.make_node("Add", ["F", "B2"], ["FB"]), helper.make_node("Squeeze", ["FB", "zero"], ["Y"])]
+    g = helper.make_graph(nodes, "ffn", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["K", 8])],
+                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["K", 8])],
+                          [numpy_helper.from_array(v, n) for n, v in arrays.items()])
+    if shared_target:  # another reader of the constant [16]: it must keep reading 16
+        nodes.append(helper.make_node("Add", ["c16", "zero"], ["C"]))
+        g.output.append(helper.make_tensor_value_info("C", TensorProto.INT64, [1]))
+        g.node.append(nodes[-1])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    return onnx.shape_inference.infer_shapes(model, data_prop=True)  # the targets' values, as a sample run records
+
+
+def test_width_follows_a_channels_last_reshape_by_hand():
+    """tf2onnx's Tensordot: the hidden group passes the Reshapes (their targets' last entry rewritten)
+    and the Shape reads of its leading dims; the student equals the FFN with the kept columns."""
+    sub = _tensordot_ffn()
+    st = REGISTRY["width"].generate(sub, CandidateSpec("width", 0.5))
+    keep = np.arange(0, 16, 2)  # the strong channels
+    a = {n: get_array(sub, n) for n in ("W1", "B1", "W2", "B2")}
+    x = np.random.default_rng(1).standard_normal((5, 8)).astype(np.float32)
+    want = np.maximum(x @ a["W1"][:, keep] + a["B1"][keep], 0) @ a["W2"][keep] + a["B2"]
+    np.testing.assert_allclose(ort_session(st.model).run(None, {"X": x})[0], want, rtol=1e-5, atol=1e-5)
+    assert st.params == 8 * 8 + 8 + 8 * 8 + 8
+    assert get_array(st.model, "c16").tolist() == [8] and get_array(st.model, "in16").tolist() == [-1, 8]
+
+
+def test_width_copies_a_shape_constant_other_nodes_read():
+    sub = _tensordot_ffn(shared_target=True)
+    st = REGISTRY["width"].generate(sub, CandidateSpec("width", 0.5))
+    x = np.random.default_rng(1).standard_normal((5, 8)).astype(np.float32)
+    y, c = ort_session(st.model).run(None, {"X": x})
+    assert y.shape == (5, 8) and c.tolist() == [16]
+    reshape = next(n for n in st.model.graph.node if n.op_type == "Concat" and n.output[0] == "t0")
+    assert reshape.input[1] != "c16" and get_array(st.model, reshape.input[1]).tolist() == [8]
+
+
 def test_squeeze_excite_groups_shrink_together(blocks, built):
     sub = blocks["mobilenet"][1][2]
     st = student(built, "mobilenet", 2, "width:0.5")

@@ -15,12 +15,18 @@ the input axis of the next weighted op (the "consumers"). Followed:
   its `group` attribute becomes the new channel count (inverted residuals);
 - pooling and reductions that keep the channel axis (GlobalAveragePool, ReduceMean over spatial
   axes feeding a squeeze-excite branch, MaxPool, ...), Flatten of [N, C, 1, 1], Squeeze/Unsqueeze
-  of other axes.
+  of other axes;
+- a Reshape that keeps the channels as the last axis (TensorFlow's Tensordot, as tf2onnx writes a
+  Dense layer on a sequence: [tokens, C] -> [1, tokens, C] and back): the constant that holds the
+  target's last entry (the Reshape's own, or the constant piece of a Concat'd target, through Cast)
+  is rewritten to the new size; -1 there needs nothing;
+- a Shape of a group tensor whose value is read only at other axes (Cast, then Gather of constant
+  indices, as Tensordot takes the leading dims).
 
 A group is not shrinkable (left whole, never guessed) when any of its tensors reaches the
 neighbourhood's outputs (the boundary shape is fixed), meets a tensor of the same channel count that
 no group produces (a residual Add with the block input), or enters anything else: Reshape, Concat,
-Split, Transpose, Shape, Softmax, LayerNormalization, a grouped (non-depthwise) Conv, a MatMul of
+Split, Transpose, another Shape or Reshape, Softmax, LayerNormalization, a grouped (non-depthwise) Conv, a MatMul of
 two activations. Attention heads are therefore never shrunk: the qkv projection's output goes
 through Reshape/Transpose/Split into head-wise MatMuls, so its group is refused, and the output
 projection's group reaches the residual Add. In a transformer layer only the feed-forward inner
@@ -67,6 +73,7 @@ class ChannelGroup:
     slices: list[tuple[int, int, int]] = field(default_factory=list)  # initializer inputs to slice
     depthwise: list[int] = field(default_factory=list)  # Conv nodes whose `group` follows
     tensors: list[tuple[str, int]] = field(default_factory=list)  # (tensor, channel axis)
+    sizes: list[tuple[int, int, int]] = field(default_factory=list)  # (node, input slot, entry): shape constants
     blocked: list[str] = field(default_factory=list)  # why it cannot shrink
 
     @property
@@ -106,6 +113,8 @@ class _Analysis:
         self.model = model
         self.shape = shapes(model)
         self.consts = {t.name for t in model.graph.initializer}
+        self.producer = {o: k for k, n in enumerate(model.graph.node) for o in n.output}
+        self.readers = consumers(model)
         self.parent: list[int] = []
         self.raw: list[ChannelGroup] = []
         self.tag: dict[str, tuple[int, int]] = {}
@@ -188,6 +197,7 @@ class _Analysis:
             m.slices += raw.slices
             m.depthwise += raw.depthwise
             m.tensors += raw.tensors
+            m.sizes += raw.sizes
             m.blocked += raw.blocked
         return list(merged.values())
 
@@ -449,6 +459,66 @@ def _unsqueeze(a: _Analysis, i: int, node: onnx.NodeProto) -> None:
     a.mark(node.output[0], g, kept[axis])
 
 
+# channels-last reshapes (TensorFlow's Tensordot) and the Shape reads that build their targets ---------
+
+def _last_entry(a: _Analysis, node_index: int, slot: int, size: int) -> tuple[int, int, int] | str | None:
+    """Where the last entry of the shape tensor at (node, slot) is stored: (node, slot, entry) of a
+    constant holding `size` there, None for a -1 (inferred: nothing to rewrite), or why not."""
+    name = a.model.graph.node[node_index].input[slot]
+    arr = a.const(name)
+    if arr is not None:
+        last = int(arr.reshape(-1)[-1]) if arr.size else None
+        return None if last == -1 else (node_index, slot, arr.size - 1) if last == size else f"a target ending in {last}"
+    k = a.producer.get(name)
+    node = a.model.graph.node[k] if k is not None else None
+    if node is not None and node.op_type == "Cast":
+        return _last_entry(a, k, 0, size)
+    if node is not None and node.op_type == "Concat" and attr(node, "axis", 0) in (0, -1):
+        return _last_entry(a, k, len(node.input) - 1, size)
+    return "a target computed in a way not followed"
+
+
+@rule("Reshape")
+def _reshape(a: _Analysis, i: int, node: onnx.NodeProto) -> None:
+    if (t := _only_data_tagged(a, node)) is None:
+        return
+    g, axis, shape = t
+    out = a.shape.get(node.output[0])
+    size = a.size(g)
+    if axis != len(shape) - 1 or not out or out[-1] != size:
+        return a.block_inputs(node, f"enters Reshape {node.name!r} (channels not kept last)")
+    where = _last_entry(a, i, 1, size)
+    if isinstance(where, str):
+        return a.block_inputs(node, f"enters Reshape {node.name!r} ({where})")
+    if where is not None:
+        a.raw[g].sizes.append(where)
+    a.mark(node.output[0], g, len(out) - 1)
+
+
+def _reads_only_other_axes(a: _Analysis, name: str, axis: int, rank: int) -> bool:
+    """The shape vector `name` flows only through Cast into Gathers of constant indices without `axis`."""
+    for k, _ in a.readers.get(name, []):
+        node = a.model.graph.node[k]
+        if node.op_type == "Cast":
+            if not _reads_only_other_axes(a, node.output[0], axis, rank):
+                return False
+        elif node.op_type == "Gather" and node.input[0] == name and (idx := a.const(node.input[1])) is not None:
+            if axis in {int(v) % rank for v in idx.reshape(-1)}:
+                return False
+        else:
+            return False
+    return True
+
+
+@rule("Shape")
+def _shape(a: _Analysis, i: int, node: onnx.NodeProto) -> None:
+    g, axis = a.tag[node.input[0]]
+    rank = a.rank(node.input[0])
+    if (attr(node, "start") is not None or attr(node, "end") is not None or rank is None
+            or not _reads_only_other_axes(a, node.output[0], axis, rank)):
+        a.block_inputs(node)
+
+
 def channel_groups(model: onnx.ModelProto) -> list[ChannelGroup]:
     """Every channel group of a (BN-folded) sub-model, shrinkable or not, with the reasons."""
     return _Analysis(model).groups()
@@ -485,8 +555,23 @@ def shrink(sub: onnx.ModelProto, k: float, score: str = "l1",
             set_attr(nodes[node], "group", n)
         for name, axis in g.tensors:
             set_dim(model, name, axis, n)
+        for node, slot, entry in dict.fromkeys(g.sizes):
+            _set_entry(model, node, slot, entry, n)
     _apply_slices(model, edits)
     return model, sizes
+
+
+def _set_entry(model: onnx.ModelProto, node: int, slot: int, entry: int, value: int) -> None:
+    """Entry `entry` of the shape constant at (node, slot) becomes `value`; a constant other nodes
+    also read is copied first."""
+    nodes = model.graph.node
+    name = nodes[node].input[slot]
+    arr = get_array(model, name).copy()
+    arr.reshape(-1)[entry] = value
+    if len(consumers(model).get(name, [])) > 1:
+        nodes[node].input[slot] = add_array(model, f"{name}_w", arr, names_in_use(model))
+    else:
+        set_array(model, name, arr)
 
 
 def _apply_slices(model: onnx.ModelProto, edits: dict[tuple[int, int], list[tuple[int, np.ndarray]]]) -> None:
