@@ -53,7 +53,7 @@ def _distill_config(args: argparse.Namespace):
         partition=PartitionConfig(primary_input=args.primary_input, block_size=args.block_size),
         candidates=args.candidates, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
         device=args.device, jobs=args.jobs, lookahead=args.lookahead, data_free=args.data_free,
-        labels=args.labels, force=args.force, channel_multiple=args.channel_multiple)
+        data_free_method=args.data_free_method, synthetic_count=args.synthetic_count, labels=args.labels, force=args.force, channel_multiple=args.channel_multiple)
 
 
 def _compress_config(args: argparse.Namespace, distill_cfg=None):
@@ -114,7 +114,7 @@ def _search(args: argparse.Namespace) -> int:
 
 def _validate(args: argparse.Namespace) -> int:
     from ndonnx.data import load_data
-    from ndonnx.graph import load_teacher
+    from ndonnx.graph import is_quantized, load_teacher
     from ndonnx.validate import validate
 
     teacher = load_teacher(args.reference)
@@ -126,8 +126,8 @@ def _validate(args: argparse.Namespace) -> int:
         raise NdonnxError(f"{args.student} and {args.reference} have different inputs or outputs")
     from ndonnx_cli.tables import validation_table
 
-    _emit(validate(student.model, teacher.model, data, labels, args.student, args.reference), args.json,
-          validation_table)
+    _emit(validate(student.model, teacher.model, data, labels, args.student, args.reference,
+                   torch_check=not is_quantized(student.model)), args.json, validation_table)
     return 0
 
 
@@ -175,7 +175,14 @@ def _sensitivity(args: argparse.Namespace) -> int:
 
 def _add_distill_options(s) -> None:
     s.add_argument("--data", help="calibration data: .npz (arrays named after the inputs) or a folder of .npz shards")
-    s.add_argument("--data-free", action="store_true", help="train on Gaussian noise (matched to --data statistics if given)")
+    s.add_argument("--data-free", action="store_true", help="no data: train on inputs made from the teacher alone "
+                   "(see --data-free-method); with --data, on Gaussian noise matched to its statistics")
+    s.add_argument("--data-free-method", default="auto", choices=("auto", "bn-stats", "noise"),
+                   help="bn-stats: inputs optimised until the teacher's BatchNormalization layers see their running "
+                   "statistics; noise: Gaussian noise at every boundary; auto (default): bn-stats where the teacher "
+                   "has BatchNormalization, else noise")
+    s.add_argument("--synthetic-count", type=int, help="inputs --data-free makes (default 1024 for bn-stats, "
+                   "256 held-out ones for noise)")
     s.add_argument("--candidates", help='student candidates per neighbourhood, e.g. '
                    '"width:0.1-0.9/0.1,lowrank:0.5,heads:0.5,vocab:1,sparse:0.8,identity,teacher" (default: width '
                    '0.25/0.5/0.75, lowrank 0.25/0.5, heads 0.5, vocab 1, identity, teacher)')

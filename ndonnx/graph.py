@@ -161,6 +161,10 @@ def _check_external(tensor: TensorProto, base: Path, path: Path) -> None:
                           f"({tensor.name!r} needs {end} bytes)")
 
 
+def is_quantized(model: onnx.ModelProto) -> bool:
+    return bool({n.op_type for n in model.graph.node} & QUANT_OPS)
+
+
 def _refuse_quantized(model: onnx.ModelProto) -> None:
     ops = {n.op_type for n in model.graph.node}
     if ops & QUANT_OPS:

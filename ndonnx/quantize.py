@@ -27,11 +27,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, version_converter
 
 from ndonnx.config import QUANTIZE
 from ndonnx.errors import GoalNotMet, NdonnxError
-from ndonnx.graph import weight_counts
+from ndonnx.graph import onnx_opset, weight_counts
 
 CALIBRATION_SAMPLES = 256
 CALIBRATION_BATCH = 32
@@ -39,6 +39,7 @@ STATIC_MIN_CONV_SHARE = 0.5  # int8: static when Conv/ConvTranspose hold at leas
 CONV_OPS = ("Conv", "ConvTranspose")
 MATMUL_OPS = ("MatMul", "Gemm")
 TWO_GB = 2**31 - 1
+PER_CHANNEL_OPSET = 13  # DequantizeLinear's `axis` (per-channel weights in QDQ) came with opset 13
 
 
 class QuantizeFailed(GoalNotMet):
@@ -136,6 +137,10 @@ def quantize(model: onnx.ModelProto, requested: str, feeds: dict | None) -> tupl
             if method == "static":
                 if not feeds:
                     raise NdonnxError("--quantize int8-static needs calibration data; this run has none")
+                if onnx_opset(src) < PER_CHANNEL_OPSET:
+                    info["opset"] = f"{onnx_opset(src)} -> {PER_CHANNEL_OPSET} (per-channel QDQ needs it)"
+                    src = version_converter.convert_version(src, PER_CHANNEL_OPSET)
+                    src.ir_version = max(src.ir_version, helper.find_min_ir_version_for(src.opset_import))
                 n = len(next(iter(feeds.values())))
                 quantize_static(src, str(out), _reader(feeds, CALIBRATION_BATCH), quant_format=QuantFormat.QDQ,
                                 per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,

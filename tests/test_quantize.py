@@ -101,6 +101,16 @@ def test_int8_file_smaller(tmp_path):
     assert np.linalg.norm(yq - yf) / np.linalg.norm(yf) < REL_ERR_BOUND
 
 
+def test_static_on_an_older_opset(zoo):
+    """Per-channel QDQ needs opset 13: an opset-11 student is converted first; its interface stays."""
+    model = load_teacher(zoo["resnet_opset11"]).model
+    x = np.random.default_rng(0).standard_normal((16, 3, 16, 16)).astype(np.float32)
+    q, info = quantize(model, "int8", {"input": x})
+    assert info["opset"].startswith("11 -> 13") and _io(q) == _io(model)
+    yq, yf = ort_session(q).run(None, {"input": x})[0], ort_session(model).run(None, {"input": x})[0]
+    assert np.linalg.norm(yq - yf) / np.linalg.norm(yf) < REL_ERR_BOUND
+
+
 def test_method_rule(zoo, tmp_path):
     """int8: static for a conv net, dynamic for a transformer; the forced methods win."""
     resnet, encoder = load_teacher(zoo["resnet_legacy"]).model, load_teacher(zoo["encoder"]).model
@@ -145,10 +155,13 @@ def test_failed_quantization_writes_nothing(run, tmp_path, monkeypatch, capsys):
 
 
 def test_max_drop_applies_to_the_int8_student(run, static, tmp_path):
+    """Quantized after fine-tuning; the int8 student's score is the one --max-drop judges."""
     d, _ = run
     with pytest.raises(DropTooLarge) as e:
-        build(d / "run", CompressConfig(target="70%", quantize="int8-dynamic", max_drop=-1), tmp_path / "q.onnx")
+        build(d / "run", CompressConfig(target="70%", quantize="int8-dynamic", max_drop=-1, finetune_steps=2),
+              tmp_path / "q.onnx")
     r = e.value.report
+    assert r["finetune"]["steps"] == 2 and list(r["timings"]).index("finetune") < list(r["timings"]).index("quantize")
     assert r["quantize"]["method"] == "dynamic" and not (tmp_path / "q.onnx").exists()
     assert r["error"].startswith(f"accuracy dropped by {1 - r['quantize']['score_int8']:.4f}")
     assert default_output(Path("m.onnx"), "50%", "int8").name == "m.ndonnx-50pct-int8.onnx"
@@ -168,6 +181,10 @@ def test_check_gates_on_the_int8_student(run, static, capsys):
     data = ["--reference", str(teacher), "--data", str(d / "calib.npz"), "--labels", "labels"]
     assert main(["check", str(out), *data, "--max-accuracy-drop", "1", "--json"]) == 0
     capsys.readouterr()
+    assert main(["validate", str(out), *data, "--json"]) == 0  # a quantized student validates too
+    v = json.loads(capsys.readouterr().out)
+    assert v["params_student"] == report["params_student"] and v["bytes_student"] == out.stat().st_size
+    assert "torch_rel_err" not in v  # no torch round trip for an int8 graph
 
 
 def _tiny_qdq(path: Path) -> tuple[Path, Path, np.ndarray, np.ndarray]:
@@ -224,3 +241,16 @@ def test_check_counts_a_quantized_model_by_hand(tmp_path, capsys):
     assert [g["name"] for g in gates] == ["min-agreement", "max-rel-err"] and 0 < gates[1]["measured"] < 0.05
     with pytest.raises(NdonnxError, match="quantized models are not supported"):
         load_teacher(q)  # as a teacher it is still refused
+
+
+def test_check_of_a_quantized_model_needs_no_torch(tmp_path):
+    """The light CI install gates quantized models too (the counting imports neither torch nor the quantizer)."""
+    from test_light_gate import _run
+
+    q, ref, _, _ = _tiny_qdq(tmp_path / "q.onnx")
+    np.savez(tmp_path / "x.npz", x=np.random.default_rng(0).uniform(-2, 2, (16, 4)).astype(np.float32))
+    r = _run(["check", str(q), "--max-params", "15", "--max-nonzero", "8", "--max-macs", "12", "--reference", str(ref),
+              "--data", str(tmp_path / "x.npz"), "--max-rel-err", "0.05"],
+             after="print('QUANTIZER', 'onnxruntime.quantization' in sys.modules)")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("ok ") == 4 and r.stdout.strip().endswith("QUANTIZER False")
