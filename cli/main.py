@@ -299,9 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("check", help="CI gates: exit 0 when every gate passes, 1 when one fails")
     s.add_argument("model", help="the .onnx file to gate")
-    s.add_argument("--max-params", help="parameters (dense float weights): 18M, 250K, 1.5e6")
+    s.add_argument("--max-params", help="parameters (dense weights; a quantized model's int8 weights count once "
+                   "each, its scales and zero points not): 18M, 250K, 1.5e6")
     s.add_argument("--max-size", help="file size with external data: 10MB, 512KiB, ...")
-    s.add_argument("--max-nonzero", help="non-zero weights (sparse students)")
+    s.add_argument("--max-nonzero", help="non-zero weights (sparse students; an int8 weight equal to its zero "
+                   "point is a zero)")
     s.add_argument("--max-macs", help="multiply-accumulates for one sample (batch 1), counted from the graph's "
                    "shapes: 1.2G, 40M, 5e8; deterministic, unlike latency")
     s.add_argument("--dim", action="append", metavar="NAME=N", help="size of a symbolic input dim other than the "

@@ -152,7 +152,7 @@ def quantize(model: onnx.ModelProto, requested: str, feeds: dict | None) -> tupl
                 info |= {"format": "integer ops (MatMulInteger, ConvInteger)",
                          "activations": "uint8, quantized at run time"}
             quantized = onnx.load(str(out))
-            onnx.checker.check_model(quantized)
+            onnx.checker.check_model(str(out))  # by path: a model past 2 GB is checked too
         except NdonnxError:
             raise
         except Exception as e:  # the quantizer's own failures: one line, nothing written
