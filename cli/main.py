@@ -53,7 +53,8 @@ def _distill_config(args: argparse.Namespace):
         partition=PartitionConfig(primary_input=args.primary_input, block_size=args.block_size),
         candidates=args.candidates, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
         device=args.device, jobs=args.jobs, lookahead=args.lookahead, data_free=args.data_free,
-        data_free_method=args.data_free_method, synthetic_count=args.synthetic_count, labels=args.labels, force=args.force, channel_multiple=args.channel_multiple)
+        data_free_method=args.data_free_method, synthetic_count=args.synthetic_count, labels=args.labels,
+        force=args.force, channel_multiple=args.channel_multiple)
 
 
 def _compress_config(args: argparse.Namespace, distill_cfg=None):

@@ -275,6 +275,29 @@ def tiny_resnet(path: Path, **kw) -> Path:
     return export(TinyResNet(), (torch.randn(2, 3, 16, 16),), path, **kw)
 
 
+def tiny_resnet_bn(path: Path) -> Path:
+    """TinyResNet with its BatchNormalization layers kept (not folded into the convolutions), as a
+    teacher exported without constant folding has them (legacy exporter, opset 13); their running
+    statistics are those of a made-up input distribution."""
+    _seed()
+    module = TinyResNet()
+    for m in module.modules():  # running statistics of a made-up input distribution (shifted, scaled
+        if isinstance(m, nn.BatchNorm2d):  # and spatially smooth), as training would leave them
+            m.momentum = None
+    module.train()
+    with torch.no_grad():
+        for _ in range(4):
+            x = torch.randn(32, 3, 8, 8).repeat_interleave(2, 2).repeat_interleave(2, 3)
+            module(1.0 + 2.0 * x)
+    module.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (torch.randn(2, 3, 16, 16),), str(path), dynamo=False, opset_version=13,
+                          do_constant_folding=False, input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}})
+    return Path(path)
+
+
 def tiny_mobilenet(path: Path, **kw) -> Path:
     _seed()
     return export(TinyMobileNet(), (torch.randn(2, 3, 16, 16),), path, **kw)

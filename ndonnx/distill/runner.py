@@ -32,11 +32,13 @@ from ndonnx.errors import NdonnxError
 from ndonnx.graph import Teacher, load_teacher
 from ndonnx.partition import Partition, partition
 from ndonnx.config import SampleConfig
-from ndonnx.sample import index_ranges, make_inputs, run_sample, with_dynamic_batch
+from ndonnx.sample import index_ranges, run_sample, with_dynamic_batch
+from ndonnx.synthetic import SyntheticConfig, cached_inputs, resolve_method
 
 log = logging.getLogger(__name__)
 BANK_ROWS = 256
-SYNTHETIC_SAMPLES = 256  # data-free runs without data: held-out inputs for scoring
+SYNTHETIC_SAMPLES = 256  # data-free runs without data, noise: held-out inputs for scoring
+SYNTHETIC_BN_SAMPLES = 1024  # bn-stats: the inputs every neighbourhood trains on (and the held-out 10%)
 
 
 def resolve_device(device: str) -> str:
@@ -77,8 +79,10 @@ def _commit(run_dir: Path, teacher: Teacher, cfg: DistillConfig) -> None:
 
 
 def _job_settings(cfg: DistillConfig) -> dict:
-    return {k: getattr(cfg, k) for k in ("candidates", "channel_multiple", "steps", "batch", "lr", "seed", "lookahead",
-                                         "data_free")}
+    keys = ("candidates", "channel_multiple", "steps", "batch", "lr", "seed", "lookahead", "data_free")
+    if cfg.data_free:  # (only then: runs made before these settings existed stay comparable)
+        keys += ("data_free_method", "synthetic_count")
+    return {k: getattr(cfg, k) for k in keys}
 
 
 def distill(model_path: str | Path, run_dir: str | Path, cfg: DistillConfig, data_path: str | Path | None = None,
@@ -89,6 +93,9 @@ def distill(model_path: str | Path, run_dir: str | Path, cfg: DistillConfig, dat
     specs = with_multiple(parse_candidates(cfg.candidates or DEFAULT_CANDIDATES), cfg.channel_multiple)
     if data_path is None and not cfg.data_free:
         raise NdonnxError("give calibration data with --data FILE.npz, or use --data-free")
+    if data_path is not None and cfg.data_free and cfg.data_free_method == "bn-stats":
+        raise NdonnxError("--data-free-method bn-stats makes inputs where there is no data; with --data, "
+                          "--data-free trains on Gaussian noise matched to it")
     device = resolve_device(cfg.device)
     teacher = with_dynamic_batch(load_teacher(model_path))
     data = load_data(data_path, teacher, cfg.labels) if data_path is not None else None  # checked before any write
@@ -110,12 +117,15 @@ def _distill(teacher: Teacher, part: Partition, data: Dataset | None, run_dir: P
     _open_run_dir(run_dir, teacher, cfg)
     layout = Layout(run_dir)
     real = data is not None
-    if not real:  # data-free: seeded synthetic inputs stand in as the held-out set for scores
-        synthetic = layout.synthetic
-        if not synthetic.exists():
-            with atomic_path(synthetic) as tmp:
-                np.savez(tmp, **make_inputs(teacher, SampleConfig(seed=cfg.seed, batch=SYNTHETIC_SAMPLES)))
-        data = load_data(synthetic, teacher)
+    noise = cfg.data_free  # neighbourhoods train on Gaussian noise at their boundary, not on cached inputs
+    if not real:  # data-free: synthetic inputs made from the teacher alone stand in for data (ndonnx.synthetic)
+        method, why = resolve_method(teacher, cfg.data_free_method)
+        if why:
+            log.warning(why)
+        noise = method == "noise"  # noise: the inputs are only the held-out set for scores
+        scfg = SyntheticConfig(method=method, seed=cfg.seed,
+                               count=cfg.synthetic_count or (SYNTHETIC_SAMPLES if noise else SYNTHETIC_BN_SAMPLES))
+        data = load_data(cached_inputs(teacher, layout.synthetic, scfg, teacher_hash(teacher.model), progress), teacher)
     sample = run_sample(teacher, feeds=data.head(SampleConfig.batch))
 
     cache_dir = layout.cache
@@ -159,11 +169,11 @@ def _distill(teacher: Teacher, part: Partition, data: Dataset | None, run_dir: P
                 train=name != "teacher" and st.params > 0, params=params, nonzero=nonzero, note=st.note,
                 weights_out=str(layout.weights(nbh.id, name)), result_out=str(layout.done(nbh.id, name)),
                 settings=TrainSettings(steps=cfg.steps, batch=cfg.batch, lr=cfg.lr, seed=cfg.seed, device=device,
-                                       lookahead=cfg.lookahead, data_free=cfg.data_free)))
+                                       lookahead=cfg.lookahead, data_free=noise)))
     atomic_write_text(layout.skipped_json, json.dumps(skipped, indent=1))
-    if cfg.data_free:
+    if noise:
         _write_noise(part, teacher.model, cache_dir, real, run_dir)
-    jobs = [_with_context(j, part, subs, run_dir, cfg) for j in jobs]
+    jobs = [_with_context(j, part, subs, run_dir, replace(cfg, data_free=noise)) for j in jobs]
     done = sum(Path(j.result_out).exists() for j in jobs)
     if done:
         log.info("reusing %s: %d of %d jobs done", run_dir, done, len(jobs))

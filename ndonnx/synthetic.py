@@ -1,0 +1,262 @@
+"""Synthetic inputs for data-free distillation, made from the teacher alone.
+
+`bn-stats` (DeepInversion, Yin et al. 2020; ZeroQ, Cai et al. 2020): the teacher's float inputs are
+optimised with Adam so that every BatchNormalization sees, on each batch, the statistics it stored
+while training: the loss is the sum over BatchNormalization layers of
+||mu_batch - running_mean||^2 + ||sigma_batch - sqrt(running_var + eps)||^2 (per channel, averaged
+over channels), plus a small total-variation and L2 prior on the inputs. The teacher runs in torch
+(onnx2torch) with every BatchNormalization input exposed as an extra graph output. The inputs then
+run through the teacher like real data: every boundary gets the teacher's own activations (ReLU
+sparsity, spatial correlation), and the normal data path (cache, training, search, fine-tuning) is
+used unchanged.
+
+`noise`: seeded standard-normal inputs (masks and token ids valid), with every neighbourhood trained
+on Gaussian noise at its boundary (`ndonnx.distill.job.Batches`); the inputs only give the held-out
+set its scores. A teacher without BatchNormalization (folded into its convolutions, or a
+transformer) has no statistics to match: `auto` then falls back to `noise`.
+
+The inputs are written once per run directory (`synthetic.npz`, atomically) with the key they were
+made under; a rerun with the same key reuses them, another method, seed, count or teacher
+regenerates them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ndonnx.config import SampleConfig
+from ndonnx.errors import NdonnxError
+from ndonnx.files import atomic_path
+from ndonnx.graph import Teacher, attr
+
+log = logging.getLogger(__name__)
+METHODS = ("auto", "bn-stats", "noise")
+KEY = "ndonnx_synthetic_key"  # the array of synthetic.npz that records what the inputs were made from
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    method: str = "bn-stats"  # bn-stats | noise (resolve "auto" first: `resolve_method`)
+    count: int = 1024  # inputs made
+    seed: int = 0
+    batch: int = 128  # inputs optimised together: the batch statistics are taken over them
+    steps: int = 60  # Adam steps per batch
+    lr: float = 0.1  # cosine-decayed
+    tv: float = 0.05  # total-variation prior, times the mean squared difference of neighbouring pixels
+    l2: float = 0.001  # L2 prior, times the inputs' mean square
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS[1:]:
+            raise NdonnxError(f"--data-free-method must be {', '.join(METHODS)}, got {self.method!r}")
+        if self.count < 2 or self.batch < 2 or self.steps < 0:
+            raise NdonnxError("synthetic inputs: count and batch must be >= 2, steps >= 0")
+
+    def key(self, teacher_digest: str) -> str:
+        return json.dumps({"teacher": teacher_digest, **asdict(self)}, sort_keys=True)
+
+
+@dataclass(frozen=True)
+class BNLayer:
+    input: str  # the tensor the layer normalises
+    mean: np.ndarray  # running mean, per channel
+    std: np.ndarray  # sqrt(running variance + epsilon), per channel
+
+
+def bn_layers(model: onnx.ModelProto) -> list[BNLayer]:
+    """The teacher's BatchNormalization layers in inference mode with constant statistics."""
+    inits = {i.name: i for i in model.graph.initializer}
+    out, seen = [], set()
+    for node in model.graph.node:
+        if node.op_type != "BatchNormalization" or attr(node, "training_mode", 0):
+            continue
+        if len(node.input) < 5 or not all(n in inits for n in node.input[3:5]) or node.input[0] in seen:
+            continue
+        mean = numpy_helper.to_array(inits[node.input[3]]).astype(np.float32)
+        var = numpy_helper.to_array(inits[node.input[4]]).astype(np.float32)
+        eps = float(attr(node, "epsilon", 1e-5))
+        seen.add(node.input[0])
+        out.append(BNLayer(node.input[0], mean, np.sqrt(np.maximum(var, 0) + eps)))
+    return out
+
+
+def resolve_method(teacher: Teacher, requested: str) -> tuple[str, str | None]:
+    """`auto` -> bn-stats where the teacher has BatchNormalization statistics and float inputs to
+    optimise, else noise. Returns the method and, for a fallback, why (for the log and the report)."""
+    if requested not in METHODS:
+        raise NdonnxError(f"--data-free-method must be {', '.join(METHODS)}, got {requested!r}")
+    if requested == "noise":
+        return "noise", None
+    why = None
+    if not bn_layers(teacher.model):
+        why = ("the teacher has no BatchNormalization statistics to match (folded into its convolutions, or "
+               "an architecture without them)")
+    elif not _float_inputs(teacher):
+        why = "the teacher has no float input to optimise"
+    if why is None:
+        return "bn-stats", None
+    if requested == "bn-stats":
+        raise NdonnxError(f"--data-free-method bn-stats: {why}; use --data-free-method noise")
+    return "noise", f"data-free: {why}; falling back to Gaussian noise at each boundary"
+
+
+def _float_inputs(teacher: Teacher) -> list[str]:
+    from onnx import helper
+
+    return [vi.name for vi in teacher.model.graph.input if vi.name in teacher.input_names
+            and np.issubdtype(helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type), np.floating)]
+
+
+def generate(teacher: Teacher, cfg: SyntheticConfig, progress: Callable | None = None) -> dict[str, np.ndarray]:
+    """`cfg.count` inputs per graph input, seeded: the same teacher and config give the same arrays."""
+    from ndonnx.sample import make_inputs
+
+    base = make_inputs(teacher, SampleConfig(seed=cfg.seed, batch=cfg.count))
+    if cfg.method == "noise":
+        return base
+    layers = bn_layers(teacher.model)
+    floats = _float_inputs(teacher)
+    if not layers or not floats:
+        raise NdonnxError("bn-stats: the teacher has no BatchNormalization statistics or no float input")
+    return _bn_stats(teacher, cfg, layers, floats, base, progress)
+
+
+def _bn_stats(teacher: Teacher, cfg: SyntheticConfig, layers: list[BNLayer], floats: list[str],
+              base: dict[str, np.ndarray], progress: Callable | None) -> dict[str, np.ndarray]:
+    import torch
+
+    torch.manual_seed(cfg.seed)
+    run = _torch_teacher(teacher.model, layers)
+    names = [i.name for i in teacher.model.graph.input if i.name in teacher.input_names]
+    means = [torch.from_numpy(l.mean) for l in layers]
+    stds = [torch.from_numpy(l.std) for l in layers]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    out = {k: v.copy() for k, v in base.items()}
+    starts = list(range(0, cfg.count, cfg.batch))
+    steps = [(lo, s) for lo in starts for s in range(max(1, cfg.steps))]
+    shown = steps if progress is None else progress(steps, len(steps), "synthetic")
+    t0 = time.perf_counter()
+    first = last = None
+    xs = opt = sched = None
+    for lo, step in shown:
+        hi = min(lo + cfg.batch, cfg.count)
+        if step == 0:
+            xs = {n: torch.randn(base[n][lo:hi].shape, generator=gen).requires_grad_(True) for n in floats}
+            opt = torch.optim.Adam(xs.values(), lr=cfg.lr)
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, cfg.steps))
+        if cfg.steps == 0:
+            break
+        fixed = {n: torch.from_numpy(base[n][lo:hi]) for n in names if n not in xs}
+        feats = run(*[xs[n] if n in xs else fixed[n] for n in names])
+        loss_bn = bn_loss(feats, means, stds)
+        loss = loss_bn + sum(cfg.tv * total_variation(x) + cfg.l2 * x.pow(2).mean() for x in xs.values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        last = loss_bn.item()
+        first = last if first is None else first
+        if step == cfg.steps - 1:
+            for n, x in xs.items():
+                out[n][lo:hi] = x.detach().numpy().astype(out[n].dtype)
+    log.info("bn-stats: %d inputs in %.1f s, BatchNormalization loss %.4g -> %.4g (first and last batch step)",
+             cfg.count, time.perf_counter() - t0, first if first is not None else float("nan"),
+             last if last is not None else float("nan"))
+    return out
+
+
+def bn_loss(feats, means, stds):
+    """Sum over layers of the channel-averaged squared distance between the batch's mean and std
+    and the layer's running ones (channels on axis 1, statistics over every other axis)."""
+    import torch
+
+    total = torch.zeros(())
+    for f, m, s in zip(feats, means, stds):
+        axes = [k for k in range(f.dim()) if k != 1]
+        mu = f.mean(axes)
+        sigma = (f.var(axes, unbiased=False) + 1e-8).sqrt()
+        total = total + ((mu - m) ** 2).mean() + ((sigma - s) ** 2).mean()
+    return total
+
+
+def bn_statistics_loss(teacher: Teacher, inputs: dict[str, np.ndarray]) -> float:
+    """The BatchNormalization loss of `inputs` (one batch): what `bn-stats` minimises, for checks."""
+    import torch
+
+    layers = bn_layers(teacher.model)
+    run = _torch_teacher(teacher.model, layers)
+    names = [i.name for i in teacher.model.graph.input if i.name in teacher.input_names]
+    with torch.no_grad():
+        feats = run(*[torch.from_numpy(np.asarray(inputs[n])) for n in names])
+    return float(bn_loss(feats, [torch.from_numpy(l.mean) for l in layers], [torch.from_numpy(l.std) for l in layers]))
+
+
+def total_variation(x):
+    """Mean squared difference between neighbours along the trailing (spatial) axes, rank >= 3."""
+    import torch
+
+    if x.dim() < 3:
+        return torch.zeros(())
+    return sum((x.diff(dim=d) ** 2).mean() for d in range(2, x.dim()))
+
+
+def _with_bn_outputs(model: onnx.ModelProto, layers: list[BNLayer]) -> tuple[onnx.ModelProto, list[int]]:
+    """The model with every layer's input as a graph output too; returns it and, per layer, the
+    position of that input among the outputs."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    known = {vi.name: vi for vi in out.graph.value_info}
+    names = [o.name for o in out.graph.output]
+    for layer in layers:
+        if layer.input not in names:
+            out.graph.output.append(known.get(layer.input, onnx.ValueInfoProto(name=layer.input)))
+            names.append(layer.input)
+    return out, [names.index(layer.input) for layer in layers]
+
+
+def _torch_teacher(model: onnx.ModelProto, layers: list[BNLayer]):
+    """The teacher in torch, returning the layers' inputs (in `layers` order) as a list."""
+    from ndonnx.convert import to_torch
+
+    exposed, where = _with_bn_outputs(model, layers)
+    module = to_torch(exposed)
+    module.requires_grad_(False)
+
+    def run(*inputs):
+        res = module(*inputs)
+        res = list(res) if isinstance(res, (tuple, list)) else [res]
+        return [res[k] for k in where]
+
+    return run
+
+
+def cached_inputs(teacher: Teacher, path: Path, cfg: SyntheticConfig, teacher_digest: str,
+                  progress: Callable | None = None) -> Path:
+    """`path` holding the inputs made under `cfg`: reused when its key matches, else (re)made and
+    written atomically."""
+    key = cfg.key(teacher_digest)
+    if path.exists():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                stored = str(z[KEY]) if KEY in z.files else None
+        except (OSError, ValueError):
+            stored = None
+        if stored == key:
+            log.info("reusing the synthetic inputs in %s", path)
+            return path
+        log.info("synthetic inputs in %s were made otherwise; making them anew", path)
+    t0 = time.perf_counter()
+    arrays = generate(teacher, cfg, progress)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays, **{KEY: np.array(key)})
+    log.info("%s: %d synthetic inputs (%s) in %.1f s", path, cfg.count, cfg.method, time.perf_counter() - t0)
+    return path

@@ -1,0 +1,116 @@
+"""Synthetic inputs for data-free distillation (ndonnx.synthetic): the BatchNormalization-statistics
+generator moves the statistics toward the running ones, is seeded, is cached in the run directory
+under its key, and a teacher without BatchNormalization falls back to noise and says so."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+
+import models
+from ndonnx.config import DistillConfig
+from ndonnx.distill.runner import distill
+from ndonnx.errors import NdonnxError
+from ndonnx.graph import load_teacher
+from ndonnx.synthetic import (KEY, SyntheticConfig, bn_layers, bn_statistics_loss, cached_inputs, generate,
+                              resolve_method)
+
+SMALL = SyntheticConfig(count=24, batch=12, steps=15, seed=3)
+
+
+@pytest.fixture(scope="module")
+def bn_teacher(tmp_path_factory):
+    return models.tiny_resnet_bn(tmp_path_factory.mktemp("bn") / "resnet_bn.onnx")
+
+
+def test_bn_stats_moves_statistics_toward_running_values(bn_teacher):
+    teacher = load_teacher(bn_teacher)
+    assert len(bn_layers(teacher.model)) == 8  # stem, 2 per block, the projection shortcut
+    before = bn_statistics_loss(teacher, generate(teacher, SyntheticConfig(method="noise", count=12, seed=3)))
+    made = generate(teacher, SMALL)
+    assert made["input"].shape == (24, 3, 16, 16) and made["input"].dtype == np.float32
+    after = [bn_statistics_loss(teacher, {"input": made["input"][lo:lo + 12]}) for lo in (0, 12)]
+    assert max(after) < 0.5 * before, (before, after)
+
+
+def test_bn_stats_is_seeded(bn_teacher):
+    teacher = load_teacher(bn_teacher)
+    cfg = SyntheticConfig(count=8, batch=8, steps=3, seed=5)
+    a, b = generate(teacher, cfg), generate(teacher, cfg)
+    assert np.array_equal(a["input"], b["input"])
+    other = generate(teacher, SyntheticConfig(count=8, batch=8, steps=3, seed=6))
+    assert not np.array_equal(a["input"], other["input"])
+
+
+def test_inputs_are_cached_under_their_key(bn_teacher, tmp_path, caplog):
+    teacher = load_teacher(bn_teacher)
+    path = tmp_path / "synthetic.npz"
+    cfg = SyntheticConfig(count=8, batch=8, steps=2)
+    cached_inputs(teacher, path, cfg, "digest")
+    stamp, first = path.stat().st_mtime_ns, np.load(path)["input"]
+    with caplog.at_level(logging.INFO, logger="ndonnx"):
+        cached_inputs(teacher, path, cfg, "digest")
+    assert path.stat().st_mtime_ns == stamp and "reusing" in caplog.text
+    for changed, n in ((SyntheticConfig(count=10, batch=8, steps=2), 10),
+                       (SyntheticConfig(count=8, batch=8, steps=2, seed=1), 8)):
+        cached_inputs(teacher, path, changed, "digest")
+        with np.load(path) as z:
+            assert len(z["input"]) == n and str(z[KEY]) == changed.key("digest")
+            assert changed.seed == 0 or not np.array_equal(z["input"], first)
+        assert path.stat().st_mtime_ns != stamp
+        stamp = path.stat().st_mtime_ns
+    cached_inputs(teacher, path, SyntheticConfig(method="noise", count=8), "digest")  # another method
+    with np.load(path) as z:
+        assert json.loads(str(z[KEY]))["method"] == "noise"
+    assert not list(tmp_path.glob(".*tmp*"))  # written atomically, nothing left beside it
+
+
+def test_data_free_uses_bn_stats_inputs_through_the_data_path(bn_teacher, tmp_path, caplog):
+    cfg = DistillConfig(candidates="width:0.5,teacher", steps=4, batch=8, jobs=1, data_free=True, synthetic_count=20)
+    run = tmp_path / "run"
+    with caplog.at_level(logging.INFO, logger="ndonnx"):
+        rows = distill(bn_teacher, run, cfg)
+    assert any(r["status"] == "trained" for r in rows) and "falling back" not in caplog.text
+    assert not list((run / "noise").iterdir())  # no noise statistics: the cached inputs are trained on
+    job = json.loads(next((run / "done").iterdir()).read_text())
+    assert job["status"] in ("trained", "frozen")
+    with np.load(run / "synthetic.npz") as z:
+        assert json.loads(str(z[KEY]))["method"] == "bn-stats" and len(z["input"]) == 20
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["settings"]["data_free_method"] == "auto" and meta["settings"]["synthetic_count"] == 20
+    stamp = (run / "synthetic.npz").stat().st_mtime_ns
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="ndonnx"):
+        distill(bn_teacher, run, cfg)  # a rerun reuses the inputs (and the cache and the journal)
+    assert (run / "synthetic.npz").stat().st_mtime_ns == stamp and "reusing the synthetic inputs" in caplog.text
+
+
+def test_no_batchnorm_falls_back_to_noise_and_says_so(zoo, tmp_path, caplog):
+    teacher = load_teacher(zoo["resnet_legacy"])  # the legacy exporter folded BatchNormalization into the convs
+    method, why = resolve_method(teacher, "auto")
+    assert method == "noise" and "no BatchNormalization" in why
+    assert resolve_method(teacher, "noise") == ("noise", None)
+    with pytest.raises(NdonnxError, match="bn-stats"):
+        resolve_method(teacher, "bn-stats")
+    cfg = DistillConfig(candidates="width:0.5,teacher", steps=2, batch=8, jobs=1, data_free=True)
+    with caplog.at_level(logging.INFO, logger="ndonnx"):
+        distill(zoo["resnet_legacy"], tmp_path / "run", cfg)
+    warnings = [r for r in caplog.records if "falling back" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
+    assert list((tmp_path / "run" / "noise").iterdir())  # trained on Gaussian noise at each boundary
+    with np.load(tmp_path / "run" / "synthetic.npz") as z:
+        assert json.loads(str(z[KEY]))["method"] == "noise"
+
+
+def test_bn_stats_refused_with_data_and_for_bad_settings(bn_teacher, tmp_path):
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, input=np.zeros((8, 3, 16, 16), np.float32))
+    with pytest.raises(NdonnxError, match="with --data"):
+        distill(bn_teacher, tmp_path / "run", DistillConfig(data_free=True, data_free_method="bn-stats"), data_path=calib)
+    with pytest.raises(NdonnxError, match="--data-free-method"):
+        DistillConfig(data_free=True, data_free_method="gan")
+    with pytest.raises(NdonnxError, match="--synthetic-count"):
+        DistillConfig(data_free=True, synthetic_count=1)
