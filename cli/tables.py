@@ -64,14 +64,26 @@ def candidates_table(rows: list[dict]) -> None:
 
 def compress_table(r: dict) -> None:
     t = Table(title=f"{r['teacher']} -> {r['output']}")
-    for col in ("id", "teacher params", "student params", "candidate", r["metric"] + " (partial)"):
+    lat = r.get("latency")
+    cols = ["id", "teacher params", "student params", "candidate", r["metric"] + " (partial)"]
+    if lat:
+        cols += ["teacher ms", "student ms (modelled)"]
+    for col in cols:
         t.add_column(col, justify="left" if col == "candidate" else "right")
     for n in r["neighbourhoods"]:
         score = f"{n['score']:.4f}" if n["score"] is not None else "-"
-        t.add_row(str(n["id"]), f"{n['teacher_params']:,}", f"{n['student_params']:,}", n["candidate"], score)
+        ms = [f"{n['teacher_ms']:.3f}", f"{n['student_ms']:.3f}"] if lat else []
+        t.add_row(str(n["id"]), f"{n['teacher_params']:,}", f"{n['student_params']:,}", n["candidate"], score, *ms)
+    ms = [f"{lat['teacher_ms_modelled']:.3f}", f"{lat['predicted_ms']:.3f}"] if lat else []
     t.add_row("all", f"{r['params_teacher']:,}", f"{r['params_student']:,}",
-              f"{r['params_student'] / r['params_teacher']:.1%} of the teacher", "", end_section=True)
+              f"{r['params_student'] / r['params_teacher']:.1%} of the teacher", "", *ms, end_section=True)
     stdout.print(t)
+    if lat:
+        stdout.print(f"latency at batch {lat['batch']}, {lat['threads']} thread{'s' if lat['threads'] > 1 else ''} "
+                     f"(onnxruntime {lat['onnxruntime']}): modelled {lat['predicted_ratio']:.1%} of the teacher "
+                     f"(target {r['target_latency']} = {lat['target_ratio']:.1%}, {lat['target_ms']:.3f} ms; "
+                     f"{lat['outside_ms']:.3f} ms outside neighbourhoods); measured {lat['teacher_ms']:.3f} -> "
+                     f"{lat['student_ms']:.3f} ms ({lat['measured_ratio']:.1%}, {1 / lat['measured_ratio']:.2f}x)")
     for n in r["neighbourhoods"]:  # e.g. how much of the calibration data a vocab student covers
         if n.get("note"):
             stdout.print(f"{n['id']} {n['candidate']}: {n['note']}")
@@ -128,6 +140,12 @@ def validation_table(v: dict, before_finetune: float | None = None) -> None:
         t.add_row("top-1 agreement with the teacher", "", f"{v['top1_agreement']:.4f}")
     t.add_row("max abs / relative error vs teacher", "", f"{v['max_abs_err']:.3g} / {v['rel_err']:.3g}")
     t.add_row("latency (student / teacher, same batch)", "", f"{v['latency_ratio']:.2f}x")
+    if "latency_teacher_ms" in v:
+        t.add_row(f"latency, batch {v['latency_batch']}, {v['latency_threads']} thread(s), alternated",
+                  f"{v['latency_teacher_ms']:.3f} ms",
+                  f"{v['latency_student_ms']:.3f} ms ({v['latency_measured_ratio']:.1%})")
+    if "latency_note" in v:
+        t.add_row("latency", "", v["latency_note"])
     if "bytes_teacher" in v:
         t.add_row("file size", f"{v['bytes_teacher']:,} B", f"{v['bytes_student']:,} B")
     if "torch_rel_err" in v:

@@ -28,8 +28,10 @@ from ndonnx.partition import Partition, partition
 from ndonnx.quantize import calibration_feeds, quantize
 from ndonnx.metrics import score_outputs
 from ndonnx.sample import ort_session, run_sample, with_dynamic_batch
-from ndonnx.search import (THRESHOLD_MAX_DROP, Budget, Scorer, load_options, macs_budget, parse_target, save_scores,
-                           search)
+from ndonnx.latency import LatencyModel, batch_feeds, latency_target, measure_pair, ort_version
+from ndonnx.latency import measure as measure_latency
+from ndonnx.search import (THRESHOLD_MAX_DROP, Budget, Scorer, latency_budget, load_options, macs_budget, parse_target,
+                           save_scores, search)
 from ndonnx.splice import check, save_atomic
 from ndonnx.trainable import Trainable, write_weights
 from ndonnx.validate import validate
@@ -84,8 +86,14 @@ def build(run_dir: Path, cfg: CompressConfig, output: str | Path | None, timings
     run = open_run(run_dir)
     declared, teacher, part, cache, scorer, options = (run.declared, run.teacher, run.part, run.cache, run.scorer,
                                                        run.options)
-    budget = None
-    if cfg.target_macs:  # a compute budget replaces the parameter one
+    budget = latency = None
+    if cfg.target_latency:  # a latency budget: every option timed in onnxruntime here (cached)
+        t1 = time.perf_counter()
+        latency = measure_latency(run, cfg.latency_batch, cfg.threads, progress)
+        budget = latency_budget(latency, options)
+        target = latency_target(cfg.target_latency, budget.teacher_total)
+        timings["latency_options"] = time.perf_counter() - t1
+    elif cfg.target_macs:  # a compute budget replaces the parameter one
         budget = _macs_budget(run, teacher)
         target = parse_target(cfg.target_macs, budget.teacher_total, "--target-macs")
     else:
@@ -102,6 +110,8 @@ def build(run_dir: Path, cfg: CompressConfig, output: str | Path | None, timings
     t0 = time.perf_counter()
     student = _with_meta(scorer.compose(result.choice), {"settings": {"target": cfg.target, "strategy": cfg.strategy, "max_drop": cfg.max_drop,
                                      "finetune_steps": cfg.finetune_steps, "quantize": cfg.quantize,
+                                     **({"target_latency": cfg.target_latency, "latency_batch": cfg.latency_batch,
+                                         "threads": cfg.threads} if latency else {}),
                                      **meta["settings"]}})
     check(student)
     timings["splice"] = time.perf_counter() - t0
@@ -137,19 +147,31 @@ def build(run_dir: Path, cfg: CompressConfig, output: str | Path | None, timings
     val = validate(student, teacher.model, inputs, eval_labels, torch_check=quant is None)
     val["data"] = str(cfg.eval_data) if cfg.eval_data else "held-out split of the calibration data"
     timings["validate"] = time.perf_counter() - t0
+    latency_report = None
+    if latency:  # the whole student against the whole teacher, timed alternately: independent of the model
+        t0 = time.perf_counter()
+        latency_report = _latency_report(latency, run, student, budget.total(result.choice), target)
+        timings["latency"] = time.perf_counter() - t0
     drop = val["score_teacher"] - val["score_student"]
     report = {
         "teacher": str(teacher_path), "output": str(output),
-        **({"target_macs": target, "macs_teacher": budget.teacher_total,
+        **({"target_latency": cfg.target_latency, "latency": latency_report} if latency else
+           {"target_macs": target, "macs_teacher": budget.teacher_total,
             "macs_student": _macs_of(restore_interface(student, declared.model), run)}
            if budget else {"target_params": target}),
         "params_teacher": teacher.params, "params_student": val["params_student"], "metric": scorer.metric,
-        "neighbourhoods": _table(part, options, result),
+        "neighbourhoods": _table(part, options, result, budget if latency else None),
         "search": {"strategy": cfg.strategy, "predicted_score": result.predicted, "composed_score": result.score,
                    "pareto": result.pareto},
         "finetune": finetune_report, "validation": val, "timings": timings,
     }
     final = restore_interface(student, declared.model)
+    if latency_report and latency_report["measured_ratio"] > latency_report["target_ratio"]:
+        report["warning"] = (f"measured latency {latency_report['measured_ratio']:.1%} of the teacher's is over the "
+                             f"target {latency_report['target_ratio']:.1%} (modelled "
+                             f"{latency_report['predicted_ratio']:.1%}): timings on a busy machine vary; rerun "
+                             f"`ndonnx search` (timings cached) or aim lower")
+        log.warning(report["warning"])
     if quant is not None:
         report["quantize"] = _quantize_report(quant, float_val, val, float_bytes, final.ByteSize())
     if cfg.max_drop is not None and drop > cfg.max_drop:
@@ -323,14 +345,32 @@ def _with_meta(model: onnx.ModelProto, meta: dict) -> onnx.ModelProto:
     return out
 
 
-def _table(part, options, result) -> list[dict]:
+def _table(part, options, result, latency: Budget | None = None) -> list[dict]:
     rows = []
     for nbh in part.neighbourhoods:
         o = result.choice[nbh.id]
         rows.append({"id": nbh.id, "teacher_params": nbh.params, "student_params": o.params,
                      "candidate": o.candidate, "score": o.score, "rel_mse": o.rel_mse,
-                     "options": len(options.get(nbh.id, []))} | ({"note": o.note} if o.note else {}))
+                     "options": len(options.get(nbh.id, []))} | ({"note": o.note} if o.note else {})
+                    | ({"teacher_ms": 1e3 * latency.own[nbh.id], "student_ms": 1e3 * latency.size(o)}
+                       if latency else {}))
     return rows
+
+
+def _latency_report(model: LatencyModel, run: "Run", student: onnx.ModelProto, predicted: float,
+                    target: float) -> dict:
+    """The modelled latency of the choice next to the whole student and teacher timed alternately
+    on `model.batch` held-out samples (the student as written: fine-tuned, quantized)."""
+    pool = run.cache.holdout if len(run.cache.holdout) else run.cache.train
+    feeds = batch_feeds(run.cache.read, run.teacher.input_names, pool, model.batch)
+    s, t = measure_pair(student, run.teacher.model, feeds, model.threads)
+    return {"batch": model.batch, "threads": model.threads, "onnxruntime": ort_version(),
+            "target_ms": 1e3 * target, "target_ratio": target / model.teacher,
+            "teacher_ms_modelled": 1e3 * model.teacher, "outside_ms": 1e3 * model.outside,
+            "pieces_ms_timed": 1e3 * sum(model.pieces.values()), "pieces_scale": model.scale,
+            "predicted_ms": 1e3 * predicted, "predicted_ratio": predicted / model.teacher,
+            "teacher_ms": 1e3 * t, "student_ms": 1e3 * s, "measured_ratio": s / t,
+            "options_timed": model.timed}
 
 
 def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, cache: CacheReader, scorer: Scorer,

@@ -92,10 +92,15 @@ class CompressConfig:
     force: bool = False  # replace an existing output file
     target_macs: str | None = None  # a budget in MACs per sample instead of parameters ("20M", "60%")
     quantize: str | None = None  # QUANTIZE: the student to int8 after splicing and fine-tuning
+    target_latency: str | None = None  # a budget in onnxruntime latency ("60%" of the teacher's, "3ms")
+    latency_batch: int = 32  # the batch latency is timed at
+    threads: int = 1  # onnxruntime intra-op threads latency is timed with
 
     @property
     def budget_text(self) -> str:
-        """The budget as given, for file names and reports: '50%', '18M', or '60%-macs'."""
+        """The budget as given, for file names and reports: '50%', '18M', '60%-macs' or '3ms-latency'."""
+        if self.target_latency:
+            return f"{self.target_latency}-latency"
         return f"{self.target_macs}-macs" if self.target_macs else self.target
 
     def __post_init__(self) -> None:
@@ -114,3 +119,11 @@ class CompressConfig:
         parse_target(self.target, 1)  # a malformed budget is refused before any work
         if self.target_macs:
             parse_target(self.target_macs, 1, "--target-macs")
+        if self.latency_batch < 1 or self.threads < 1:
+            raise NdonnxError(f"--latency-batch and --threads must be >= 1, got {self.latency_batch} and {self.threads}")
+        if self.target_latency is not None:
+            from ndonnx.latency import parse_latency
+
+            parse_latency(self.target_latency)
+            if self.target_macs:
+                raise NdonnxError("--target-latency and --target-macs are two budgets: give one")

@@ -36,6 +36,7 @@ class Option:
     model: onnx.ModelProto | None = field(default=None, repr=False)  # None: keep the teacher
     score: float | None = None
     macs: int | None = None  # per sample, set when the budget counts MACs
+    latency: float | None = None  # modelled seconds (ndonnx.latency), set when the budget counts latency
     note: str | None = None  # what the student was made from (`Student.note`), for the report
 
 
@@ -139,16 +140,22 @@ def total_params(teacher_params: int, part: Partition, choice: dict[int, Option]
     return teacher_params - sum(by_id[nid].params - o.params for nid, o in choice.items())
 
 
+def _count(x) -> str:
+    return f"{x:,}"
+
+
 @dataclass(frozen=True)
 class Budget:
-    """What a target counts, per option and for a whole choice: parameters (the default) or MACs."""
+    """What a target counts, per option and for a whole choice: parameters (the default), MACs or
+    modelled latency (seconds)."""
 
-    unit: str  # "parameters" | "MACs"
-    teacher_total: int
-    own: dict[int, int]  # neighbourhood id -> the teacher's own amount in it
-    size: Callable[[Option], int]
+    unit: str  # "parameters" | "MACs" | "latency"
+    teacher_total: int | float
+    own: dict[int, int | float]  # neighbourhood id -> the teacher's own amount in it
+    size: Callable[[Option], int | float]
+    show: Callable[[int | float], str] = _count  # an amount as the messages write it, without the unit
 
-    def total(self, choice: dict[int, Option]) -> int:
+    def total(self, choice: dict[int, Option]) -> int | float:
         return self.teacher_total - sum(self.own[nid] - self.size(o) for nid, o in choice.items())
 
 
@@ -160,6 +167,17 @@ def macs_budget(teacher_macs: int, options: dict[int, list[Option]]) -> Budget:
     """Every option's `macs` set; the teacher option's are the neighbourhood's own."""
     own = {nid: next(o.macs for o in opts if o.candidate == "teacher") for nid, opts in options.items()}
     return Budget("MACs", teacher_macs, own, lambda o: o.macs)
+
+
+def latency_budget(model, options: dict[int, list[Option]]) -> Budget:
+    """Modelled seconds (`ndonnx.latency.LatencyModel`): sets every option's `latency`."""
+    from ndonnx.latency import fmt_seconds
+
+    for nid, opts in options.items():
+        for o in opts:
+            o.latency = model.option(nid, o.candidate)
+    return Budget("latency", model.teacher, {nid: model.own(nid) for nid in options}, lambda o: o.latency,
+                  fmt_seconds)
 
 
 THRESHOLD_MAX_DROP = 0.01  # --strategy threshold without --max-drop or tolerances
@@ -178,7 +196,7 @@ def search(scorer: Scorer, options: dict[int, list[Option]], target: int, strate
     smallest = {nid: min(opts, key=budget.size) for nid, opts in options.items()}
     floor = budget.total(smallest)
     if floor > target:
-        raise TargetUnreachable(target, floor, unit=budget.unit)
+        raise TargetUnreachable(target, floor, unit=budget.unit, show=budget.show)
     if strategy == "threshold":
         return _threshold(scorer, options, target, THRESHOLD_MAX_DROP if max_drop is None else max_drop, tolerances,
                           budget)
@@ -231,7 +249,7 @@ def _threshold(scorer: Scorer, options, target: int, limit: float, tolerances, b
               for nid, opts in options.items()}
     params = total_params(tparams, part, choice)
     if budget.total(choice) > target:
-        raise TargetUnreachable(target, budget.total(choice), how, budget.unit)
+        raise TargetUnreachable(target, budget.total(choice), how, budget.unit, budget.show)
     score, err = scorer.composed_with_error(choice)
     pareto = [{"params": params, "size": budget.total(choice), "score": score, "choices": _names(choice)}]
     while scorer.teacher_score - score > limit:
@@ -293,9 +311,10 @@ def _pareto(points: list[dict]) -> list[dict]:
 class TargetUnreachable(NdonnxError):
     exit_code = 1
 
-    def __init__(self, target: int, smallest: int, how: str = "with the candidates at hand", unit: str = "parameters"):
-        super().__init__(f"target of {target:,} {unit} cannot be met: the smallest model reachable "
-                         f"{how} has {smallest:,}")
+    def __init__(self, target: int, smallest: int, how: str = "with the candidates at hand", unit: str = "parameters",
+                 show: Callable = _count):
+        what = f"{show(target)} {unit}" if unit != "latency" else f"{show(target)} latency (modelled)"
+        super().__init__(f"target of {what} cannot be met: the smallest model reachable {how} has {show(smallest)}")
         self.smallest = smallest
 
 

@@ -11,6 +11,7 @@
     candidates.json           every candidate with its error (rebuilt from the journal)
     skipped.json              candidates that do not apply to a neighbourhood, and why
     scores.json               partial-model scores of the search, reused by the next one
+    latency.json              onnxruntime timings of the latency budget (ndonnx.latency), reused likewise
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ class Layout:
     @property
     def scores_json(self) -> Path:
         return self.root / "scores.json"
+
+    @property
+    def latency_json(self) -> Path:
+        return self.root / "latency.json"
 
     @property
     def cache(self) -> Path:
