@@ -178,12 +178,13 @@ def _add_distill_options(s) -> None:
     s.add_argument("--data", help="calibration data: .npz (arrays named after the inputs) or a folder of .npz shards")
     s.add_argument("--data-free", action="store_true", help="no data: train on inputs made from the teacher alone "
                    "(see --data-free-method); with --data, on Gaussian noise matched to its statistics")
-    s.add_argument("--data-free-method", default="auto", choices=("auto", "bn-stats", "noise"),
+    s.add_argument("--data-free-method", default="auto", choices=("auto", "bn-stats", "inversion", "noise"),
                    help="bn-stats: inputs optimised until the teacher's BatchNormalization layers see their running "
-                   "statistics; noise: Gaussian noise at every boundary; auto (default): bn-stats where the teacher "
-                   "has BatchNormalization, else noise")
-    s.add_argument("--synthetic-count", type=int, help="inputs --data-free makes (default 1024 for bn-stats, "
-                   "256 held-out ones for noise)")
+                   "statistics; inversion: until a classifier assigns them to each class in turn; noise: Gaussian "
+                   "noise at every boundary; auto (default): bn-stats where the teacher has BatchNormalization, "
+                   "else inversion for a classifier, else noise")
+    s.add_argument("--synthetic-count", type=int, help="inputs --data-free makes (default 512 for bn-stats and "
+                   "inversion, 256 held-out ones for noise)")
     s.add_argument("--candidates", help='student candidates per neighbourhood, e.g. '
                    '"width:0.1-0.9/0.1,lowrank:0.5,heads:0.5,vocab:1,sparse:0.8,identity,teacher" (default: width '
                    '0.25/0.5/0.75, lowrank 0.25/0.5, heads 0.5, vocab 1, identity, teacher)')

@@ -46,7 +46,7 @@ class DistillConfig:
     jobs: int = 0  # worker processes; 0: one per core (CPU), one (CUDA)
     lookahead: int = 0
     data_free: bool = False
-    data_free_method: str = "auto"  # without --data: auto | bn-stats | noise (ndonnx.synthetic)
+    data_free_method: str = "auto"  # without --data: auto | bn-stats | inversion | noise (ndonnx.synthetic)
     synthetic_count: int | None = None  # inputs the data-free method makes (None: the method's default)
     labels: str | None = None
     force: bool = False  # start anew in a run directory made for another model
@@ -64,8 +64,9 @@ class DistillConfig:
             raise NdonnxError("--lookahead and --jobs must be >= 0 and --lr > 0")
         if self.device not in ("auto", "cpu", "cuda"):
             raise NdonnxError(f"--device must be auto, cpu or cuda, got {self.device!r}")
-        if self.data_free_method not in ("auto", "bn-stats", "noise"):
-            raise NdonnxError(f"--data-free-method must be auto, bn-stats or noise, got {self.data_free_method!r}")
+        if self.data_free_method not in ("auto", "bn-stats", "inversion", "noise"):
+            raise NdonnxError(f"--data-free-method must be auto, bn-stats, inversion or noise, "
+                              f"got {self.data_free_method!r}")
         if self.synthetic_count is not None and self.synthetic_count < 2:
             raise NdonnxError(f"--synthetic-count must be >= 2, got {self.synthetic_count}")
 

@@ -5,15 +5,21 @@ optimised with Adam so that every BatchNormalization sees, on each batch, the st
 while training: the loss is the sum over BatchNormalization layers of
 ||mu_batch - running_mean||^2 + ||sigma_batch - sqrt(running_var + eps)||^2 (per channel, averaged
 over channels), plus a small total-variation and L2 prior on the inputs. The teacher runs in torch
-(onnx2torch) with every BatchNormalization input exposed as an extra graph output. The inputs then
-run through the teacher like real data: every boundary gets the teacher's own activations (ReLU
-sparsity, spatial correlation), and the normal data path (cache, training, search, fine-tuning) is
-used unchanged.
+(onnx2torch) with every BatchNormalization input exposed as an extra graph output.
+
+`inversion` (DeepInversion's output term alone): for a classifier without BatchNormalization
+statistics (exports fold them into the convolutions), the inputs are optimised with the same priors
+until the teacher assigns them to its classes in turn (cross-entropy to balanced targets).
+
+Either way the inputs then run through the teacher like real data: every boundary gets the
+teacher's own activations (ReLU sparsity, spatial correlation), and the normal data path (cache,
+training, search, fine-tuning) is used unchanged. Optimisation starts from noise, blurred per image
+for image inputs.
 
 `noise`: seeded standard-normal inputs (masks and token ids valid), with every neighbourhood trained
 on Gaussian noise at its boundary (`ndonnx.distill.job.Batches`); the inputs only give the held-out
-set its scores. A teacher without BatchNormalization (folded into its convolutions, or a
-transformer) has no statistics to match: `auto` then falls back to `noise`.
+set its scores. `auto` picks bn-stats where the teacher has BatchNormalization, else inversion for
+a classifier, else noise.
 
 The inputs are written once per run directory (`synthetic.npz`, atomically) with the key they were
 made under; a rerun with the same key reuses them, another method, seed, count or teacher
@@ -39,17 +45,17 @@ from ndonnx.files import atomic_path
 from ndonnx.graph import Teacher, attr
 
 log = logging.getLogger(__name__)
-METHODS = ("auto", "bn-stats", "noise")
+METHODS = ("auto", "bn-stats", "inversion", "noise")
 KEY = "ndonnx_synthetic_key"  # the array of synthetic.npz that records what the inputs were made from
 
 
 @dataclass(frozen=True)
 class SyntheticConfig:
-    method: str = "bn-stats"  # bn-stats | noise (resolve "auto" first: `resolve_method`)
-    count: int = 1024  # inputs made
+    method: str = "bn-stats"  # bn-stats | inversion | noise (resolve "auto" first: `resolve_method`)
+    count: int = 512  # inputs made
     seed: int = 0
     batch: int = 128  # inputs optimised together: the batch statistics are taken over them
-    steps: int = 60  # Adam steps per batch
+    steps: int = 50  # Adam steps per batch
     lr: float = 0.1  # cosine-decayed
     tv: float = 0.05  # total-variation prior, times the mean squared difference of neighbouring pixels
     l2: float = 0.001  # L2 prior, times the inputs' mean square
@@ -57,8 +63,8 @@ class SyntheticConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS[1:]:
             raise NdonnxError(f"--data-free-method must be {', '.join(METHODS)}, got {self.method!r}")
-        if self.count < 2 or self.batch < 2 or self.steps < 0:
-            raise NdonnxError("synthetic inputs: count and batch must be >= 2, steps >= 0")
+        if self.count < 2 or self.batch < 2 or self.steps < 1:
+            raise NdonnxError("synthetic inputs: count and batch must be >= 2, steps >= 1")
 
     def key(self, teacher_digest: str) -> str:
         return json.dumps({"teacher": teacher_digest, **asdict(self)}, sort_keys=True)
@@ -90,22 +96,43 @@ def bn_layers(model: onnx.ModelProto) -> list[BNLayer]:
 
 def resolve_method(teacher: Teacher, requested: str) -> tuple[str, str | None]:
     """`auto` -> bn-stats where the teacher has BatchNormalization statistics and float inputs to
-    optimise, else noise. Returns the method and, for a fallback, why (for the log and the report)."""
+    optimise; else inversion where it is a classifier; else noise. Returns the method and, for a
+    fallback, what was missing and what is used instead (for the log)."""
     if requested not in METHODS:
         raise NdonnxError(f"--data-free-method must be {', '.join(METHODS)}, got {requested!r}")
     if requested == "noise":
         return "noise", None
-    why = None
-    if not bn_layers(teacher.model):
+    floats, classes = _float_inputs(teacher), classifier_classes(teacher)
+    if not floats:
+        why = "the teacher has no float input to optimise"
+    elif not bn_layers(teacher.model):
         why = ("the teacher has no BatchNormalization statistics to match (folded into its convolutions, or "
                "an architecture without them)")
-    elif not _float_inputs(teacher):
-        why = "the teacher has no float input to optimise"
-    if why is None:
+    else:
+        why = None
+    if requested == "bn-stats" or (requested == "auto" and why is None):
+        if why is not None:
+            raise NdonnxError(f"--data-free-method bn-stats: {why}; use --data-free-method inversion or noise")
         return "bn-stats", None
-    if requested == "bn-stats":
-        raise NdonnxError(f"--data-free-method bn-stats: {why}; use --data-free-method noise")
-    return "noise", f"data-free: {why}; falling back to Gaussian noise at each boundary"
+    if floats and classes:
+        return "inversion", (None if requested == "inversion" else
+                             f"data-free: {why}; falling back to class inversion (inputs optimised until the teacher "
+                             f"assigns them to each of its {classes} classes in turn)")
+    if requested == "inversion":
+        raise NdonnxError("--data-free-method inversion: " + (why if not floats else
+                          "the teacher's first output is not classifier logits (batch x classes)"))
+    return "noise", f"data-free: {why or 'the teacher is not a classifier'}; falling back to Gaussian noise at each boundary"
+
+
+def classifier_classes(teacher: Teacher) -> int | None:
+    """The class count when the teacher's first output is float logits of shape (batch, classes)."""
+    from onnx import helper
+
+    out = teacher.model.graph.output[0].type.tensor_type
+    dims = out.shape.dim
+    if not np.issubdtype(helper.tensor_dtype_to_np_dtype(out.elem_type), np.floating) or len(dims) != 2:
+        return None
+    return dims[1].dim_value if dims[1].HasField("dim_value") and dims[1].dim_value >= 2 else None
 
 
 def _float_inputs(teacher: Teacher) -> list[str]:
@@ -122,55 +149,79 @@ def generate(teacher: Teacher, cfg: SyntheticConfig, progress: Callable | None =
     base = make_inputs(teacher, SampleConfig(seed=cfg.seed, batch=cfg.count))
     if cfg.method == "noise":
         return base
-    layers = bn_layers(teacher.model)
-    floats = _float_inputs(teacher)
-    if not layers or not floats:
-        raise NdonnxError("bn-stats: the teacher has no BatchNormalization statistics or no float input")
-    return _bn_stats(teacher, cfg, layers, floats, base, progress)
+    resolve_method(teacher, cfg.method)  # refuses a method the teacher cannot serve
+    return _optimise(teacher, cfg, base, progress)
 
 
-def _bn_stats(teacher: Teacher, cfg: SyntheticConfig, layers: list[BNLayer], floats: list[str],
-              base: dict[str, np.ndarray], progress: Callable | None) -> dict[str, np.ndarray]:
+def _optimise(teacher: Teacher, cfg: SyntheticConfig, base: dict[str, np.ndarray],
+              progress: Callable | None) -> dict[str, np.ndarray]:
+    """Adam on the float inputs, batch by batch; the other inputs (masks, ids) stay as drawn."""
     import torch
 
     torch.manual_seed(cfg.seed)
+    layers = bn_layers(teacher.model) if cfg.method == "bn-stats" else []
     run = _torch_teacher(teacher.model, layers)
+    floats = _float_inputs(teacher)
     names = [i.name for i in teacher.model.graph.input if i.name in teacher.input_names]
     means = [torch.from_numpy(l.mean) for l in layers]
     stds = [torch.from_numpy(l.std) for l in layers]
+    classes = classifier_classes(teacher) if cfg.method == "inversion" else None
     gen = torch.Generator().manual_seed(cfg.seed)
     out = {k: v.copy() for k, v in base.items()}
-    starts = list(range(0, cfg.count, cfg.batch))
-    steps = [(lo, s) for lo in starts for s in range(max(1, cfg.steps))]
-    shown = steps if progress is None else progress(steps, len(steps), "synthetic")
+    steps = [(lo, s) for lo in range(0, cfg.count, cfg.batch) for s in range(cfg.steps)]
+    shown = steps if progress is None else progress(steps, len(steps), f"synthetic ({cfg.method})")
     t0 = time.perf_counter()
     first = last = None
-    xs = opt = sched = None
+    xs = opt = sched = target = None
     for lo, step in shown:
         hi = min(lo + cfg.batch, cfg.count)
         if step == 0:
-            xs = {n: torch.randn(base[n][lo:hi].shape, generator=gen).requires_grad_(True) for n in floats}
+            xs = {n: _initial(base[n][lo:hi].shape, gen).requires_grad_(True) for n in floats}
             opt = torch.optim.Adam(xs.values(), lr=cfg.lr)
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, cfg.steps))
-        if cfg.steps == 0:
-            break
+            target = torch.arange(lo, hi) % classes if classes else None
         fixed = {n: torch.from_numpy(base[n][lo:hi]) for n in names if n not in xs}
-        feats = run(*[xs[n] if n in xs else fixed[n] for n in names])
-        loss_bn = bn_loss(feats, means, stds)
-        loss = loss_bn + sum(cfg.tv * total_variation(x) + cfg.l2 * x.pow(2).mean() for x in xs.values())
+        outs, feats = run(*[xs[n] if n in xs else fixed[n] for n in names])
+        if classes:
+            main = torch.nn.functional.cross_entropy(outs[0], target)
+        else:
+            main = bn_loss(feats, means, stds)
+        loss = main + sum(cfg.tv * total_variation(x) + cfg.l2 * x.pow(2).mean() for x in xs.values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        last = loss_bn.item()
+        last = main.item()
         first = last if first is None else first
         if step == cfg.steps - 1:
             for n, x in xs.items():
                 out[n][lo:hi] = x.detach().numpy().astype(out[n].dtype)
-    log.info("bn-stats: %d inputs in %.1f s, BatchNormalization loss %.4g -> %.4g (first and last batch step)",
-             cfg.count, time.perf_counter() - t0, first if first is not None else float("nan"),
-             last if last is not None else float("nan"))
+    if first is not None:
+        log.info("%s: %d inputs in %.1f s, %s %.4g -> %.4g (first and last step)", cfg.method, cfg.count,
+                 time.perf_counter() - t0, "cross-entropy" if classes else "BatchNormalization loss", first, last)
     return out
+
+
+def _initial(shape: tuple, gen):
+    """Where the optimisation starts: standard-normal noise, for images (rank 4, 8 x 8 or larger)
+    blurred per image by a Gaussian of 0.5 to 3 pixels and standardised, as images are spatially
+    correlated."""
+    import torch
+
+    x = torch.randn(shape, generator=gen)
+    if len(shape) != 4 or min(shape[2:]) < 8:
+        return x
+    sigma = 0.5 + 2.5 * torch.rand(shape[0], generator=gen)
+    out = torch.empty_like(x)
+    for k in range(shape[0]):
+        r = min(int(3 * float(sigma[k])) + 1, min(shape[2:]) // 2 - 1)
+        g = torch.exp(-torch.arange(-r, r + 1.0) ** 2 / (2 * float(sigma[k]) ** 2))
+        g = (g / g.sum()).to(x.dtype)
+        y = x[k:k + 1].transpose(0, 1)  # channels as the batch: one kernel for all
+        y = torch.nn.functional.conv2d(torch.nn.functional.pad(y, (r, r, 0, 0), mode="reflect"), g.view(1, 1, 1, -1))
+        y = torch.nn.functional.conv2d(torch.nn.functional.pad(y, (0, 0, r, r), mode="reflect"), g.view(1, 1, -1, 1))
+        out[k] = y.transpose(0, 1)[0]
+    return (out - out.mean((1, 2, 3), keepdim=True)) / (out.std((1, 2, 3), keepdim=True) + 1e-6)
 
 
 def bn_loss(feats, means, stds):
@@ -195,7 +246,7 @@ def bn_statistics_loss(teacher: Teacher, inputs: dict[str, np.ndarray]) -> float
     run = _torch_teacher(teacher.model, layers)
     names = [i.name for i in teacher.model.graph.input if i.name in teacher.input_names]
     with torch.no_grad():
-        feats = run(*[torch.from_numpy(np.asarray(inputs[n])) for n in names])
+        _, feats = run(*[torch.from_numpy(np.asarray(inputs[n])) for n in names])
     return float(bn_loss(feats, [torch.from_numpy(l.mean) for l in layers], [torch.from_numpy(l.std) for l in layers]))
 
 
@@ -223,17 +274,19 @@ def _with_bn_outputs(model: onnx.ModelProto, layers: list[BNLayer]) -> tuple[onn
 
 
 def _torch_teacher(model: onnx.ModelProto, layers: list[BNLayer]):
-    """The teacher in torch, returning the layers' inputs (in `layers` order) as a list."""
+    """The teacher in torch: a function of its inputs returning (its outputs, the layers' inputs in
+    `layers` order)."""
     from ndonnx.convert import to_torch
 
     exposed, where = _with_bn_outputs(model, layers)
     module = to_torch(exposed)
     module.requires_grad_(False)
+    n_out = len(model.graph.output)
 
     def run(*inputs):
         res = module(*inputs)
         res = list(res) if isinstance(res, (tuple, list)) else [res]
-        return [res[k] for k in where]
+        return res[:n_out], [res[k] for k in where]
 
     return run
 

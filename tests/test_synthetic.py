@@ -1,9 +1,11 @@
 """Synthetic inputs for data-free distillation (ndonnx.synthetic): the BatchNormalization-statistics
 generator moves the statistics toward the running ones, is seeded, is cached in the run directory
-under its key, and a teacher without BatchNormalization falls back to noise and says so."""
+under its key; a classifier without BatchNormalization falls back to class inversion, a teacher with
+nothing to optimise to noise, and the fallback is said once."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 
@@ -12,9 +14,11 @@ import pytest
 
 import models
 from ndonnx.config import DistillConfig
+from ndonnx.distill import runner
 from ndonnx.distill.runner import distill
 from ndonnx.errors import NdonnxError
 from ndonnx.graph import load_teacher
+from ndonnx.sample import ort_session
 from ndonnx.synthetic import (KEY, SyntheticConfig, bn_layers, bn_statistics_loss, cached_inputs, generate,
                               resolve_method)
 
@@ -68,7 +72,8 @@ def test_inputs_are_cached_under_their_key(bn_teacher, tmp_path, caplog):
     assert not list(tmp_path.glob(".*tmp*"))  # written atomically, nothing left beside it
 
 
-def test_data_free_uses_bn_stats_inputs_through_the_data_path(bn_teacher, tmp_path, caplog):
+def test_data_free_uses_bn_stats_inputs_through_the_data_path(bn_teacher, tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(runner, "SyntheticConfig", functools.partial(SyntheticConfig, steps=4))
     cfg = DistillConfig(candidates="width:0.5,teacher", steps=4, batch=8, jobs=1, data_free=True, synthetic_count=20)
     run = tmp_path / "run"
     with caplog.at_level(logging.INFO, logger="ndonnx"):
@@ -88,21 +93,47 @@ def test_data_free_uses_bn_stats_inputs_through_the_data_path(bn_teacher, tmp_pa
     assert (run / "synthetic.npz").stat().st_mtime_ns == stamp and "reusing the synthetic inputs" in caplog.text
 
 
-def test_no_batchnorm_falls_back_to_noise_and_says_so(zoo, tmp_path, caplog):
+def test_no_batchnorm_falls_back_to_inversion_and_says_so(zoo, tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(runner, "SyntheticConfig", functools.partial(SyntheticConfig, steps=4))
     teacher = load_teacher(zoo["resnet_legacy"])  # the legacy exporter folded BatchNormalization into the convs
     method, why = resolve_method(teacher, "auto")
-    assert method == "noise" and "no BatchNormalization" in why
-    assert resolve_method(teacher, "noise") == ("noise", None)
+    assert method == "inversion" and "no BatchNormalization" in why and "class inversion" in why
+    assert resolve_method(teacher, "noise") == ("noise", None) and resolve_method(teacher, "inversion") == ("inversion", None)
     with pytest.raises(NdonnxError, match="bn-stats"):
         resolve_method(teacher, "bn-stats")
-    cfg = DistillConfig(candidates="width:0.5,teacher", steps=2, batch=8, jobs=1, data_free=True)
+    cfg = DistillConfig(candidates="width:0.5,teacher", steps=2, batch=8, jobs=1, data_free=True, synthetic_count=16)
     with caplog.at_level(logging.INFO, logger="ndonnx"):
         distill(zoo["resnet_legacy"], tmp_path / "run", cfg)
     warnings = [r for r in caplog.records if "falling back" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
-    assert list((tmp_path / "run" / "noise").iterdir())  # trained on Gaussian noise at each boundary
+    assert not list((tmp_path / "run" / "noise").iterdir())  # trained on the teacher's activations of the inputs
     with np.load(tmp_path / "run" / "synthetic.npz") as z:
-        assert json.loads(str(z[KEY]))["method"] == "noise"
+        assert json.loads(str(z[KEY]))["method"] == "inversion" and len(z["input"]) == 16
+
+
+def test_inversion_moves_predictions_to_the_target_classes(zoo):
+    teacher = load_teacher(zoo["resnet_legacy"])
+    # (random weights: the logits move slowly, hence the larger rate)
+    made = generate(teacher, SyntheticConfig(method="inversion", count=20, batch=20, steps=30, lr=0.5))
+    noise = generate(teacher, SyntheticConfig(method="noise", count=20))
+    sess = ort_session(teacher.model)
+    target = np.arange(20) % 10  # each class in turn
+
+    def cross_entropy(x):
+        z = sess.run(None, {"input": x["input"]})[0]
+        z = z - z.max(1, keepdims=True)
+        return float(np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(20), target])), float((z.argmax(1) == target).mean())
+
+    (before, hits_before), (after, hits_after) = cross_entropy(noise), cross_entropy(made)
+    assert after < before - 0.25 and hits_after >= hits_before + 0.15, (before, after, hits_before, hits_after)
+
+
+def test_without_float_inputs_or_classes_noise_is_used(zoo):
+    teacher = load_teacher(zoo["encoder"])  # token ids in: nothing to optimise
+    method, why = resolve_method(teacher, "auto")
+    assert method == "noise" and "no float input" in why and "Gaussian noise" in why
+    with pytest.raises(NdonnxError, match="inversion"):
+        resolve_method(teacher, "inversion")
 
 
 def test_bn_stats_refused_with_data_and_for_bad_settings(bn_teacher, tmp_path):

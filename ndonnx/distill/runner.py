@@ -38,7 +38,7 @@ from ndonnx.synthetic import SyntheticConfig, cached_inputs, resolve_method
 log = logging.getLogger(__name__)
 BANK_ROWS = 256
 SYNTHETIC_SAMPLES = 256  # data-free runs without data, noise: held-out inputs for scoring
-SYNTHETIC_BN_SAMPLES = 1024  # bn-stats: the inputs every neighbourhood trains on (and the held-out 10%)
+SYNTHETIC_OPTIMISED = 512  # bn-stats, inversion: the inputs every neighbourhood trains on (and the held-out 10%)
 
 
 def resolve_device(device: str) -> str:
@@ -124,7 +124,7 @@ def _distill(teacher: Teacher, part: Partition, data: Dataset | None, run_dir: P
             log.warning(why)
         noise = method == "noise"  # noise: the inputs are only the held-out set for scores
         scfg = SyntheticConfig(method=method, seed=cfg.seed,
-                               count=cfg.synthetic_count or (SYNTHETIC_SAMPLES if noise else SYNTHETIC_BN_SAMPLES))
+                               count=cfg.synthetic_count or (SYNTHETIC_SAMPLES if noise else SYNTHETIC_OPTIMISED))
         data = load_data(cached_inputs(teacher, layout.synthetic, scfg, teacher_hash(teacher.model), progress), teacher)
     sample = run_sample(teacher, feeds=data.head(SampleConfig.batch))
 
