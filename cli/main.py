@@ -61,10 +61,13 @@ def _compress_config(args: argparse.Namespace, distill_cfg=None):
     from ndonnx.compress import CompressConfig
     from ndonnx.config import DistillConfig
 
-    return CompressConfig(distill=distill_cfg or DistillConfig(), target=args.target_params, strategy=args.strategy,
-                          max_drop=args.max_drop, finetune_steps=args.finetune_steps, eval_data=args.eval_data,
-                          tolerances=args.tolerances, force=args.force, target_macs=args.target_macs,
-                          quantize=args.quantize)
+    if args.target_latency is not None and args.target_params is not None:
+        raise NdonnxError("--target-latency and --target-params are two budgets: give one")
+    return CompressConfig(distill=distill_cfg or DistillConfig(), target=args.target_params or "50%",
+                          strategy=args.strategy, max_drop=args.max_drop, finetune_steps=args.finetune_steps,
+                          eval_data=args.eval_data, tolerances=args.tolerances, force=args.force,
+                          target_macs=args.target_macs, quantize=args.quantize, target_latency=args.target_latency,
+                          latency_batch=args.latency_batch, threads=args.threads)
 
 
 def _finish(report: dict, args: argparse.Namespace) -> None:
@@ -127,8 +130,12 @@ def _validate(args: argparse.Namespace) -> int:
         raise NdonnxError(f"{args.student} and {args.reference} have different inputs or outputs")
     from ndonnx_cli.tables import validation_table
 
-    _emit(validate(student.model, teacher.model, data, labels, args.student, args.reference,
-                   torch_check=not is_quantized(student.model)), args.json, validation_table)
+    report = validate(student.model, teacher.model, data, labels, args.student, args.reference,
+                      torch_check=not is_quantized(student.model))
+    from ndonnx.latency import validate_latency
+
+    report.update(validate_latency(student, teacher, data, args.latency_batch, args.threads))
+    _emit(report, args.json, validation_table)
     return 0
 
 
@@ -207,9 +214,10 @@ def _add_distill_options(s) -> None:
 def _add_search_options(s) -> None:
     from ndonnx.config import QUANTIZE, STRATEGIES
 
-    s.add_argument("--target-params", default="50%", help="budget: 18M, 250K, 1.5e6 or 60%% of the teacher (default 50%%)")
+    s.add_argument("--target-params", help="budget: 18M, 250K, 1.5e6 or 60%% of the teacher (default 50%%)")
     s.add_argument("--target-macs", help="a compute budget instead: multiply-accumulates per sample, 20M or 60%% of "
                    "the teacher's (replaces --target-params; sizes of symbolic dims as in the data)")
+    _add_latency_options(s, budget=True)
     s.add_argument("-o", "--output", help="student .onnx (default: <teacher>.ndonnx-<budget>.onnx beside the teacher, "
                    "e.g. resnet.ndonnx-50pct.onnx, resnet.ndonnx-50pct-int8.onnx with --quantize); an existing file is "
                    "refused without --force")
@@ -232,6 +240,17 @@ def _add_search_options(s) -> None:
                    "--max-drop applies to it")
     s.add_argument("--eval-data", help="validate on this .npz (e.g. a test set, with labels under the name used "
                    "for distilling) instead of the held-out 10%% of the calibration data")
+
+
+def _add_latency_options(s, budget: bool = False) -> None:
+    if budget:
+        s.add_argument("--target-latency", help="a latency budget instead: 60%% of the teacher's onnxruntime latency, "
+                       "or a time (3ms, 0.5s, 800us), at --latency-batch and --threads on this machine; every "
+                       "candidate is timed against the teacher's neighbourhood (cached in the run directory) and "
+                       "the whole student is timed against the teacher after splicing")
+    s.add_argument("--latency-batch", type=int, default=32, help="batch size latency is timed at (default 32)")
+    s.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads latency is timed with "
+                   "(default 1)")
 
 
 class Parser(argparse.ArgumentParser):
@@ -284,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reference", required=True, help="the teacher .onnx")
     s.add_argument("--data", required=True, help="inputs to compare on: .npz or a folder of .npz shards")
     s.add_argument("--labels", help="name of a labels array in the data (adds accuracy)")
+    _add_latency_options(s)
     s.add_argument("--json", action="store_true", help="print JSON on stdout instead of a table")
     s.set_defaults(run=_validate)
 
