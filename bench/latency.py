@@ -1,12 +1,17 @@
 """Parameters vs MACs vs measured onnxruntime latency, for a teacher and its students.
 
-    python bench/latency.py TEACHER.onnx NAME=STUDENT.onnx ... [--batches 1,32] [--threads 1] [--out latency.json]
+    python bench/latency.py TEACHER.onnx NAME=STUDENT.onnx ... [--batches 1,32] [--threads 1,0]
+                            [--int8 [--data CALIB.npz]] [--out latency.json] [--plot latency.png]
 
 Latency: CPUExecutionProvider, the given intra-op threads, 5 warm-up runs, the median of `--repeats`
 timed runs; the teacher is timed in the same process, its students alternate with it round by round
 (so drift in machine load hits both), and speed-ups are ratios within one run. Inputs are seeded
 random data shaped like the teacher's inputs (symbolic dims other than the batch: --dim NAME=SIZE).
-A benchmark, not a test: it prints its figures and writes JSON.
+`--threads 1,0` times each model at one thread and at all cores (0: onnxruntime's default).
+`--int8` adds every model quantized as `--quantize int8` does it (`ndonnx.quantize`: static QDQ for
+conv nets, calibrated on the first 256 rows of `--data`, or on the seeded random inputs without it,
+which is enough for timing; dynamic for MatMul-heavy models). A benchmark, not a test: it prints its
+figures and writes JSON, and `--plot` draws speed-up against parameters and MACs at the largest batch.
 """
 
 from __future__ import annotations
@@ -51,7 +56,10 @@ def main() -> int:
     ap.add_argument("teacher", type=Path)
     ap.add_argument("students", nargs="*", help="NAME=PATH.onnx")
     ap.add_argument("--batches", default="1,32")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", default="1", help="comma-separated intra-op threads; 0 = all cores")
+    ap.add_argument("--int8", action="store_true", help="also time each model quantized to int8")
+    ap.add_argument("--data", type=Path, help="calibration .npz for --int8's static quantization")
+    ap.add_argument("--plot", type=Path, help="write a speed-up plot here")
     ap.add_argument("--repeats", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=3, help="alternations of teacher and students")
     ap.add_argument("--uniform", action="append", default=[], help="K or K@N: also time the teacher with every "
@@ -71,21 +79,32 @@ def main() -> int:
         models[f"width {spec}"] = model
     dims = dict((d.split("=")[0], int(d.split("=")[1])) for d in args.dim)
     one = {k: v[:1] for k, v in make_inputs(teacher).items()}
-    res: dict = {"teacher": str(args.teacher), "threads": args.threads, "cores": os.cpu_count(),
+    if args.int8:
+        from ndonnx.quantize import quantize
+
+        calib = dict(np.load(args.data)) if args.data else {k: v for k, v in make_inputs(teacher).items()}
+        calib = {k: v[:256] for k, v in calib.items() if k in one}
+        for name, m in list(models.items()):
+            models[f"{name} int8"], info = quantize(m, "int8", calib)
+            print(f"{name}: int8 {info['method']}")
+    threads = [int(t) for t in args.threads.split(",")]
+    res: dict = {"teacher": str(args.teacher), "threads": threads, "cores": os.cpu_count(),
                  "onnxruntime": ort.__version__, "models": {}}
     for name, m in models.items():
         macs = count_macs(m, {**concrete_dims(m, one), **dims})
         res["models"][name] = {"params": sum(weight_counts(m).values()),
                                "macs": macs.total if not macs.uncounted else None, "latency_ms": {}}
-    for batch in (int(b) for b in args.batches.split(",")):
-        feeds = {k: np.repeat(v, batch, axis=0) for k, v in one.items()}
-        sessions = {name: _session(m, args.threads) for name, m in models.items()}
-        times: dict[str, list[float]] = {name: [] for name in models}
-        for _ in range(args.rounds):
-            for name, sess in sessions.items():
-                times[name].append(_time(sess, feeds, args.repeats))
-        for name in models:
-            res["models"][name]["latency_ms"][str(batch)] = 1e3 * float(np.median(times[name]))
+    for th in threads:
+        sessions = {name: _session(m, th) for name, m in models.items()}
+        for batch in (int(b) for b in args.batches.split(",")):
+            feeds = {k: np.repeat(v, batch, axis=0) for k, v in one.items()}
+            times: dict[str, list[float]] = {name: [] for name in models}
+            for _ in range(args.rounds):
+                for name, sess in sessions.items():
+                    times[name].append(_time(sess, feeds, args.repeats))
+            key = str(batch) if threads == [1] else f"{batch}@{th or 'all'}t"
+            for name in models:
+                res["models"][name]["latency_ms"][key] = 1e3 * float(np.median(times[name]))
     t = res["models"]["teacher"]
     print(f"{'model':14s} {'params':>10s} {'MACs':>14s} " + " ".join(f"{'batch ' + b:>20s}" for b in t["latency_ms"]))
     for name, r in res["models"].items():
@@ -94,7 +113,33 @@ def main() -> int:
         print(f"{name:14s} {r['params']:>10,d} {macs:>14s} {lat}")
     args.out.write_text(json.dumps(res, indent=1))
     print(f"wrote {args.out}")
+    if args.plot:
+        plot(res, args.plot)
     return 0
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = res["models"]["teacher"]
+    key = list(t["latency_ms"])[-1]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
+    for ax, what in zip(axes, ("params", "macs")):
+        for name, r in res["models"].items():
+            if r[what] is None:
+                continue
+            x, y = r[what] / t[what], t["latency_ms"][key] / r["latency_ms"][key]
+            ax.plot(x, y, "s" if "int8" in name else "o")
+            ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel(f"{what} (share of the teacher's)")
+        ax.set_ylabel(f"speed-up over the teacher ({key})")
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    fig.suptitle(Path(res["teacher"]).name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":
