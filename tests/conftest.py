@@ -27,3 +27,15 @@ def zoo(tmp_path_factory) -> dict[str, Path]:
     out["resnet_dynamo"] = models.tiny_resnet(dyn / "resnet_dynamo.onnx", dynamo=True)
     out["resnet_constants"] = models.initializers_to_constants(out["resnet_legacy"], d / "resnet_constants.onnx")
     return out
+
+
+@pytest.fixture(autouse=True)
+def _quick_synthetic_inputs(monkeypatch):
+    """Data-free runs outside tests/test_synthetic.py optimise their synthetic inputs for a few
+    steps only: they test other things, and the generator's own tests set their steps."""
+    import functools
+
+    from ndonnx.distill import runner
+    from ndonnx.synthetic import SyntheticConfig
+
+    monkeypatch.setattr(runner, "SyntheticConfig", functools.partial(SyntheticConfig, steps=3, batch=256))
