@@ -139,7 +139,7 @@ def validation_table(v: dict, before_finetune: float | None = None) -> None:
     if "top1_agreement" in v:
         t.add_row("top-1 agreement with the teacher", "", f"{v['top1_agreement']:.4f}")
     t.add_row("max abs / relative error vs teacher", "", f"{v['max_abs_err']:.3g} / {v['rel_err']:.3g}")
-    t.add_row("latency (student / teacher, same batch)", "", f"{v['latency_ratio']:.2f}x")
+    t.add_row("latency (student / teacher, one thread, alternated)", "", f"{v['latency_ratio']:.2f}x")
     if "latency_teacher_ms" in v:
         t.add_row(f"latency, batch {v['latency_batch']}, {v['latency_threads']} thread(s), alternated",
                   f"{v['latency_teacher_ms']:.3f} ms",

@@ -4,7 +4,6 @@ installed: this module imports torch only for that check)."""
 
 from __future__ import annotations
 
-import time
 import warnings
 from pathlib import Path
 
@@ -17,14 +16,13 @@ from ndonnx.metrics import metric_name, rel_err, score_outputs
 from ndonnx.sample import ort_session
 
 
-def _latency(sess, feeds: dict, repeats: int = 5) -> float:
-    sess.run(None, feeds)  # warm up
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        sess.run(None, feeds)
-        best = min(best, time.perf_counter() - t0)
-    return best
+def _latency_ratio(student: onnx.ModelProto, teacher: onnx.ModelProto, feeds: dict) -> float:
+    """Student / teacher seconds per run on one thread, timed alternately (ndonnx.latency), so a change
+    in machine load hits both alike; about a second in all."""
+    from ndonnx.latency import time_alternately
+
+    s, t = time_alternately([student, teacher], [feeds, feeds], threads=1, rounds=4, block=0.1)
+    return s / t
 
 
 def validate(student: onnx.ModelProto, teacher: onnx.ModelProto, inputs: dict[str, np.ndarray],
@@ -52,7 +50,7 @@ def validate(student: onnx.ModelProto, teacher: onnx.ModelProto, inputs: dict[st
         res["accuracy_teacher"] = float((t_out[0].argmax(-1) == labels).mean())
         res["accuracy_student"] = float((s_out[0].argmax(-1) == labels).mean())
     batch = {k: v[:64] for k, v in inputs.items()}
-    res["latency_ratio"] = _latency(s_sess, batch) / _latency(t_sess, batch)
+    res["latency_ratio"] = _latency_ratio(student, teacher, batch)
     if student_path is not None and teacher_path is not None:
         res["bytes_student"] = file_size(student_path)
         res["bytes_teacher"] = file_size(teacher_path)
