@@ -15,8 +15,8 @@ Two arms, each one `ndonnx distill` into its own run directory, then one `ndonnx
   layers  identity and teacher only: whole attention or feed-forward sub-layers dropped
 For every student, measured here (not read from the tool's report): mean cosine with the teacher's
 embeddings on the 500 held-out sentences (whole, padded with -1 to 48 tokens), parameters, file
-size, and onnxruntime CPU latency at batch 32 x 64 tokens on one thread (median of 30 runs, the
-teacher re-timed alternately in the same process; the ratio is the figure). Times: distill per arm
+size, and onnxruntime CPU latency at batch 32 x 64 tokens on one thread (ndonnx.latency's alternated
+timing, the same as --target-latency's; the ratio is the figure). Times: distill per arm
 (shared by its budgets), search + fine-tune + validation per budget. A benchmark, not a test: it
 prints its figures and writes JSON (and a plot of cosine against parameters).
 """
@@ -35,6 +35,7 @@ import onnx
 import onnxruntime as ort
 
 from ndonnx.graph import weight_counts
+from ndonnx.latency import time_alternately
 from ndonnx.metrics import mean_cosine
 
 ARMS = {
@@ -42,7 +43,7 @@ ARMS = {
           "identity,teacher",
     "layers": "identity,teacher",
 }
-LATENCY_BATCH, LATENCY_TOKENS, REPEATS = 32, 64, 30
+LATENCY_BATCH, LATENCY_TOKENS = 32, 64
 
 
 def _session(path: Path, threads: int = 1) -> ort.InferenceSession:
@@ -53,26 +54,11 @@ def _session(path: Path, threads: int = 1) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def _median_time(sess: ort.InferenceSession, feeds: dict) -> float:
-    ts = []
-    for _ in range(REPEATS):
-        t0 = time.perf_counter()
-        sess.run(None, feeds)
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
-
-
 def latency_ratio(student: Path, teacher: Path, feeds: dict) -> dict:
-    """Student and teacher timed alternately, 3 rounds, after 5 warm-up runs each."""
-    s, t = _session(student), _session(teacher)
-    for sess in (s, t):
-        for _ in range(5):
-            sess.run(None, feeds)
-    st, tt = [], []
-    for _ in range(3):
-        st.append(_median_time(s, feeds))
-        tt.append(_median_time(t, feeds))
-    return {"student_ms": 1e3 * min(st), "teacher_ms": 1e3 * min(tt), "ratio": min(st) / min(tt)}
+    """Student and teacher timed alternately on one thread (`ndonnx.latency.time_alternately`:
+    warm-up, rounds of repeats in turn, medians)."""
+    s, t = time_alternately([onnx.load(str(student)), onnx.load(str(teacher))], [feeds, feeds], threads=1)
+    return {"student_ms": 1e3 * s, "teacher_ms": 1e3 * t, "ratio": s / t}
 
 
 def _run(cmd: list[str]) -> float:
@@ -102,7 +88,7 @@ def main() -> int:
     res = {"teacher": {"path": str(teacher), "params": sum(weight_counts(onnx.load(str(teacher))).values()),
                        "bytes": teacher.stat().st_size},
            "held_out_sentences": int(len(held_out)), "calibration": str(train),
-           "latency": {"batch": LATENCY_BATCH, "tokens": LATENCY_TOKENS, "threads": 1, "repeats": REPEATS},
+           "latency": {"batch": LATENCY_BATCH, "tokens": LATENCY_TOKENS, "threads": 1},
            "finetune_steps": args.finetune_steps, "arms": {}}
     for arm in args.arms.split(","):
         run = d / f"bench-{arm}.ndonnx-run"

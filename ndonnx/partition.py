@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass
+from typing import Callable
 
 import networkx as nx
 import numpy as np
@@ -399,42 +400,35 @@ def merge(nbhs: list[Neighbourhood], inputs: tuple[str, ...] | None = None) -> N
                          shape_nodes=tuple(sorted({i for n in nbhs for i in n.shape_nodes})), shape_inputs=shapes)
 
 
-def _shape_closure(model: onnx.ModelProto, shapes: dict[str, int], reads: set[str]) -> tuple[tuple[int, ...], set[str]]:
-    """The shape nodes that compute the shape tensors among `reads`, and the tensors whose shapes they take."""
+def _closure(model: onnx.ModelProto, made: dict[str, int], reads: set[str],
+             sources_of: Callable[[onnx.NodeProto], set[str]]) -> tuple[set[int], set[str]]:
+    """The nodes that make the tensors of `made` (tensor -> node) among `reads`, followed back through
+    `made`, and what `sources_of(node)` names as read from outside."""
     nodes = model.graph.node
     seen: set[int] = set()
     sources: set[str] = set()
-    stack = [n for n in reads if n in shapes]
+    stack = [n for n in reads if n in made]
     while stack:
-        i = shapes[stack.pop()]
+        i = made[stack.pop()]
         if i in seen:
             continue
         seen.add(i)
-        if nodes[i].op_type in SHAPE_OPS:
-            sources.add(nodes[i].input[0])
-        else:
-            stack.extend(n for n in nodes[i].input if n in shapes)
+        outside = sources_of(nodes[i])
+        sources |= outside
+        stack.extend(n for n in nodes[i].input if n in made and n not in outside)
+    return seen, sources
+
+
+def _shape_closure(model: onnx.ModelProto, shapes: dict[str, int], reads: set[str]) -> tuple[tuple[int, ...], set[str]]:
+    """The shape nodes that compute the shape tensors among `reads`, and the tensors whose shapes they take."""
+    seen, sources = _closure(model, shapes, reads, lambda n: {n.input[0]} if n.op_type in SHAPE_OPS else set())
     return tuple(sorted(seen)), sources
 
 
 def _index_closure(model: onnx.ModelProto, index: dict[str, int], reads: set[str]) -> tuple[set[int], set[str]]:
     """The nodes that compute the index tensors among `reads`, and the graph inputs they read."""
-    nodes = model.graph.node
-    seen: set[int] = set()
-    sources: set[str] = set()
     graph_in = {i.name for i in model.graph.input} - {i.name for i in model.graph.initializer}
-    stack = [n for n in reads if n in index]
-    while stack:
-        i = index[stack.pop()]
-        if i in seen:
-            continue
-        seen.add(i)
-        for n in nodes[i].input:
-            if n in index:
-                stack.append(n)
-            elif n in graph_in:
-                sources.add(n)
-    return seen, sources
+    return _closure(model, index, reads, lambda n: {x for x in n.input if x in graph_in})
 
 
 def _segment_of_nodes(g: nx.DiGraph, idom: dict, cuts: tuple[str, ...]) -> dict[int, int]:
