@@ -52,7 +52,8 @@ def _distill_config(args: argparse.Namespace):
     return DistillConfig(
         partition=PartitionConfig(primary_input=args.primary_input, block_size=args.block_size),
         candidates=args.candidates, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
-        device=args.device, jobs=args.jobs, lookahead=args.lookahead, data_free=args.data_free,
+        device=args.device, jobs=args.jobs, backend=args.backend, gpus_per_job=args.gpus_per_job,
+        lookahead=args.lookahead, data_free=args.data_free,
         data_free_method=args.data_free_method, synthetic_count=args.synthetic_count, labels=args.labels,
         force=args.force, channel_multiple=args.channel_multiple)
 
@@ -203,7 +204,13 @@ def _add_distill_options(s) -> None:
     s.add_argument("--lookahead", type=int, default=0, help="also match the next J teacher neighbourhoods (paper Eq. 4-5)")
     s.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="where students train (default auto: CUDA when torch sees it)")
-    s.add_argument("--jobs", type=int, default=0, help="worker processes (default: one per core on CPU, one on CUDA)")
+    s.add_argument("--jobs", type=int, default=0, help="parallel workers (default: one per core on CPU, one per GPU "
+                   "on CUDA)")
+    s.add_argument("--backend", default="local", choices=("local", "ray"), help="where jobs run: local processes, "
+                   "or Ray tasks (pip install -e '.[ray]'; joins the cluster at RAY_ADDRESS if set, else starts a "
+                   "local Ray) (default local)")
+    s.add_argument("--gpus-per-job", type=float, default=1.0, help="--backend ray on CUDA: the GPU share of each "
+                   "task, e.g. 0.5 for two per GPU (default 1)")
     s.add_argument("--seed", type=int, default=0, help="seed of every random choice: same seed, same student (default 0)")
     s.add_argument("--labels", help="name of a labels array in the data file (scores become accuracy)")
     s.add_argument("--primary-input", help="graph input the neighbourhoods are cut along (default: the one on "

@@ -43,7 +43,9 @@ class DistillConfig:
     lr: float = 1e-3
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
-    jobs: int = 0  # worker processes; 0: one per core (CPU), one (CUDA)
+    jobs: int = 0  # parallel workers; 0: one per core (CPU), one per GPU (CUDA)
+    backend: str = "local"  # local: a process pool here | ray: one Ray task per neighbourhood (ndonnx.distill.backends)
+    gpus_per_job: float = 1.0  # --backend ray on CUDA: the GPU share each task asks for (0.5: two per GPU)
     lookahead: int = 0
     data_free: bool = False
     data_free_method: str = "auto"  # without --data: auto | bn-stats | inversion | noise (ndonnx.synthetic)
@@ -62,6 +64,12 @@ class DistillConfig:
             raise NdonnxError(f"--channel-multiple must be >= 1, got {self.channel_multiple}")
         if self.lookahead < 0 or self.jobs < 0 or self.lr <= 0:
             raise NdonnxError("--lookahead and --jobs must be >= 0 and --lr > 0")
+        if self.backend not in ("local", "ray"):
+            raise NdonnxError(f"--backend must be local or ray, got {self.backend!r}")
+        if not 0 < self.gpus_per_job <= 1:
+            raise NdonnxError(f"--gpus-per-job must be in (0, 1], got {self.gpus_per_job}")
+        if self.gpus_per_job != 1 and self.backend != "ray":
+            raise NdonnxError("--gpus-per-job applies to --backend ray (the local backend runs --jobs workers over the GPUs)")
         if self.device not in ("auto", "cpu", "cuda"):
             raise NdonnxError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.data_free_method not in ("auto", "bn-stats", "inversion", "noise"):

@@ -2,12 +2,15 @@
 
 Jobs are plain JSON-serialisable records holding file paths only, so they can run in another
 process or on another machine. The candidates of one neighbourhood are trained together from the
-same batches (`run_group`), so the cache is read once per step for all of them.
+same batches (`train_group`), so the cache is read once per step for all of them. Training returns
+weights and records; only the driver writes them (`write_results`), so a worker on another machine
+or a worker killed mid-write never touches the run directory.
 """
 
 from __future__ import annotations
 
 import json
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,8 +169,25 @@ def _loss(out, targets, names, lookahead, sides, scale) -> torch.Tensor:
 
 
 def run_group(jobs: list[Job]) -> list[dict]:
-    """Train every job of one neighbourhood from the same batches; write each job's weights and
-    journal record atomically as it finishes. Returns the records."""
+    """Train every job of one neighbourhood here and write the results (the in-process path)."""
+    results = train_group(jobs)
+    write_results(jobs, results)
+    return [rec for rec, _ in results]
+
+
+def write_results(jobs: list[Job], results: list[tuple[dict, dict]]) -> None:
+    """The driver's side: each job's weights, then its journal record (last: a record means done),
+    both atomically."""
+    for job, (rec, weights) in zip(jobs, results):
+        if weights:
+            with atomic_path(job.weights_out) as tmp:
+                save_file(weights, str(tmp))
+        atomic_write_text(Path(job.result_out), json.dumps(rec))
+
+
+def train_group(jobs: list[Job]) -> list[tuple[dict, dict[str, np.ndarray]]]:
+    """Train every job of one neighbourhood from the same batches. Returns (journal record, trained
+    weights) per job and writes nothing."""
     import warnings
 
     warnings.simplefilter("ignore")  # converter deprecation chatter would garble the progress display
@@ -216,9 +236,6 @@ def run_group(jobs: list[Job]) -> list[dict]:
         rel = evaluate(st, batches)
         seconds[k] += time.perf_counter() - t1
         w = st.weights() if train[k] else {}
-        if w:
-            with atomic_path(job.weights_out) as tmp:
-                save_file(w, str(tmp))
         nonzero = job.nonzero
         if job.sparsity and w:
             nonzero = job.params - sum(int((v == 0).sum()) for v in w.values())
@@ -226,11 +243,11 @@ def run_group(jobs: list[Job]) -> list[dict]:
                "nonzero": nonzero, "rel_mse": rel,
                "train_rel_mse": float(np.mean(train_loss[k])) if train_loss[k] else None,
                "status": "trained" if train[k] else "frozen", "reason": None,
-               "weights": Path(job.weights_out).name if w else None, "seconds": round(seconds[k], 3)}
+               "weights": Path(job.weights_out).name if w else None, "seconds": round(seconds[k], 3),
+               "host": socket.gethostname()}
         if job.note:
             rec["note"] = job.note
-        atomic_write_text(Path(job.result_out), json.dumps(rec))
-        records.append(rec)
+        records.append((rec, w))
     return records
 
 

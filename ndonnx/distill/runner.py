@@ -4,19 +4,13 @@ directory holds: `ndonnx.distill.layout`."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import shutil
-import signal
-import threading
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
-import multiprocessing
 import numpy as np
 import onnx
 from safetensors.numpy import save_file
@@ -24,6 +18,7 @@ from safetensors.numpy import save_file
 from ndonnx.config import DistillConfig
 from ndonnx.convert import extract, round_trip
 from ndonnx.data import Dataset, load_data, teacher_hash
+from ndonnx.distill.backends import plan_local, run_pool, shown, with_threads
 from ndonnx.distill.cache import CacheReader, build_cache, fingerprint
 from ndonnx.files import atomic_path, atomic_write_text
 from ndonnx.distill.job import Job, TrainSettings, run_group
@@ -71,11 +66,15 @@ def _open_run_dir(run_dir: Path, teacher: Teacher, cfg: DistillConfig) -> None:
         _commit(run_dir, teacher, cfg)
 
 
-def _commit(run_dir: Path, teacher: Teacher, cfg: DistillConfig) -> None:
-    # absolute: `search` works from any folder
-    atomic_write_text(Layout(run_dir).run_json, json.dumps(
+def _commit(run_dir: Path, teacher: Teacher, cfg: DistillConfig, backend: dict | None = None) -> None:
+    # absolute: `search` works from any folder. `backend`: what ran this command's jobs (each job's
+    # host is in its journal record); kept from the last command that trained any
+    meta_path = Layout(run_dir).run_json
+    if backend is None and meta_path.exists():
+        backend = json.loads(meta_path.read_text()).get("backend")
+    atomic_write_text(meta_path, json.dumps(
         {"teacher": str(teacher.path.resolve()), "teacher_hash": teacher_hash(teacher.model),
-         "settings": _job_settings(cfg), "config": cfg.to_dict()}, indent=1))
+         "settings": _job_settings(cfg), "config": cfg.to_dict(), "backend": backend}, indent=1))
 
 
 def _job_settings(cfg: DistillConfig) -> dict:
@@ -96,7 +95,13 @@ def distill(model_path: str | Path, run_dir: str | Path, cfg: DistillConfig, dat
     if data_path is not None and cfg.data_free and cfg.data_free_method == "bn-stats":
         raise NdonnxError("--data-free-method bn-stats makes inputs where there is no data; with --data, "
                           "--data-free trains on Gaussian noise matched to it")
-    device = resolve_device(cfg.device)
+    if cfg.backend == "ray":
+        from ndonnx.distill.ray_backend import preflight
+
+        preflight()  # a missing extra or a cluster that is not there: usage errors, found before any work
+        device = cfg.device  # the cluster's GPUs, not this machine's, decide: settled when it is joined
+    else:
+        device = resolve_device(cfg.device)
     teacher = with_dynamic_batch(load_teacher(model_path))
     data = load_data(data_path, teacher, cfg.labels) if data_path is not None else None  # checked before any write
     part = partition(teacher, cfg.partition)
@@ -142,7 +147,7 @@ def _distill(teacher: Teacher, part: Partition, data: Dataset | None, run_dir: P
     jobs: list[Job] = []
     subs: dict[int, Path] = {}
     skipped: dict[str, dict[str, str]] = {}
-    for nbh in _shown(part.neighbourhoods, progress, label="prepare"):
+    for nbh in shown(part.neighbourhoods, progress, label="prepare"):
         rt = round_trip(teacher, nbh, sample)
         if not rt.convertible:
             rows_fixed.append(_teacher_row(nbh.id, nbh.params, f"kept as teacher: {rt.reason}"))
@@ -178,14 +183,14 @@ def _distill(teacher: Teacher, part: Partition, data: Dataset | None, run_dir: P
     if done:
         log.info("reusing %s: %d of %d jobs done", run_dir, done, len(jobs))
     try:
-        _run(jobs, device, cfg.jobs, progress)
+        backend = _run(jobs, cfg, device, progress)
     except KeyboardInterrupt:
         done = sum(Path(j.result_out).exists() for j in jobs)
         log.warning("stopped: %d of %d jobs are journalled in %s; the same command resumes from there",
                     done, len(jobs), run_dir)
         raise
     rows = write_candidates(run_dir, rows_fixed)
-    _commit(run_dir, teacher, cfg)
+    _commit(run_dir, teacher, cfg, backend)
     return rows
 
 
@@ -250,89 +255,27 @@ def _write_noise(part: Partition, part_model: onnx.ModelProto, cache_dir: Path, 
             save_file(arrays, str(tmp))
 
 
-def _run(jobs: list[Job], device: str, workers: int, progress: Callable | None) -> None:
-    todo = [j for j in jobs if not Path(j.result_out).exists()]
+def _run(jobs: list[Job], cfg: DistillConfig, device: str, progress: Callable | None) -> dict | None:
+    """Run the unfinished jobs, one group per neighbourhood; returns what ran them (for run.json)."""
     groups: dict[int, list[Job]] = {}
-    for j in todo:
-        groups.setdefault(j.neighbourhood, []).append(j)
+    for j in jobs:
+        if not Path(j.result_out).exists():
+            groups.setdefault(j.neighbourhood, []).append(j)
     if not groups:
-        return
-    cores = os.cpu_count() or 1
-    workers = workers or (1 if device == "cuda" else cores)
-    workers = max(1, min(workers, len(groups)))
-    threads = 1 if device == "cuda" else max(1, cores // workers)
-    batches = [[replace(j, settings=replace(j.settings, threads=threads)) for j in g] for g in groups.values()]
-    if workers == 1:
-        for g in _shown(batches, progress):
+        return None
+    if cfg.backend == "ray":
+        from ndonnx.distill.ray_backend import run_ray
+
+        return run_ray(list(groups.values()), cfg, progress)
+    plan = plan_local(device, cfg.jobs, len(groups))
+    batches = with_threads(list(groups.values()), plan.threads)
+    if plan.workers == 1:
+        for g in shown(batches, progress):
             run_group(g)
-        return
-    # Not `with`: its exit waits for the jobs in flight. On an interrupt the pool is stopped instead.
-    # Workers ended mid-job can leave a queue semaphore for multiprocessing's resource tracker, which
-    # removes it and says so at exit; harmless, and not the user's concern (the tracker reads this
-    # variable: it is its own process).
-    os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning:multiprocessing.resource_tracker")
-    pool = None
-    try:
-        with _signals_ignored(signal.SIGINT):  # workers inherit it ignored: a ^C to the group reaches only us
-            pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                                       initializer=_worker_start)
-            futures = {pool.submit(run_group, g): g for g in batches}
-
-        def finished():
-            for f in as_completed(futures):
-                f.result()
-                yield f"finished neighbourhood {futures[f][0].neighbourhood} ({workers} workers)"
-
-        for _ in _shown(finished(), progress, len(batches)):
-            pass
-    except BaseException:
-        if pool is not None:
-            _stop(pool)
-        raise
-    pool.shutdown()
-
-
-def _worker_start() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # ^C is the parent's to handle: it ends the workers
-
-
-@contextlib.contextmanager
-def _signals_ignored(*signals: signal.Signals):
-    """Signals dropped (main thread only). SIGINT while the workers start: they inherit it ignored (a
-    handler would not survive their exec), SIGTERM not, as `_stop` ends them with it. Both while the
-    workers are stopped, so that a second ^C cannot cut the stop short."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    saved = {s: signal.signal(s, signal.SIG_IGN) for s in signals}
-    try:
-        yield
-    finally:
-        for s, h in saved.items():
-            signal.signal(s, h)
-
-
-def _stop(pool: ProcessPoolExecutor) -> None:
-    """Cancel what has not started and end the workers now; a second ^C meanwhile is ignored, so
-    stopping cannot be cut short and leave workers behind. Finished jobs are already journalled."""
-    with _signals_ignored(signal.SIGINT, signal.SIGTERM):
-        procs = list((getattr(pool, "_processes", None) or {}).values())
-        pool.shutdown(wait=False, cancel_futures=True)
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=5)
-
-
-def _shown(items, progress: Callable | None, total: int | None = None, label: str = "distill"):
-    """`items` through the progress bar when there is one; labels say which neighbourhood."""
-    if progress is None:
-        return items
-    items = items if total is not None else list(items)
-    return progress(items, total if total is not None else len(items), label)
+    else:
+        run_pool(batches, plan, progress)
+    return {"name": "local", "workers": plan.workers, "device": device,
+            **({"gpus": list(plan.devices)} if plan.devices[0] is not None else {})}
 
 
 def write_candidates(run_dir: Path, extra_rows: list[dict] = ()) -> list[dict]:
