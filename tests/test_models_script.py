@@ -49,3 +49,23 @@ def test_train_resnet20_smoke(tmp_path):
     assert 0.0 <= meta["test_accuracy"] <= 1.0 and 0.0 <= meta["subset_test_accuracy"] <= 1.0
     assert 250_000 < meta["params"] < 300_000  # ResNet-20: ~0.27 M weights
     assert not list(tmp_path.glob("*.tmp")), "temp files left behind"
+
+
+@pytest.mark.skipif(
+    not (DATA / "train-images-idx3-ubyte.gz").exists() and not (DATA / "train-images-idx3-ubyte").exists(),
+    reason="Fashion-MNIST absent: apt-get update && apt-get install -y dataset-fashion-mnist",
+)
+def test_train_mobilenetv2_keeps_batchnorm(tmp_path):
+    cmd = [sys.executable, str(ROOT / "models" / "train_mobilenetv2.py"), "--limit", "256", "--epochs", "1",
+           "--test-limit", "300", "--threads", "1", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    model = onnx.load(str(tmp_path / "mobilenetv2_fmnist.onnx"))
+    onnx.checker.check_model(model)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("BatchNormalization") == 25 and "Clip" in ops  # not folded into the convolutions; ReLU6
+    assert any(n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute) for n in model.graph.node)
+    meta = json.loads((tmp_path / "mobilenetv2_fmnist.json").read_text())
+    assert KEYS <= meta.keys() and meta["batchnorm_nodes"] == 25 and meta["train_images"] == 256
+    assert 200_000 < meta["params"] < 220_000
+    assert not list(tmp_path.glob("*.tmp")), "temp files left behind"
