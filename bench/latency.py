@@ -6,12 +6,17 @@
 Latency: CPUExecutionProvider, the given intra-op threads, 5 warm-up runs, the median of `--repeats`
 timed runs; the teacher is timed in the same process, its students alternate with it round by round
 (so drift in machine load hits both), and speed-ups are ratios within one run. Inputs are seeded
-random data shaped like the teacher's inputs (symbolic dims other than the batch: --dim NAME=SIZE).
+random data shaped like the teacher's inputs (symbolic dims other than the batch: --dim NAME=SIZE,
+else 16, or 32 for the trailing dims of an image input).
 `--threads 1,0` times each model at one thread and at all cores (0: onnxruntime's default).
 `--int8` adds every model quantized as `--quantize int8` does it (`ndonnx.quantize`: static QDQ for
 conv nets, calibrated on the first 256 rows of `--data`, or on the seeded random inputs without it,
 which is enough for timing; dynamic for MatMul-heavy models). A benchmark, not a test: it prints its
 figures and writes JSON, and `--plot` draws speed-up against parameters and MACs at the largest batch.
+`--eval-data HELD_OUT.npz` also scores every model against the teacher's outputs on those rows (the
+score `compress` reports: accuracy with `--labels`, top-1 agreement, mean cosine or 1 - relative
+error); `--mask-threshold T` adds, for a map output such as a text detector's probabilities, the IoU
+of the pixels above T with the teacher's.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import onnxruntime as ort
 from ndonnx.candidates.width import shrink
 from ndonnx.graph import load_teacher, weight_counts
 from ndonnx.macs import concrete_dims, count_macs
+from ndonnx.metrics import metric_name, score_outputs
 from ndonnx.sample import make_inputs
 
 
@@ -65,6 +71,9 @@ def main() -> int:
     ap.add_argument("--uniform", action="append", default=[], help="K or K@N: also time the teacher with every "
                     "inner channel group at width K (rounded to a multiple of N), untrained: latency only")
     ap.add_argument("--dim", action="append", default=[], help="NAME=SIZE for symbolic dims other than the batch")
+    ap.add_argument("--eval-data", type=Path, help="held-out .npz: score every model against the teacher on it")
+    ap.add_argument("--labels", help="labels array in --eval-data (the score becomes accuracy)")
+    ap.add_argument("--mask-threshold", type=float, help="also the IoU of first-output pixels above this value")
     ap.add_argument("--out", type=Path, default=Path("latency.json"))
     args = ap.parse_args()
 
@@ -78,7 +87,7 @@ def main() -> int:
         model, sizes = shrink(teacher.model, float(k), multiple=int(n or 1))
         models[f"width {spec}"] = model
     dims = dict((d.split("=")[0], int(d.split("=")[1])) for d in args.dim)
-    one = {k: v[:1] for k, v in make_inputs(teacher).items()}
+    one = {k: v[:1] for k, v in make_inputs(teacher, sizes=dims).items()}
     if args.int8:
         from ndonnx.quantize import quantize
 
@@ -87,6 +96,8 @@ def main() -> int:
         for name, m in list(models.items()):
             models[f"{name} int8"], info = quantize(m, "int8", calib)
             print(f"{name}: int8 {info['method']}")
+    if args.eval_data:
+        res_scores = scores(models, args.eval_data, args.labels, args.mask_threshold)
     threads = [int(t) for t in args.threads.split(",")]
     res: dict = {"teacher": str(args.teacher), "threads": threads, "cores": os.cpu_count(),
                  "onnxruntime": ort.__version__, "models": {}}
@@ -94,6 +105,8 @@ def main() -> int:
         macs = count_macs(m, {**concrete_dims(m, one), **dims})
         res["models"][name] = {"params": sum(weight_counts(m).values()),
                                "macs": macs.total if not macs.uncounted else None, "latency_ms": {}}
+        if args.eval_data:
+            res["models"][name].update(res_scores[name])
     for th in threads:
         sessions = {name: _session(m, th) for name, m in models.items()}
         for batch in (int(b) for b in args.batches.split(",")):
@@ -110,12 +123,33 @@ def main() -> int:
     for name, r in res["models"].items():
         lat = " ".join(f"{ms:9.3f} ms ({t['latency_ms'][b] / ms:4.2f}x)" for b, ms in r["latency_ms"].items())
         macs = f"{r['macs']:,}" if r["macs"] is not None else "uncounted"
-        print(f"{name:14s} {r['params']:>10,d} {macs:>14s} {lat}")
+        score = "".join(f" {k} {r[k]:.4f}" for k in ("score", "mask_iou") if k in r)
+        print(f"{name:14s} {r['params']:>10,d} {macs:>14s} {lat}{score}")
     args.out.write_text(json.dumps(res, indent=1))
     print(f"wrote {args.out}")
     if args.plot:
         plot(res, args.plot)
     return 0
+
+
+def scores(models: dict, path: Path, labels: str | None, threshold: float | None) -> dict[str, dict]:
+    """Each model's score against the teacher's outputs on held-out rows (in batches of 32)."""
+    data = dict(np.load(path))
+    y = data.pop(labels) if labels else None
+    outs = {}
+    for name, m in models.items():
+        sess = _session(m, 0)
+        feeds = [{k: v[i:i + 32] for k, v in data.items()} for i in range(0, len(next(iter(data.values()))), 32)]
+        parts = [sess.run(None, f) for f in feeds]
+        outs[name] = [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
+    ref = outs["teacher"]
+    res = {}
+    for name, o in outs.items():
+        res[name] = {"metric": metric_name(ref, y), "score": score_outputs(o, ref, y)}
+        if threshold is not None:
+            a, b = o[0] > threshold, ref[0] > threshold
+            res[name]["mask_iou"] = float((a & b).sum() / max(1, (a | b).sum()))
+    return res
 
 
 def plot(res: dict, path: Path) -> None:

@@ -14,7 +14,7 @@ import onnx
 
 from ndonnx.config import PartitionConfig
 from ndonnx.errors import NdonnxError
-from ndonnx.graph import NONDETERMINISTIC_OPS, Teacher, node_inputs, subgraph_reads
+from ndonnx.graph import NONDETERMINISTIC_OPS, Teacher, attr, node_inputs, subgraph_reads
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +216,7 @@ def _partition(teacher: Teacher, cfg: PartitionConfig, primary: str,
     if cfg.block_size == 1:  # --block-size asks for coarser pieces: leave them whole
         node_sets = [piece for idx, k in zip(node_sets, range(len(node_sets)))
                      for piece in _split_large(teacher, shapes, idx, sum(teacher.weights[w] for w, o in owner.items() if o == k))]
+        node_sets = _pair_lone_ops(teacher, node_sets, keep)
 
     outside_nodes = tuple(i for i in range(len(nodes)) if i not in main)
     side_paths = [i for i in outside_nodes if not set(nodes[i].output) <= shapes.keys()]  # masks, not shape arithmetic
@@ -261,6 +262,70 @@ def _partition(teacher: Teacher, cfg: PartitionConfig, primary: str,
 SPLIT_SHARE = 1 / 3
 BLOCK_OPS = 5
 MAX_FRONTIER = 6  # tensors crossing such a cut, at most (twice that to halve a piece still too large)
+
+
+def _dense_ops(teacher: Teacher, idx: list[int]) -> int:
+    """Ops that mix channels with a constant weight (Conv with group 1, Gemm, MatMul): a width student
+    needs two of them in one neighbourhood, the inner channels between them."""
+    n = 0
+    for i in idx:
+        node = teacher.model.graph.node[i]
+        weighted = any(w in teacher.weights for w in node.input[1:2])
+        n += weighted and (node.op_type in ("Gemm", "MatMul") or (node.op_type == "Conv" and attr(node, "group", 1) == 1))
+    return n
+
+
+# Weighted ops a plain chain is made of; a piece holding another (an LSTM, an embedding Gather) has
+# students of its own and is never joined to its neighbours.
+CHAIN_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "InstanceNormalization",
+                       "Add", "Mul", "Sub", "Div", "PRelu", "Clip"})
+
+
+def _chainable(teacher: Teacher, idx: list[int]) -> bool:
+    nodes = teacher.model.graph.node
+    return all(nodes[i].op_type in CHAIN_OPS for i in idx if any(w in teacher.weights for w in nodes[i].input))
+
+
+def _pair_lone_ops(teacher: Teacher, node_sets: list[list[int]], keep: frozenset[str]) -> list[list[int]]:
+    """A plain chain (a depthwise-separable backbone, a VGG without residuals) is cut after every op,
+    each piece holding one channel-mixing op and so no inner channels for a width student. Runs of two
+    or more such pieces are joined, consecutive ones, until each holds two channel-mixing ops (a
+    depthwise-separable pair then sits between two 1x1 convolutions: the inner channels are the first
+    one's outputs). A lone piece next to a block (a ResNet's stem, a classifier head) is left as it is;
+    never across a kept boundary or beyond SPLIT_SHARE of the parameters."""
+    nodes = teacher.model.graph.node
+    dense = [_dense_ops(teacher, idx) if _chainable(teacher, idx) else 2 for idx in node_sets]  # 2: never joined
+    params = [sum(teacher.weights.get(n, 0) for n in {n for i in idx for n in nodes[i].input}) for idx in node_sets]
+
+    def kept_between(a: list[int], b: list[int]) -> bool:
+        made = {o for i in a for o in nodes[i].output}
+        return bool(made & keep & {n for i in b for n in node_inputs(nodes[i])})
+
+    cap = SPLIT_SHARE * teacher.params
+    out: list[list[int]] = []
+    k = 0
+    while k < len(node_sets):
+        j = k
+        while j + 1 < len(node_sets) and dense[j] <= 1 and dense[j + 1] <= 1 \
+                and not kept_between(node_sets[j], node_sets[j + 1]):
+            j += 1
+        if j == k:  # not in a run of lone pieces
+            out.append(node_sets[k])
+            k += 1
+            continue
+        chunks: list[tuple[list[int], int, int]] = []  # (nodes, channel-mixing ops, parameters)
+        for m in range(k, j + 1):
+            if chunks and chunks[-1][1] < 2 and chunks[-1][2] + params[m] <= cap:
+                c = chunks[-1]
+                chunks[-1] = (c[0] + node_sets[m], c[1] + dense[m], c[2] + params[m])
+            else:
+                chunks.append((node_sets[m], dense[m], params[m]))
+        if len(chunks) > 1 and chunks[-1][1] < 2 and chunks[-2][2] + chunks[-1][2] <= cap:
+            last = chunks.pop()  # a tail with one channel-mixing op joins the chunk before it
+            chunks[-1] = (chunks[-1][0] + last[0], chunks[-1][1] + last[1], chunks[-1][2] + last[2])
+        out += [sorted(c[0]) for c in chunks]
+        k = j + 1
+    return out
 
 
 def _readers(model: onnx.ModelProto, shapes: dict[str, int], main: set[int]) -> dict[str, set[int]]:

@@ -68,7 +68,10 @@ def index_ranges(model: onnx.ModelProto) -> dict[str, int]:
     return out
 
 
-def make_inputs(teacher: Teacher, cfg: SampleConfig = SampleConfig()) -> dict[str, np.ndarray]:
+def make_inputs(teacher: Teacher, cfg: SampleConfig = SampleConfig(),
+                sizes: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+    """Seeded random inputs; a symbolic dim named in `sizes` gets that size, others cfg's defaults."""
+    sizes = sizes or {}
     rng = np.random.default_rng(cfg.seed)
     model = teacher.model
     ranges = index_ranges(model)
@@ -81,6 +84,8 @@ def make_inputs(teacher: Teacher, cfg: SampleConfig = SampleConfig()) -> dict[st
         for k, d in enumerate(dims):
             if isinstance(d, int) and d > 0:
                 shape.append(d)
+            elif isinstance(d, str) and d in sizes:
+                shape.append(sizes[d])
             elif k == 0:
                 shape.append(cfg.batch)
             elif len(dims) == 4 and k >= 2:

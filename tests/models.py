@@ -224,6 +224,23 @@ class PlainMobile(nn.Module):
         return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
 
 
+class SeparableChain(nn.Module):
+    """PP-LCNet / MobileNetV1 style: depthwise 3x3 then pointwise 1x1, no skips and no expansion, so
+    every tensor is a single-tensor cut and every piece of the chain holds one convolution."""
+
+    def __init__(self, widths=(8, 8, 16, 16, 16, 16, 16, 16)):
+        super().__init__()
+        layers = [nn.Conv2d(3, widths[0], 3, 2, 1), nn.BatchNorm2d(widths[0]), nn.Hardswish()]
+        for a, b in zip(widths, widths[1:]):
+            layers += [nn.Conv2d(a, a, 3, 1, 1, groups=a), nn.BatchNorm2d(a), nn.Hardswish(),
+                       nn.Conv2d(a, b, 1), nn.BatchNorm2d(b), nn.Hardswish()]
+        self.body = nn.Sequential(*layers)
+        self.fc = nn.Linear(widths[-1], 10)
+
+    def forward(self, x):
+        return self.fc(self.body(x).mean((2, 3)))
+
+
 class TwoHeads(nn.Module):
     """A multi-output model: a shared trunk, logits and an embedding."""
 
@@ -335,6 +352,11 @@ def lstm_tagger(path: Path, **kw) -> Path:
 def plain_mobile(path: Path, **kw) -> Path:
     _seed()
     return export(PlainMobile(), (torch.randn(2, 3, 16, 16),), path, **kw)
+
+
+def separable_chain(path: Path, **kw) -> Path:
+    _seed()
+    return export(_randomise_bn(SeparableChain()), (torch.randn(2, 3, 16, 16),), path, **kw)
 
 
 def two_heads(path: Path, **kw) -> Path:

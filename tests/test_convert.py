@@ -46,6 +46,18 @@ def test_sample_inputs_are_valid(zoo):
     assert np.array_equal(make_inputs(t)["ids"], feeds["ids"])  # seeded
 
 
+def test_sample_inputs_take_named_sizes(tmp_path):
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, "H", "W"])])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "m.onnx")
+    t = load_teacher(tmp_path / "m.onnx")
+    assert make_inputs(t)["x"].shape == (2, 3, 32, 32)  # the defaults
+    assert make_inputs(t, sizes={"H": 64, "W": 256})["x"].shape == (2, 3, 64, 256)
+
+
 def _bn_model(tmp_path):
     rng = np.random.default_rng(0)
     c = 4

@@ -57,6 +57,29 @@ def test_inverted_residual_and_squeeze_excite(zoo):
     assert any(a.name == "group" and a.i == 32 for n in depthwise for a in n.attribute)
 
 
+def test_separable_chain_pieces_hold_two_channel_mixing_ops(tmp_path):
+    """A chain cut after every convolution leaves width students nothing to shrink; runs of such
+    pieces are joined until each holds two channel-mixing convolutions (a real PP-OCRv4 detector's
+    backbone: 12 single-conv pieces before, 3 neighbourhoods with width students after)."""
+    from ndonnx.candidates import width
+    from ndonnx.convert import extract
+    from ndonnx.sample import run_sample
+
+    import models
+
+    t = load_teacher(models.separable_chain(tmp_path / "chain.onnx"))
+    part = partition(t)
+    _check_chain(t, part)
+    s = run_sample(t)
+    nodes = t.model.graph.node
+    mixing = [sum(nodes[i].op_type in ("Conv", "Gemm") and all(a.name != "group" or a.i == 1 for a in nodes[i].attribute)
+                  for i in n.nodes) for n in part.neighbourhoods]
+    assert mixing == [2, 2, 2, 2, 1]  # stem + a pair, then two pairs each (16 pieces before); the classifier
+    for n in part.neighbourhoods[:-1]:
+        model, sizes = width.shrink(extract(t, n, s), 0.5)  # raises NotApplicable without an inner group
+        assert sizes and all(new < old for old, new in sizes)
+
+
 def test_transformer_mask_is_a_side_input(zoo):
     t = load_teacher(zoo["encoder"])
     part = partition(t)
