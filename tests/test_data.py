@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -113,3 +115,23 @@ def test_cache_keeps_large_values_in_float32(zoo, tmp_path):
     r = CacheReader(tmp_path / "c")
     assert r.arrays["input"].dtype == np.float32 and np.isfinite(r.read("logits", np.arange(20))).all()
     np.testing.assert_allclose(r.read("input", np.arange(20))[8:], x[8:], rtol=1e-6)
+
+
+def test_cache_widens_a_tensor_that_overflows_float16_after_some_batches(zoo, tmp_path):
+    """The first batch fits float16, a later one does not: rows already written are rewritten float32."""
+    t = load_teacher(zoo["resnet_legacy"])
+    x = _images(24)
+    x[12:] *= 1e6
+    np.savez(tmp_path / "d.npz", input=x)
+    build_cache(t.model, ["input", "logits"], load_data(tmp_path / "d.npz", t), tmp_path / "c", seed=0,
+                fingerprint="f", batch=8)
+    r = CacheReader(tmp_path / "c")
+    from ndonnx.sample import ort_session
+    want = ort_session(t.model).run(["logits"], {"input": x})[0]
+    files = json.loads((tmp_path / "c" / "manifest.json").read_text())["files"]
+    assert np.abs(want).max() > 1e5 and files["logits"]["file"].endswith(".f32.npy")
+    assert np.load(tmp_path / "c" / files["logits"]["file"]).dtype == np.float32
+    got = r.read("logits", np.arange(24))
+    assert rel_err(got[:8], want[:8]) < 1e-3  # written float16 first, then widened
+    assert rel_err(got[8:], want[8:]) < 1e-5
+    np.testing.assert_allclose(r.read("input", np.arange(24))[12:], x[12:], rtol=1e-6)

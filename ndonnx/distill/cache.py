@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 import onnx
@@ -19,6 +21,7 @@ from ndonnx.sample import ort_session
 HOLDOUT = 0.1
 FLOAT16_MAX = 60000.0  # a tensor with larger values is stored float32 (float16 would overflow to inf)
 RAM_LIMIT = 2 << 30  # caches smaller than this are read fully into memory
+PROBE = 16  # samples that show how each tensor follows the batch
 
 
 def fingerprint(teacher_digest: str, data: Dataset) -> str:
@@ -31,54 +34,64 @@ def build_cache(model: onnx.ModelProto, names: list[str], data: Dataset, cache_d
                 fingerprint: str, batch: int = 256, progress=None, shape_only: list[str] = ()) -> None:
     """Write `names` for every sample of `data` into `cache_dir`, then the manifest (last, atomically:
     a cache without a manifest is incomplete and rebuilt). Tensors in `shape_only` are read by the
-    students for their shape alone: only how their shape follows the batch is recorded."""
+    students for their shape alone: only how their shape follows the batch is recorded.
+
+    Where the time went (bench/distill_speed.py, README): float32 tensors leave onnxruntime already
+    float16 (a Cast in the graph costs a fraction of numpy's conversion), and each file is written front
+    to back with plain writes (page faults on a fresh memory map cost more than the writes). Nothing is
+    fsync'ed, like every other file of a run: the manifest guards against a killed process, not a
+    lost machine."""
     manifest_path = cache_dir / "manifest.json"
     if manifest_path.exists() and json.loads(manifest_path.read_text()).get("fingerprint") == fingerprint:
         return
     cache_dir.mkdir(parents=True, exist_ok=True)
-    sess = ort_session(_with_outputs(model, names))
     inputs = [s.name for s in data.specs]
-    files: dict[str, np.ndarray] = {}
+    run = [k for k in names if k not in inputs]  # graph inputs come from the data, not from the session
+    files: dict[str, _Rows] = {}
     layouts: dict[str, tuple[int | None, int]] = {}
     shapes: dict[str, dict] = {}
-    pos = 0
-    shards = list(data.iter_shards()) if progress is None else progress(data.iter_shards(), len(data.shards), "cache")
-    for shard in shards:
-        n = len(shard[inputs[0]])
-        for lo in range(0, n, batch):
-            feeds = {k: shard[k][lo:lo + batch] for k in inputs}
-            outs = dict(zip(names, sess.run(names, feeds)))
-            outs.update({k: v for k, v in feeds.items() if k in names})
-            if not layouts:
-                layouts, shapes = _probe(model, names, list(shape_only), feeds)
-            for k, v in outs.items():
-                axis, per = layouts[k]
-                if axis is None:  # the same for every sample (a position table): stored once
+    teacher = None
+    with _Writer() as writer:
+        shards = list(data.iter_shards()) if progress is None else progress(data.iter_shards(), len(data.shards), "cache")
+        for shard in shards:
+            n = len(shard[inputs[0]])
+            for lo in range(0, n, batch):
+                feeds = {k: shard[k][lo:lo + batch] for k in inputs}
+                if teacher is None:  # a few samples tell: probing costs a fraction of a batch
+                    layouts, shapes, dtypes = _probe(model, names, list(shape_only), {k: v[:PROBE] for k, v in feeds.items()})
+                    teacher = _HalfSession(model, run, dtypes)
+                outs, widened = teacher.run(feeds)
+                if widened & files.keys():  # rows already written are rewritten float32
+                    writer.settle()
+                    for k in widened & files.keys():
+                        files[k].widen()
+                outs.update({k: v for k, v in feeds.items() if k in names})
+                todo = []
+                for k, v in outs.items():
+                    axis, per = layouts[k]
+                    if axis is None:  # the same for every sample (a position table): stored once
+                        if k not in files:
+                            files[k] = _Rows(cache_dir / f"{len(files):04d}.npy", _stored(v.dtype, k in teacher.wide), v.shape)
+                            todo.append((files[k], v))
+                        continue
+                    v = np.moveaxis(v, axis, 0)  # stored batch-first, one row per sample
+                    v = v.reshape(len(v) // per, per, *v.shape[1:]) if per > 1 else v
                     if k not in files:
-                        files[k] = np.lib.format.open_memmap(cache_dir / f"{len(files):04d}.npy", mode="w+",
-                                                             dtype=v.dtype, shape=v.shape)
-                        files[k][...] = v
-                    continue
-                v = np.moveaxis(v, axis, 0)  # stored batch-first, one row per sample
-                v = v.reshape(len(v) // per, per, *v.shape[1:]) if per > 1 else v
-                if k not in files:
-                    # float16 from the start (half the bytes to write); upgraded if a value overflows
-                    dtype = np.float16 if v.dtype == np.float32 else v.dtype
-                    files[k] = np.lib.format.open_memmap(cache_dir / f"{len(files):04d}.npy", mode="w+",
-                                                         dtype=dtype, shape=(data.size, *v.shape[1:]))
-                if files[k].dtype == np.float16 and np.abs(v).max(initial=0.0) >= FLOAT16_MAX:
-                    files[k] = _to_float32(files[k])
-                files[k][pos:pos + len(v)] = v
-            pos += len(feeds[inputs[0]])
-        if data.labels_key:
-            files.setdefault("__labels__", np.lib.format.open_memmap(
-                cache_dir / "labels.npy", mode="w+", dtype=np.int64, shape=(data.size,)))
-            files["__labels__"][pos - n:pos] = shard[data.labels_key]
+                        files[k] = _Rows(cache_dir / f"{len(files):04d}.npy", _stored(v.dtype, k in teacher.wide),
+                                         (data.size, *v.shape[1:]))
+                    if k in inputs and files[k].dtype == np.float16 and _overflows(v):  # data, converted here
+                        writer.settle()
+                        files[k].widen()
+                    todo.append((files[k], v))
+                writer.post(todo)
+            if data.labels_key:
+                files.setdefault("__labels__", _Rows(cache_dir / "labels.npy", np.int64, (data.size,)))
+                writer.post([(files["__labels__"], shard[data.labels_key])])
     entries = {}
-    for k, arr in files.items():
-        arr.flush()
+    for k, f in files.items():
+        f.close()
         axis, per = layouts.get(k, (0, 1))
-        entries[k] = {"file": Path(arr.filename).name, "batch_axis": axis, "per_sample": per}
+        entries[k] = {"file": f.path.name, "batch_axis": axis, "per_sample": per}
     perm = np.random.default_rng(seed).permutation(data.size)
     hold = max(1, int(round(HOLDOUT * data.size))) if data.size > 1 else 0
     np.save(cache_dir / "holdout.npy", np.sort(perm[:hold]))
@@ -87,16 +100,102 @@ def build_cache(model: onnx.ModelProto, names: list[str], data: Dataset, cache_d
                                                  "shape_only": shapes}, indent=1))
 
 
-def _to_float32(half: np.memmap) -> np.memmap:
-    """Rewrite a float16 cache file as float32 (values written so far were in range)."""
-    path = Path(half.filename)
-    full = np.lib.format.open_memmap(path.with_suffix(".f32.npy"), mode="w+", dtype=np.float32, shape=half.shape)
-    for lo in range(0, len(half), 4096):
-        full[lo:lo + 4096] = half[lo:lo + 4096]
-    full.flush()
-    del half
-    path.unlink()
-    return full
+def _stored(dtype: np.dtype, wide: bool) -> np.dtype:
+    """How a tensor is stored: float32 as float16, unless its values overflow float16 (`wide`)."""
+    return np.dtype(np.float16) if dtype in (np.float16, np.float32) and not wide else np.dtype(dtype)
+
+
+def _overflows(v: np.ndarray) -> bool:
+    """Whether float values reach FLOAT16_MAX (in float16: a Cast rounds overflow to inf)."""
+    if not v.size:
+        return False
+    if v.dtype == np.float16:  # on the bits (numpy's float16 arithmetic is slow); NaN counts too, harmlessly
+        return int(np.max(v.view(np.uint16) & 0x7FFF)) >= _F16_LIMIT_BITS
+    return v.dtype == np.float32 and max(float(v.max()), -float(v.min())) >= FLOAT16_MAX
+
+
+_F16_LIMIT_BITS = int(np.array(FLOAT16_MAX, np.float16).view(np.uint16))
+
+
+class _HalfSession:
+    """The teacher giving `names`, float32 ones through a Cast to float16 in the graph (a fraction of
+    numpy's cost), except those whose values overflow float16 (`wide`): they are given float32."""
+
+    def __init__(self, model: onnx.ModelProto, names: list[str], dtypes: dict[str, np.dtype]):
+        self.model, self.names, self.dtypes, self.wide = model, names, dtypes, set()
+        self._build()
+
+    def _build(self) -> None:
+        self.half = {k: f"{k}__ndonnx_f16" for k in self.names if self.dtypes[k] == np.float32 and k not in self.wide}
+        m = _with_outputs(self.model, [k for k in self.names if k not in self.half])
+        m.graph.node.extend(onnx.helper.make_node("Cast", [k], [h], to=onnx.TensorProto.FLOAT16)
+                            for k, h in self.half.items())
+        m.graph.output.extend(onnx.ValueInfoProto(name=h) for h in self.half.values())
+        self.sess = ort_session(m)
+
+    def run(self, feeds: dict) -> tuple[dict[str, np.ndarray], set[str]]:
+        """The outputs for `feeds`, and the tensors that became float32 with this batch (it is run again)."""
+        widened: set[str] = set()
+        while True:
+            outs = dict(zip(self.names, self.sess.run([self.half.get(k, k) for k in self.names], feeds)))
+            over = {k for k in self.half if _overflows(outs[k])}
+            if not over:
+                return outs, widened
+            self.wide |= over
+            widened |= over
+            self._build()
+
+
+class _Writer:
+    """Writes each batch's rows on one background thread, in order, while onnxruntime computes the
+    next batch; one batch at most waits to be written."""
+
+    def __init__(self):
+        self.pool, self.pending = ThreadPoolExecutor(1), None
+
+    def post(self, todo: list[tuple[_Rows, np.ndarray]]) -> None:
+        self.settle()
+        self.pending = self.pool.submit(lambda: [rows.write(v) for rows, v in todo])
+
+    def settle(self) -> None:
+        """Wait for what was posted (a failed write raises here)."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.settle()  # a failed write raises even after another error: the first one is chained
+        finally:
+            self.pool.shutdown()
+
+
+class _Rows:
+    """One .npy file written front to back: the header for all rows, then each batch's rows in turn."""
+
+    def __init__(self, path: Path, dtype, shape: tuple):
+        self.path, self.dtype, self.shape = path, np.dtype(dtype), tuple(shape)
+        self.f = open(path, "wb")  # noqa: SIM115 -- open across batches, closed by close()
+        np.lib.format.write_array_header_1_0(self.f, {"descr": np.lib.format.dtype_to_descr(self.dtype),
+                                                      "fortran_order": False, "shape": self.shape})
+        self.start = self.f.tell()
+
+    def write(self, v: np.ndarray) -> None:
+        self.f.write(np.ascontiguousarray(v, self.dtype).data.cast("B"))
+
+    def widen(self) -> None:
+        """Rewrite as float32 (the rows written so far were in float16's range) and go on in float32."""
+        self.f.close()
+        done = np.fromfile(self.path, np.float16, offset=self.start)
+        self.path.unlink()
+        self.__init__(self.path.with_suffix(".f32.npy"), np.float32, self.shape)
+        self.write(done)
+
+    def close(self) -> None:
+        self.f.close()
 
 
 def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
@@ -108,8 +207,9 @@ def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
 
 
 def _probe(model: onnx.ModelProto, names: list[str], shape_only: list[str],
-           feeds: dict) -> tuple[dict[str, tuple[int | None, int]], dict[str, dict]]:
-    """How each tensor follows the batch, from the first batch (n samples) and its first sample alone.
+           feeds: dict) -> tuple[dict[str, tuple[int | None, int]], dict[str, dict], dict[str, np.dtype]]:
+    """How each tensor follows the batch, from a batch (n samples) and its last sample alone; and
+    each tensor's dtype.
 
     Layouts: (batch axis, rows per sample); the axis is None for a tensor that is the same whatever
     the batch, and rows per sample > 1 for a flattened (batch*seq, ...) tensor. Shape-only tensors:
@@ -145,7 +245,7 @@ def _probe(model: onnx.ModelProto, names: list[str], shape_only: list[str],
                               f"({list(small[k].shape)} for one sample, {list(big[k].shape)} for {n})")
     shapes = {k: {"one": list(small[k].shape), "many": list(big[k].shape), "n": n, "dtype": str(big[k].dtype)}
               for k in shape_only}
-    return layouts, shapes
+    return layouts, shapes, {k: big[k].dtype for k in names}
 
 
 def shape_at(rule: dict, batch: int) -> list[int]:
