@@ -89,6 +89,16 @@ def test_ray_plan_gpus_and_cpus():
         ray_plan(DistillConfig(backend="ray", device="cuda"), 2, cpu)
 
 
+def test_ray_gpu_task_is_a_valid_ray_task():
+    """Ray checks the options when the task is defined, GPUs or not (`max_calls` is refused in
+    `.options()`, for one)."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]'): Ray backend untested")
+    from ndonnx.distill.ray_backend import remote_task
+
+    p = ray_plan(DistillConfig(backend="ray", gpus_per_job=0.5), 4, [{"CPU": 4, "GPU": 1}])
+    assert remote_task(ray, p["options"]).options(name="check") is not None
+
+
 def test_bad_backend_options_exit_2(zoo, calib, tmp_path, capsys, monkeypatch):
     base = ["distill", str(zoo["resnet_legacy"]), "--data", str(calib), "--run-dir", str(tmp_path / "r")]
     assert main([*base, "--gpus-per-job", "0.5"]) == 2

@@ -124,6 +124,11 @@ def plan(cfg: DistillConfig, groups: int, nodes: list[dict]) -> dict:
     return {"device": "cpu", "threads": threads, "workers": workers, "options": {"num_cpus": threads}}
 
 
+def remote_task(ray, options: dict):
+    """The Ray task with the plan's resources (`max_calls` is a definition option, not a call one)."""
+    return ray.remote(max_retries=MAX_RETRIES, **options)(_group_task)
+
+
 def run_ray(groups: list[list], cfg: DistillConfig, progress: Callable | None) -> dict:
     """Run the job groups as Ray tasks; write each group's results here as it comes back."""
     from ndonnx.distill.job import write_results
@@ -133,7 +138,7 @@ def run_ray(groups: list[list], cfg: DistillConfig, progress: Callable | None) -
     pending: dict = {}
     try:
         p = plan(cfg, len(groups), [n["Resources"] for n in ray.nodes() if n.get("Alive")])
-        task = ray.remote(_group_task).options(max_retries=MAX_RETRIES, **p["options"])
+        task = remote_task(ray, p["options"])
         batches = with_threads([[_absolute(j) for j in g] for g in groups], p["threads"], p["device"])
         pending = {task.remote(g): g for g in batches}
 
