@@ -12,7 +12,8 @@ else 16, or 32 for the trailing dims of an image input).
 `--int8` adds every model quantized as `--quantize int8` does it (`ndonnx.quantize`: static QDQ for
 conv nets, calibrated on the first 256 rows of `--data`, or on the seeded random inputs without it,
 which is enough for timing; dynamic for MatMul-heavy models). A benchmark, not a test: it prints its
-figures and writes JSON, and `--plot` draws speed-up against parameters and MACs at the largest batch.
+figures and writes JSON, and `--plot` draws speed-up against parameters and MACs at the largest batch
+(on one thread when that was timed: the steadiest figure on a shared machine).
 `--eval-data HELD_OUT.npz` also scores every model against the teacher's outputs on those rows (the
 score `compress` reports: accuracy with `--labels`, top-1 agreement, mean cosine or 1 - relative
 error); `--mask-threshold T` adds, for a map output such as a text detector's probabilities, the IoU
@@ -159,7 +160,8 @@ def plot(res: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     t = res["models"]["teacher"]
-    key = list(t["latency_ms"])[-1]
+    keys = list(t["latency_ms"])
+    key = next((k for k in reversed(keys) if k.endswith("@1t")), keys[-1])  # one thread: the steadiest figure
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
     for ax, what in zip(axes, ("params", "macs")):
         for name, r in res["models"].items():
