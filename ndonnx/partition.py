@@ -265,13 +265,14 @@ MAX_FRONTIER = 6  # tensors crossing such a cut, at most (twice that to halve a 
 
 
 def _dense_ops(teacher: Teacher, idx: list[int]) -> int:
-    """Ops that mix channels with a constant weight (Conv with group 1, Gemm, MatMul): a width student
-    needs two of them in one neighbourhood, the inner channels between them."""
+    """Ops that mix channels with a constant weight (Conv or ConvTranspose with group 1, Gemm, MatMul):
+    a width student needs two of them in one neighbourhood, the inner channels between them."""
     n = 0
     for i in idx:
         node = teacher.model.graph.node[i]
         weighted = any(w in teacher.weights for w in node.input[1:2])
-        n += weighted and (node.op_type in ("Gemm", "MatMul") or (node.op_type == "Conv" and attr(node, "group", 1) == 1))
+        n += weighted and (node.op_type in ("Gemm", "MatMul") or
+                           (node.op_type in ("Conv", "ConvTranspose") and attr(node, "group", 1) == 1))
     return n
 
 
@@ -313,17 +314,24 @@ def _pair_lone_ops(teacher: Teacher, node_sets: list[list[int]], keep: frozenset
             out.append(node_sets[k])
             k += 1
             continue
-        chunks: list[tuple[list[int], int, int]] = []  # (nodes, channel-mixing ops, parameters)
+        chunks: list[list[int]] = []  # indices of the pieces joined into each chunk
+
+        def count(c: list[int]) -> int:
+            return sum(dense[m] for m in c)
+
+        def size(c: list[int]) -> int:
+            return sum(params[m] for m in c)
+
         for m in range(k, j + 1):
-            if chunks and chunks[-1][1] < 2 and chunks[-1][2] + params[m] <= cap:
-                c = chunks[-1]
-                chunks[-1] = (c[0] + node_sets[m], c[1] + dense[m], c[2] + params[m])
+            if chunks and count(chunks[-1]) < 2 and size(chunks[-1]) + params[m] <= cap:
+                chunks[-1].append(m)
             else:
-                chunks.append((node_sets[m], dense[m], params[m]))
-        if len(chunks) > 1 and chunks[-1][1] < 2 and chunks[-2][2] + chunks[-1][2] <= cap:
+                chunks.append([m])
+        if len(chunks) > 1 and count(chunks[-1]) < 2 and size(chunks[-2]) + size(chunks[-1]) <= cap:
             last = chunks.pop()  # a tail with one channel-mixing op joins the chunk before it
-            chunks[-1] = (chunks[-1][0] + last[0], chunks[-1][1] + last[1], chunks[-1][2] + last[2])
-        out += [sorted(c[0]) for c in chunks]
+            chunks[-1] += last
+        for c in chunks:  # a chunk that still lacks two channel-mixing ops gains nothing: left in pieces
+            out += [sorted(i for m in c for i in node_sets[m])] if count(c) >= 2 else [node_sets[m] for m in c]
         k = j + 1
     return out
 
