@@ -14,16 +14,19 @@ fails with a one-line error naming its host.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import socket
+import threading
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 from ndonnx.config import DistillConfig
 from ndonnx.distill.backends import shown, with_threads
-from ndonnx.errors import NdonnxError
+from ndonnx.errors import NdonnxError, Terminated
 
 MAX_RETRIES = 3
 
@@ -61,6 +64,10 @@ def _connect(ray) -> tuple[bool, str]:
     if address:
         _token_auth_if_available()
     quiet = dict(logging_level=logging.ERROR, log_to_driver=False)  # errors come back through ray.get
+    # ray.init takes SIGTERM over (a local head drains for up to 30 s, then exits 1); ours stops the
+    # run at once with 143 and ray.shutdown() still ends the local Ray
+    main = threading.current_thread() is threading.main_thread()
+    sigterm = signal.getsignal(signal.SIGTERM) if main else None
     try:
         if address:
             ray.init(address=address, **quiet)
@@ -72,6 +79,9 @@ def _connect(ray) -> tuple[bool, str]:
         if "AuthToken" in str(e):
             first = "it wants its token: set RAY_AUTH_TOKEN (or ~/.ray/auth_token) and RAY_AUTH_MODE=token"
         raise NdonnxError(f"cannot {where}: {first}") from None
+    finally:
+        if main and sigterm is not None:
+            signal.signal(signal.SIGTERM, sigterm)
     return True, address or "local"
 
 
@@ -149,8 +159,14 @@ def run_ray(groups: list[list], cfg: DistillConfig, progress: Callable | None) -
                 write_results(g, _get(ray, ref, g[0].neighbourhood))
                 yield f"finished neighbourhood {g[0].neighbourhood} (Ray, {p['workers']} workers)"
 
-        for _ in shown(finished(), progress, len(batches)):
-            pass
+        with _sigterm_seen() as seen:
+            try:
+                for _ in shown(finished(), progress, len(batches)):
+                    pass
+            except KeyboardInterrupt:
+                if seen:  # Ray's wait turns any exception from a signal handler into KeyboardInterrupt
+                    raise Terminated() from None
+                raise
         return {"name": "ray", "cluster": cluster, "workers": p["workers"], "device": p["device"],
                 "task_resources": {k: v for k, v in p["options"].items() if k != "max_calls"}}
     finally:
@@ -158,6 +174,27 @@ def run_ray(groups: list[list], cfg: DistillConfig, progress: Callable | None) -
             ray.cancel(ref, force=True)
         if connected:
             ray.shutdown()
+
+
+@contextlib.contextmanager
+def _sigterm_seen():
+    """A list that holds True once SIGTERM arrived, where a Python handler (the CLI's) takes it; that
+    handler still runs."""
+    seen: list[bool] = []
+    previous = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    if not callable(previous):
+        yield seen
+        return
+
+    def note(signum, frame):
+        seen.append(True)
+        previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, note)
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _get(ray, ref, nid: int):
