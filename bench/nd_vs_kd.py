@@ -19,6 +19,14 @@ speedup = seconds (b) needs to first reach accuracy A / seconds (e) needs, A = t
 accuracies minus 0.2 points; speedup_vs_prune_kd likewise against (c). (e)'s seconds include the
 activation cache and every distillation job.
 
+Equal budgets (`equal_budgets` in the JSON): every training arm's test accuracy after the same seconds
+(15, 30, 60, 120, 300, ... up to the longest arm's end), read off its accuracy-vs-time curve: the last
+evaluation at or before the budget (each arm is also evaluated just before it crosses each budget, so
+the reading is at most a step early). Two clocks: wall seconds, and CPU seconds of this process plus
+its child processes (ND's pool workers). The machine is shared and the arms run one after another,
+so an arm's wall seconds depend on what else ran meanwhile; its CPU seconds count the work it did.
+Arms past their end keep their final accuracy (`ended`); ND + FT has none before ND is done.
+
     python bench/nd_vs_kd.py --out nd_vs_kd.json            # full run (all 60,000 / 10,000 images)
     python bench/nd_vs_kd.py --quick --out results.json     # a subset and fewer steps (< 15 min here)
 
@@ -62,7 +70,7 @@ from ndonnx.trainable import Trainable  # noqa: E402
 TEACHER = ROOT / "models" / "resnet20_fmnist.onnx"
 KEYS = ("teacher_acc", "kd_acc", "kd_seconds", "prune_kd_acc", "prune_kd_seconds", "nd_acc", "nd_seconds",
         "ndft_acc", "ndft_seconds", "speedup", "speedup_vs_prune_kd", "search_acc", "uniform_acc",
-        "params_teacher", "params_student")
+        "params_teacher", "params_student", "nd_cpu_seconds", "equal_budgets")
 
 
 @dataclass(frozen=True)
@@ -82,6 +90,7 @@ class BenchConfig:
     widths: tuple = (0.25, 0.375, 0.5, 0.625, 0.75)  # (f)'s budgets
     datafree_width: float = 0.75
     evals: int = 16  # test-set evaluations per training run (the accuracy-vs-time curve)
+    budgets: tuple = (15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)  # seconds, both clocks (equal_budgets)
     batch: int = 128
     seed: int = 0
 
@@ -212,22 +221,45 @@ def kd_loss(out, y, t_logits, T, lam):
     return soft + lam * F.cross_entropy(out, y)
 
 
+def cpu_seconds() -> float:
+    """CPU seconds of this process (all its threads) and of its child processes that have ended and been
+    waited for (ND's pool workers: the pool is shut down before `distill` returns)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 @dataclass
 class Curve:
     name: str
-    points: list  # [seconds, accuracy]
+    points: list  # [wall seconds, accuracy]
+    cpu_points: list = dataclasses.field(default_factory=list)  # [CPU seconds, accuracy], the same evaluations
     seconds: float = 0.0
     acc: float = 0.0
 
     def first_reach(self, a: float) -> float | None:
         return next((t for t, acc in self.points if acc >= a - 1e-12), None)
 
+    def at(self, budget: float, cpu: bool) -> dict:
+        """The accuracy after `budget` seconds: the last evaluation at or before it (None before the first)."""
+        pts = self.cpu_points if cpu else self.points
+        acc = next((a for t, a in reversed(pts) if t <= budget + 1e-9), None)
+        return {"acc": acc, "ended": pts[-1][0] <= budget}
+
+
+def equal_budgets(curves: dict[str, Curve], budgets: tuple, cpu: bool) -> dict:
+    """Every arm's accuracy at each budget up to the longest arm's end; `fair_until`: the shortest arm's end
+    (up to there every arm was still training)."""
+    ends = {k: (c.cpu_points if cpu else c.points)[-1][0] for k, c in curves.items()}
+    rows = [{"seconds": b, **{k: c.at(b, cpu) for k, c in curves.items()}} for b in budgets if b <= max(ends.values())]
+    return {"clock": "cpu" if cpu else "wall", "ends": ends, "fair_until": min(ends.values()), "rows": rows}
+
 
 def train(name: str, model: nn.Module, data: dict, epochs: float, cfg: BenchConfig, *, lr: float, one_cycle: bool,
           adam: bool = False, teacher: TeacherLogits | None = None, T: float = 4.0, lam: float = 0.5, t0: float = 0.0,
-          eval_x=None, eval_y=None) -> Curve:
+          cpu0: float = 0.0, eval_x=None, eval_y=None) -> Curve:
     """SGD (Nesterov, weight decay on weights only) or Adam, with crop+flip; CE, or KD when `teacher` is given.
-    Accuracy is measured `cfg.evals` times; the clock stops while it is."""
+    Accuracy is measured `cfg.evals` times, and just before a step would take either clock (wall from `t0`,
+    CPU from `cpu0`) past one of `cfg.budgets`; both clocks stop while it is."""
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     x_all, y_all = data["train_x"], data["train_y"]
@@ -252,10 +284,22 @@ def train(name: str, model: nn.Module, data: dict, epochs: float, cfg: BenchConf
     if native:
         model.to(memory_format=torch.channels_last)
     every = max(1, steps // cfg.evals)
-    curve = Curve(name, [[t0, accuracy(model, eval_x, eval_y)]])
-    clock, perm = 0.0, None
+    acc0 = accuracy(model, eval_x, eval_y)
+    curve = Curve(name, [[t0, acc0]], [[cpu0, acc0]])
+    clock, cpu, perm = 0.0, 0.0, None
+    marks = {"wall": [b for b in cfg.budgets if b > t0], "cpu": [b for b in cfg.budgets if b > cpu0]}
+    last = {"wall": 0.0, "cpu": 0.0}  # the previous step's seconds: a predictor of the next one's
     for step in range(steps):
-        start = time.perf_counter()
+        now = {"wall": t0 + clock, "cpu": cpu0 + cpu}
+        if step and any(m and now[k] + last[k] > m[0] for k, m in marks.items()):
+            if curve.points[-1][0] < now["wall"]:  # the state a budget about to be crossed ends with
+                acc = accuracy(model, eval_x, eval_y)
+                curve.points.append([now["wall"], acc])
+                curve.cpu_points.append([now["cpu"], acc])
+            for k, m in marks.items():
+                while m and now[k] + last[k] > m[0]:
+                    m.pop(0)
+        start, cstart = time.perf_counter(), time.process_time()
         model.train(native)  # ONNX students hold no BatchNorm; their graph modules stay in eval mode
         if step % per_epoch == 0:
             perm = torch.randperm(n, generator=gen)
@@ -269,11 +313,14 @@ def train(name: str, model: nn.Module, data: dict, epochs: float, cfg: BenchConf
         loss.backward()
         opt.step()
         sched.step()
-        clock += time.perf_counter() - start
+        last = {"wall": time.perf_counter() - start, "cpu": time.process_time() - cstart}
+        clock, cpu = clock + last["wall"], cpu + last["cpu"]
         if (step + 1) % every == 0 or step + 1 == steps:
             acc = accuracy(model, eval_x, eval_y)
             curve.points.append([t0 + clock, acc])
-            print(f"  {name}: step {step + 1}/{steps}  {t0 + clock:7.1f} s  acc {acc:.4f}", flush=True)
+            curve.cpu_points.append([cpu0 + cpu, acc])
+            print(f"  {name}: step {step + 1}/{steps}  {t0 + clock:7.1f} s ({cpu0 + cpu:7.1f} CPU s)  acc {acc:.4f}",
+                  flush=True)
     if native:
         model.to(memory_format=torch.contiguous_format)
     curve.seconds, curve.acc = t0 + clock, curve.points[-1][1]
@@ -290,15 +337,16 @@ def write_npz(path: Path, x: torch.Tensor, y: torch.Tensor) -> Path:
 
 
 def run_nd(work: Path, name: str, candidates: str, steps: int, cfg: BenchConfig, calib: Path | None):
-    """Distill with ndonnx; returns the opened run and its wall seconds (cache pass + every job)."""
+    """Distill with ndonnx; returns the opened run, its wall seconds and its CPU seconds (cache pass + every
+    job, the pool workers' included)."""
     from ndonnx_cli.progress import bar
 
     dcfg = DistillConfig(candidates=candidates, steps=steps, seed=cfg.seed, labels=None if calib is None
                          else "labels", data_free=calib is None)
-    start = time.perf_counter()
+    start, cstart = time.perf_counter(), cpu_seconds()
     distill(TEACHER, work / name, dcfg, data_path=calib, progress=bar)
-    seconds = time.perf_counter() - start
-    return open_run(work / name), seconds
+    seconds, cpu = time.perf_counter() - start, cpu_seconds() - cstart
+    return open_run(work / name), seconds, cpu
 
 
 def uniform(run, width: float, trained: bool = True):
@@ -404,8 +452,26 @@ def table(res: dict) -> str:
     out.append(f"\n{'width':>6} {'params':>9} {'uniform':>9} {'search':>9}")
     out += [f"{r['width']:>6g} {r['params']:>9,} {100 * r['uniform_acc']:>8.2f}% {100 * r['search_acc']:>8.2f}%"
             for r in res["budgets"]]
+    for clock in ("cpu", "wall"):
+        out.append("\n" + budget_table(res["equal_budgets"][clock]))
     out.append("")
     out += [f"{'met' if ok else 'NOT met'}: {k}" for k, ok in res["goals"].items()]
+    return "\n".join(out)
+
+
+ARMS = {"ce": "CE", "kd": "KD", "prune_kd": "prune+KD", "ndft": "ND+FT"}
+
+
+def budget_table(eq: dict) -> str:
+    """Accuracy at equal budgets: '-' not started (ND+FT before ND is done), '*' the arm had ended."""
+    arms = [k for k in ARMS if k in eq["ends"]]
+    out = [(f"accuracy at equal {eq['clock']} budgets (every arm still training up to {eq['fair_until']:.0f} s; "
+            f"* = the arm had ended; - = not ready)"),
+           f"{'seconds':>8} " + " ".join(f"{ARMS[k]:>10}" for k in arms)]
+    for r in eq["rows"]:
+        cells = ["-" if r[k]["acc"] is None else f"{100 * r[k]['acc']:.2f}%{'*' if r[k]['ended'] else ''}" for k in arms]
+        out.append(f"{r['seconds']:>8g} " + " ".join(f"{c:>10}" for c in cells))
+    out.append(f"{'ends':>8} " + " ".join(f"{eq['ends'][k]:>9.0f}s" for k in arms))
     return "\n".join(out)
 
 
@@ -431,15 +497,17 @@ def run(cfg: BenchConfig, from_npz: bool, work: Path) -> dict:
 
     # (d), (e), (c): ndonnx's width students; the pruned start is the same student before distillation
     calib = write_npz(work / "calib.npz", data["train_x"][:cfg.nd_images], data["train_y"][:cfg.nd_images])
-    nd, res["nd_seconds"] = run_nd(work, "nd", f"width:{cfg.width:g},teacher", cfg.nd_steps, cfg, calib)
+    nd, res["nd_seconds"], res["nd_cpu_seconds"] = run_nd(work, "nd", f"width:{cfg.width:g},teacher", cfg.nd_steps,
+                                                          cfg, calib)
     student, res["params_student"] = uniform(nd, cfg.width)
     res["nd_acc"] = onnx_accuracy(student, data["test_x"], data["test_y"])
-    print(f"ND: {res['nd_acc']:.4f} in {res['nd_seconds']:.0f} s, {res['params_student']:,} parameters", flush=True)
+    print(f"ND: {res['nd_acc']:.4f} in {res['nd_seconds']:.0f} s ({res['nd_cpu_seconds']:.0f} CPU s), "
+          f"{res['params_student']:,} parameters", flush=True)
     # hyper-parameters are tuned on a held-out tenth of the training set, never on the test set
     n_val = max(1, len(data["train_x"]) // 10)
     tune = {"train_x": data["train_x"][:-n_val], "train_y": data["train_y"][:-n_val]}
     val = dict(eval_x=data["train_x"][-n_val:], eval_y=data["train_y"][-n_val:])
-    once = dataclasses.replace(cfg, evals=1)
+    once = dataclasses.replace(cfg, evals=1, budgets=())  # tuning runs: no curve
 
     pruned, _ = uniform(nd, cfg.width, trained=False)
     res["pruned_acc"] = onnx_accuracy(pruned, data["test_x"], data["test_y"])
@@ -452,7 +520,7 @@ def run(cfg: BenchConfig, from_npz: bool, work: Path) -> dict:
                                one_cycle=False, adam=True, teacher=logits)
     ndft = OnnxStudent(student)
     curves["ndft"] = train("ND + FT", ndft, data, cfg.ft_epochs, cfg, lr=ft_lr, one_cycle=False, adam=True,
-                           teacher=logits, t0=res["nd_seconds"])
+                           teacher=logits, t0=res["nd_seconds"], cpu0=res["nd_cpu_seconds"])
     # the tuned weights written back into ONNX give the accuracy torch measured
     res["ndft_onnx_acc"] = onnx_accuracy(ndft.to_onnx(), data["test_x"], data["test_y"])
 
@@ -472,7 +540,7 @@ def run(cfg: BenchConfig, from_npz: bool, work: Path) -> dict:
     curves["ce"] = train("CE", thin_resnet20(cfg.width), data, cfg.epochs, cfg, lr=tr.LR, one_cycle=True)
 
     # (f): search against uniform width, at the uniform student's parameter count
-    search_run, res["search_run_seconds"] = run_nd(
+    search_run, res["search_run_seconds"], _ = run_nd(
         work, "search", ",".join([f"width:{w:g}" for w in cfg.widths] + ["lowrank:0.25", "lowrank:0.5", "identity",
                                                                           "teacher"]), cfg.search_steps, cfg, calib)
     budgets = []
@@ -490,14 +558,17 @@ def run(cfg: BenchConfig, from_npz: bool, work: Path) -> dict:
     res["search_acc"], res["uniform_acc"] = at["search_acc"], at["uniform_acc"]
 
     # data-free ND
-    free, res["datafree_seconds"] = run_nd(work, "datafree", f"width:{cfg.datafree_width:g},teacher", cfg.nd_steps, cfg, None)
+    free, res["datafree_seconds"], _ = run_nd(work, "datafree", f"width:{cfg.datafree_width:g},teacher", cfg.nd_steps, cfg, None)
     model, res["datafree_params"] = uniform(free, cfg.datafree_width)
     res["datafree_width"] = cfg.datafree_width
     res["datafree_acc"] = onnx_accuracy(model, data["test_x"], data["test_y"])
 
     for key, c in curves.items():
         res[f"{key}_acc"], res[f"{key}_seconds"] = c.acc, c.seconds
+        res[f"{key}_cpu_seconds"] = c.cpu_points[-1][0]
     res["curves"] = {k: c.points for k, c in curves.items()}
+    res["cpu_curves"] = {k: c.cpu_points for k, c in curves.items()}
+    res["equal_budgets"] = {clock: equal_budgets(curves, cfg.budgets, clock == "cpu") for clock in ("cpu", "wall")}
     res["target_acc"] = min(res["kd_acc"], res["ndft_acc"]) - 0.002
     res["target_acc_prune"] = min(res["prune_kd_acc"], res["ndft_acc"]) - 0.002
     res["kd_reach_seconds"] = curves["kd"].first_reach(res["target_acc"])
@@ -519,8 +590,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.add_argument("--" + f.replace("_", "-"), type=int, help="override the preset")
     for f in ("epochs", "tune_epochs", "ft_epochs", "ft_tune_epochs", "width"):
         ap.add_argument("--" + f.replace("_", "-"), type=float, help="override the preset")
+    ap.add_argument("--budgets", help="comma-separated seconds for the equal-budget readings (both clocks)")
     args = ap.parse_args(argv)
     cfg = BenchConfig(**(QUICK if args.quick else {}))
+    if args.budgets:
+        args.budgets = tuple(float(b) for b in args.budgets.split(","))
     cfg = dataclasses.replace(cfg, **{k: v for k, v in vars(args).items() if k in BenchConfig.__dataclass_fields__
                                       and v is not None})
     if cfg.width not in cfg.widths:

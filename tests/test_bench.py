@@ -19,7 +19,7 @@ def test_nd_vs_kd_quick_tiny(tmp_path):
     out = tmp_path / "results.json"
     cmd = [sys.executable, str(ROOT / "bench" / "nd_vs_kd.py"), "--quick", "--from-npz", "--train-images", "384",
            "--test-images", "200", "--nd-images", "256", "--nd-steps", "4", "--search-steps", "3", "--epochs", "0.7", "--tune-epochs", "0.4",
-           "--ft-epochs", "0.4", "--ft-tune-epochs", "0.2", "--evals", "2", "--out", str(out)]
+           "--ft-epochs", "0.4", "--ft-tune-epochs", "0.2", "--evals", "2", "--budgets", "1,2,4,8,16,32,64", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
@@ -44,5 +44,20 @@ def test_nd_vs_kd_quick_tiny(tmp_path):
     for key in ("speedup", "speedup_vs_prune_kd"):
         assert res[key] is None or res[key] >= 0
     assert set(res["goals"]) and all(isinstance(v, bool) for v in res["goals"].values())
+    # equal budgets, on both clocks: readings off each arm's curve, none before ND+FT's ND part is done
+    assert res["cpu_curves"]["ndft"][0] == pytest.approx([res["nd_cpu_seconds"], res["nd_acc"]])
+    assert res["nd_cpu_seconds"] > 0
+    for clock in ("cpu", "wall"):
+        eq = res["equal_budgets"][clock]
+        assert eq["fair_until"] == min(eq["ends"].values()) and set(eq["ends"]) == {"ce", "kd", "prune_kd", "ndft"}
+        start = res["nd_cpu_seconds"] if clock == "cpu" else res["nd_seconds"]
+        assert eq["rows"]  # the tiny run lasts a few seconds: some budgets fall inside it
+        for row in eq["rows"]:
+            assert row["seconds"] <= max(eq["ends"].values())
+            assert (row["ndft"]["acc"] is None) == (row["seconds"] < start)
+            for arm in eq["ends"]:
+                assert row[arm]["acc"] is None or 0.0 <= row[arm]["acc"] <= 1.0
+                assert row[arm]["ended"] == (row["seconds"] >= eq["ends"][arm])
+    assert "equal cpu budgets" in proc.stdout
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "speedup" in proc.stdout and "search" in proc.stdout
