@@ -23,9 +23,7 @@ Rebuild the bundled files::
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -119,21 +117,12 @@ def export_onnx(model: nn.Module, path: Path, sample: torch.Tensor) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help=f"training epochs (default {DEFAULT_EPOCHS})")
-    ap.add_argument("--limit", type=int, default=None, help="train on the first N training images only")
-    ap.add_argument("--test-limit", type=int, default=None,
-                    help="measure test accuracy on the first N test images only (default: all 10,000)")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent, help="output directory (default models/)")
-    ap.add_argument("--seed", type=int, default=base.SEED)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the usable CPU cores)")
-    args = ap.parse_args(argv)
+    args = base.training_parser(__doc__, DEFAULT_EPOCHS).parse_args(argv)
     if args.epochs < 1 or (args.limit is not None and args.limit < 2):
         sys.exit("error: --epochs must be >= 1 and --limit >= 2")
 
     data = base.load_fashion_mnist()
-    threads = args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
-    torch.set_num_threads(max(1, threads))
+    base.set_threads(args.threads)
     gen = base.seed_everything(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
 

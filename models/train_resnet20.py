@@ -311,22 +311,32 @@ def onnx_float_params(path: Path) -> int:
     return int(sum(int(np.prod(t.dims)) for t in tensors if t.data_type in floats))
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help=f"training epochs (default {DEFAULT_EPOCHS})")
+def training_parser(doc: str, epochs: int) -> argparse.ArgumentParser:
+    """The options every teacher-training script here takes."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--epochs", type=int, default=epochs, help=f"training epochs (default {epochs})")
     ap.add_argument("--limit", type=int, default=None, help="train on the first N training images only")
     ap.add_argument("--test-limit", type=int, default=None,
                     help="measure test accuracy on the first N test images only (default: all 10,000)")
-    ap.add_argument("--npz-count", type=int, default=NPZ_COUNT,
-                    help=f"images per .npz file (default {NPZ_COUNT})")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent, help="output directory (default models/)")
     ap.add_argument("--seed", type=int, default=SEED)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the usable CPU cores)")
+    return ap
+
+
+def set_threads(threads: int | None) -> None:
+    threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    torch.set_num_threads(max(1, threads))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = training_parser(__doc__, DEFAULT_EPOCHS)
+    ap.add_argument("--npz-count", type=int, default=NPZ_COUNT,
+                    help=f"images per .npz file (default {NPZ_COUNT})")
     args = ap.parse_args(argv)
 
     data = load_fashion_mnist()
-    threads = args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
-    torch.set_num_threads(max(1, threads))
+    set_threads(args.threads)
     gen = seed_everything(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
 

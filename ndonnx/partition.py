@@ -295,8 +295,11 @@ def _pair_lone_ops(teacher: Teacher, node_sets: list[list[int]], keep: frozenset
     one's outputs). A lone piece next to a block (a ResNet's stem, a classifier head) is left as it is;
     never across a kept boundary or beyond SPLIT_SHARE of the parameters."""
     nodes = teacher.model.graph.node
-    dense = [_dense_ops(teacher, idx) if _chainable(teacher, idx) else 2 for idx in node_sets]  # 2: never joined
+    dense = [_dense_ops(teacher, idx) for idx in node_sets]
+    lone = [d <= 1 and _chainable(teacher, idx) for d, idx in zip(dense, node_sets)]
     params = [sum(teacher.weights.get(n, 0) for n in {n for i in idx for n in nodes[i].input}) for idx in node_sets]
+    count = lambda c: sum(dense[m] for m in c)  # noqa: E731  (c: indices of joined pieces)
+    size = lambda c: sum(params[m] for m in c)  # noqa: E731
 
     def kept_between(a: list[int], b: list[int]) -> bool:
         made = {o for i in a for o in nodes[i].output}
@@ -307,29 +310,20 @@ def _pair_lone_ops(teacher: Teacher, node_sets: list[list[int]], keep: frozenset
     k = 0
     while k < len(node_sets):
         j = k
-        while j + 1 < len(node_sets) and dense[j] <= 1 and dense[j + 1] <= 1 \
-                and not kept_between(node_sets[j], node_sets[j + 1]):
+        while j + 1 < len(node_sets) and lone[j] and lone[j + 1] and not kept_between(node_sets[j], node_sets[j + 1]):
             j += 1
         if j == k:  # not in a run of lone pieces
             out.append(node_sets[k])
             k += 1
             continue
         chunks: list[list[int]] = []  # indices of the pieces joined into each chunk
-
-        def count(c: list[int]) -> int:
-            return sum(dense[m] for m in c)
-
-        def size(c: list[int]) -> int:
-            return sum(params[m] for m in c)
-
         for m in range(k, j + 1):
             if chunks and count(chunks[-1]) < 2 and size(chunks[-1]) + params[m] <= cap:
                 chunks[-1].append(m)
             else:
                 chunks.append([m])
         if len(chunks) > 1 and count(chunks[-1]) < 2 and size(chunks[-2]) + size(chunks[-1]) <= cap:
-            last = chunks.pop()  # a tail with one channel-mixing op joins the chunk before it
-            chunks[-1] += last
+            chunks[-2:] = [chunks[-2] + chunks[-1]]  # a tail with one channel-mixing op joins the chunk before it
         for c in chunks:  # a chunk that still lacks two channel-mixing ops gains nothing: left in pieces
             out += [sorted(i for m in c for i in node_sets[m])] if count(c) >= 2 else [node_sets[m] for m in c]
         k = j + 1
