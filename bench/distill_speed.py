@@ -6,7 +6,8 @@ Figures (ratios measured in one run on one machine):
 - engine_vs_plain: student training steps/s through the engine / a plain hand-written torch loop
   on the same block, batch and device (goal >= 0.9);
 - cache_vs_ort: samples/s of the activation-cache pass / plain onnxruntime inference (goal >= 0.8),
-  the two alternated over --rounds rounds, medians (see `cache_vs_ort`);
+  the two alternated over --rounds rounds, medians (see `cache_vs_ort`); exposed_vs_ort: the same
+  for the pass's session alone, every boundary exposed and nothing written (its bound without writes);
 - grouped_vs_single: seconds to train all candidates of a neighbourhood one at a time / from shared
   batches (> 1 means sharing batches saves time);
 - full_data_free_seconds: `ndonnx distill --data-free` with the default candidates (goal < 600 s).
@@ -30,7 +31,7 @@ import torch
 
 from ndonnx.config import DistillConfig
 from ndonnx.data import load_data
-from ndonnx.distill.cache import build_cache
+from ndonnx.distill.cache import PROBE, _batch_size, _HalfSession, _probe, build_cache
 from ndonnx.distill.job import Job, TrainSettings, run_group
 from ndonnx.distill.runner import distill
 from ndonnx.graph import load_teacher
@@ -111,19 +112,27 @@ def cache_vs_ort(model: Path, data: Path, tmp: Path, rounds: int = 5) -> dict:
             for lo in range(0, len(shard[inputs[0]]), 256):
                 sess.run(None, {k: shard[k][lo:lo + 256] for k in inputs})
 
-    def cache():
-        shutil.rmtree(tmp / "cache_bench", ignore_errors=True)
+    def cache():  # the previous round's files are deleted after it, untimed (the pass deletes nothing)
         build_cache(teacher.model, names, ds, tmp / "cache_bench", 0, "bench")
 
-    times: dict[str, list[float]] = {"ort": [], "cache": []}
+    def exposed():  # the cache pass's own session and batches, nothing written: what exposing costs
+        shard = next(iter(ds.iter_shards()))
+        probed = _probe(teacher.model, names, [], {k: shard[k][:PROBE] for k in inputs})
+        sess, batch = _HalfSession(teacher.model, [k for k in names if k not in inputs], probed), _batch_size(256, probed.bytes_per_sample())
+        for shard in ds.iter_shards():
+            for lo in range(0, len(shard[inputs[0]]), batch):
+                sess.run({k: shard[k][lo:lo + batch] for k in inputs})
+
+    times: dict[str, list[float]] = {"ort": [], "cache": [], "exposed": []}
     for _ in range(rounds):
-        for side, f in (("ort", plain), ("cache", cache)):
+        for side, f in (("ort", plain), ("cache", cache), ("exposed", exposed)):
             t0 = time.perf_counter()
             f()
             times[side].append(time.perf_counter() - t0)
-    shutil.rmtree(tmp / "cache_bench", ignore_errors=True)
-    t_ort, t_cache = statistics.median(times["ort"]), statistics.median(times["cache"])
+            shutil.rmtree(tmp / "cache_bench", ignore_errors=True)
+    t_ort, t_cache, t_exposed = (statistics.median(times[k]) for k in ("ort", "cache", "exposed"))
     return {"cache_seconds": t_cache, "ort_seconds": t_ort, "cache_vs_ort": t_ort / t_cache, "samples": ds.size,
+            "exposed_seconds": t_exposed, "exposed_vs_ort": t_ort / t_exposed,
             "cache_rounds": times, "cache_bytes_per_sample": _cache_bytes(teacher, names, ds),
             "ort_intra_op_threads": "onnxruntime default (one per physical core), both sides"}
 
@@ -152,6 +161,8 @@ def main() -> int:
         res.update(cache_vs_ort(args.model, args.data, tmp, args.rounds))
         print(f"cache pass vs plain onnxruntime: {res['cache_vs_ort']:.2f} (medians {res['cache_seconds']:.2f} s vs "
               f"{res['ort_seconds']:.2f} s over {args.rounds} alternated rounds; goal >= 0.8)")
+        print(f"  its session alone, boundaries exposed, nothing written: {res['exposed_vs_ort']:.2f} "
+              f"({res['exposed_seconds']:.2f} s): the bound without writes")
         if args.cache_only:
             args.out.write_text(json.dumps(res, indent=2))
             return 0

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
+import os
 
 import numpy as np
 import onnx
@@ -135,3 +138,65 @@ def test_cache_widens_a_tensor_that_overflows_float16_after_some_batches(zoo, tm
     assert rel_err(got[:8], want[:8]) < 1e-3  # written float16 first, then widened
     assert rel_err(got[8:], want[8:]) < 1e-5
     np.testing.assert_allclose(r.read("input", np.arange(24))[12:], x[12:], rtol=1e-6)
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_cache_holds_every_tensor_as_the_teacher_gives_it(zoo, tmp_path, monkeypatch, direct):
+    """Every boundary of every sample, through both the aligned direct writes and plain ones (tmpfs
+    and other file systems refuse O_DIRECT), batches bound to our buffers and a shorter last one."""
+    from ndonnx.distill import cache
+    from ndonnx.sample import ort_session
+    if not direct:
+        monkeypatch.setattr(cache, "_O_DIRECT", 0)
+    t = load_teacher(zoo["resnet_legacy"])
+    x = _images(53)
+    np.savez(tmp_path / "d.npz", input=x)
+    names = sorted({n for nb in partition(t).neighbourhoods for n in (*nb.inputs, *nb.outputs)})
+    build_cache(t.model, names, load_data(tmp_path / "d.npz", t), tmp_path / "c", seed=0, fingerprint="f", batch=16)
+    r = CacheReader(tmp_path / "c")
+    run = [n for n in names if n != "input"]
+    want = dict(zip(run, ort_session(cache._with_outputs(t.model, run)).run(run, {"input": x})))
+    for n in run:
+        assert rel_err(r.read(n, np.arange(53)), want[n]) < 1e-3, n
+    for f in (tmp_path / "c").glob("0*.npy"):  # the header padded to one block, the length exact
+        a = np.load(f, mmap_mode="r")
+        assert a.offset == cache.BLOCK and f.stat().st_size == cache.BLOCK + a.nbytes
+
+
+def test_direct_rows_split_any_chunks_into_whole_blocks(tmp_path, monkeypatch):
+    """Rows of odd sizes, aligned or not, read back whole; a file system that takes O_DIRECT at open
+    but refuses the writes (EINVAL) gets plain writes instead."""
+    from ndonnx.distill import cache
+    rng = np.random.default_rng(0)
+    rows = [rng.standard_normal((k, 3, 5)).astype(np.float16) for k in (1, 7, 300, 0, 1000, 2)]
+    aligned = cache._aligned((1000, 3, 5), np.float16)
+    aligned[:] = rows[4]
+    rows[4] = aligned  # page-aligned memory goes uncopied
+    f = cache._Rows(tmp_path / "a.npy", np.float16, (1310, 3, 5))
+    for v in rows:
+        f.write(v)
+    f.close()
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.concatenate(rows))
+
+    real_write, refused = os.write, []
+
+    def picky(fd, data):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & cache._O_DIRECT:
+            refused.append(fd)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(cache.os, "write", picky)
+    f = cache._Rows(tmp_path / "b.npy", np.float16, (1310, 3, 5))
+    for v in rows:
+        f.write(v)
+    f.close()
+    np.testing.assert_array_equal(np.load(tmp_path / "b.npy"), np.concatenate(rows))
+    assert refused or not cache._O_DIRECT
+
+
+@pytest.mark.parametrize(("most", "sample_bytes", "want"), [(256, 158_388, 64), (256, 10, 256), (16, 158_388, 16),
+                                                            (256, 50 << 20, 1), (256, 0, 256)])
+def test_cache_batches_are_powers_of_two_of_about_batch_bytes(most, sample_bytes, want):
+    from ndonnx.distill import cache
+    assert cache._batch_size(most, sample_bytes) == want
