@@ -200,3 +200,19 @@ def test_direct_rows_split_any_chunks_into_whole_blocks(tmp_path, monkeypatch):
 def test_cache_batches_are_powers_of_two_of_about_batch_bytes(most, sample_bytes, want):
     from ndonnx.distill import cache
     assert cache._batch_size(most, sample_bytes) == want
+
+
+def test_cache_refuses_shards_whose_samples_differ_in_shape(tmp_path):
+    """Token shards padded to different lengths: one clear error naming the shard, not a cache whose
+    rows no longer line up (found on a folder of shards: reads then failed in numpy's mmap)."""
+    import models
+    t = load_teacher(models.bert_style(tmp_path / "b.onnx"))
+    (tmp_path / "data").mkdir()
+    rng = np.random.default_rng(0)
+    for name, seq in (("a", 7), ("b", 5)):
+        np.savez(tmp_path / "data" / f"{name}.npz", input_ids=rng.integers(0, 60, (6, seq)),
+                 attention_mask=np.ones((6, seq), np.int64))
+    names = sorted({n for nb in partition(t).neighbourhoods for n in (*nb.inputs, *nb.outputs)})
+    with pytest.raises(NdonnxError, match=r"b\.npz: 'input_ids' has samples of shape \[5\], the first shard's are \[7\]"):
+        build_cache(t.model, names, load_data(tmp_path / "data", t), tmp_path / "c", seed=0, fingerprint="f", batch=4)
+    assert not (tmp_path / "c" / "manifest.json").exists()

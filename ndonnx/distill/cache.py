@@ -59,10 +59,17 @@ def build_cache(model: onnx.ModelProto, names: list[str], data: Dataset, cache_d
     layouts: dict[str, tuple[int | None, int]] = {}
     shapes: dict[str, dict] = {}
     teacher = None
+    first: dict[str, tuple] | None = None  # the first shard's sample shapes
     with _Writer() as writer:
         shards = list(data.iter_shards()) if progress is None else progress(data.iter_shards(), len(data.shards), "cache")
-        for shard in shards:
+        for path, shard in zip(data.shards, shards):
             n = len(shard[inputs[0]])
+            rows = {k: shard[k].shape[1:] for k in inputs}
+            first = first or rows
+            if rows != first:  # each tensor is one file of rows of one shape
+                k = next(k for k in inputs if rows[k] != first[k])
+                raise NdonnxError(f"{path.name}: {k!r} has samples of shape {list(rows[k])}, the first shard's are "
+                                  f"{list(first[k])}; the activation cache needs one shape (pad to one length)")
             if teacher is None:  # a few samples tell: probing costs a fraction of a batch
                 probed = _probe(model, names, list(shape_only), {k: shard[k][:PROBE] for k in inputs})
                 layouts, shapes = probed.layouts, probed.shape_only
