@@ -20,9 +20,6 @@ from ndonnx.converters._registry import ORIGINALS, replace
 from onnx2torch.node_converters import get_converter
 from onnx2torch.node_converters.registry import _CONVERTER_REGISTRY, OperationDescription
 
-RNG = np.random.default_rng(20240607)
-
-
 @dataclass
 class Init:
     """An input given as an initializer (constant) instead of a graph input."""
@@ -44,25 +41,29 @@ class Case:
         return self.op, onnx.defs.get_schema(self.op, max_inclusive_version=self.opset).since_version
 
 
-CASES: List[Case] = []
+class CaseBook:
+    """One test file's cases, drawn from its own seed: `add` registers a node at each opset, `broken`
+    also marks the cases onnx2torch's own converter gets wrong, for the keys ndonnx replaces (see REPLACED)."""
+
+    def __init__(self, seed: int):
+        self.rng = np.random.default_rng(seed)
+        self.cases: List[Case] = []
+        self.broken_cases: List[Case] = []
+
+    def add(self, op, opsets, inputs, outputs=1, name='', **attrs) -> List[Case]:
+        added = [Case(op, opset, inputs, attrs, outputs, name) for opset in opsets]
+        self.cases.extend(added)
+        return added
+
+    def broken(self, op, opsets, inputs, outputs=1, name='', **attrs) -> None:
+        self.broken_cases.extend(self.add(op, opsets, inputs, outputs, name, **attrs))
+
+    def f32(self, *shape, scale=1.0):
+        return (self.rng.standard_normal(shape) * scale).astype(np.float32)
 
 
-def add(op, opsets, inputs, outputs=1, name='', **attrs) -> List[Case]:
-    added = [Case(op, opset, inputs, attrs, outputs, name) for opset in opsets]
-    CASES.extend(added)
-    return added
-
-
-# cases that onnx2torch's own converter gets wrong, for the keys ndonnx replaces (see REPLACED)
-BROKEN: List[Case] = []
-
-
-def broken(op, opsets, inputs, outputs=1, name='', **attrs) -> None:
-    BROKEN.extend(add(op, opsets, inputs, outputs, name, **attrs))
-
-
-def f32(*shape, scale=1.0):
-    return (RNG.standard_normal(shape) * scale).astype(np.float32)
+BOOK = CaseBook(20240607)
+RNG, CASES, BROKEN, add, broken, f32 = BOOK.rng, BOOK.cases, BOOK.broken_cases, BOOK.add, BOOK.broken, BOOK.f32
 
 
 def i64(*values):

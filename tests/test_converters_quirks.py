@@ -17,7 +17,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
-from test_converters import (Case, Init, _assert_torch_matches, _build, _case_id, _run_onnxruntime,
+from test_converters import (Case, CaseBook, Init, _assert_torch_matches, _build, _case_id, _run_onnxruntime,
                              assert_original_broken)
 
 import ndonnx.converters  # noqa: F401  (registers the replacements)
@@ -25,24 +25,8 @@ import onnx2torch
 from ndonnx.convert import EXACT_REL_ERR, rel_err
 from ndonnx.trainable import Trainable, write_weights
 
-RNG = np.random.default_rng(20240620)
-
-CASES: List[Case] = []
-BROKEN: List[Case] = []  # cases onnx2torch's own converter fails, for the keys ndonnx replaces
-
-
-def add(op, opsets, inputs, outputs=1, name='', **attrs) -> List[Case]:
-    added = [Case(op, opset, inputs, attrs, outputs, name) for opset in opsets]
-    CASES.extend(added)
-    return added
-
-
-def _broken(op, opsets, inputs, outputs=1, name='', **attrs) -> None:
-    BROKEN.extend(add(op, opsets, inputs, outputs, name, **attrs))
-
-
-def f32(*shape, scale=1.0):
-    return (RNG.standard_normal(shape) * scale).astype(np.float32)
+BOOK = CaseBook(20240620)
+RNG, CASES, BROKEN, add, _broken, f32 = BOOK.rng, BOOK.cases, BOOK.broken_cases, BOOK.add, BOOK.broken, BOOK.f32
 
 
 # ---- Conv: auto_pad SAME_* ---------------------------------------------------------------------

@@ -12,32 +12,16 @@ import onnx
 import pytest
 import torch
 from onnx import helper, numpy_helper
-from test_converters import (Case, Init, _assert_torch_matches, _build, _case_id, _run_onnxruntime,
+from test_converters import (Case, CaseBook, Init, _assert_torch_matches, _build, _case_id, _run_onnxruntime,
                              assert_original_broken)
 
 import ndonnx.converters
 import onnx2torch
 from ndonnx.trainable import Trainable, write_weights
 
-RNG = np.random.default_rng(20240611)
 OPS = {'LSTM', 'GRU', 'GlobalMaxPool', 'MaxPool', 'Clip'}  # the ops whose keys this file covers
-
-CASES: List[Case] = []
-BROKEN: List[Case] = []  # cases onnx2torch's own converter fails, for the keys ndonnx replaces
-
-
-def add(op, opsets, inputs, outputs=1, name='', **attrs) -> List[Case]:
-    added = [Case(op, opset, inputs, attrs, outputs, name) for opset in opsets]
-    CASES.extend(added)
-    return added
-
-
-def broken(op, opsets, inputs, outputs=1, name='', **attrs) -> None:
-    BROKEN.extend(add(op, opsets, inputs, outputs, name, **attrs))
-
-
-def f32(*shape, scale=1.0):
-    return (RNG.standard_normal(shape) * scale).astype(np.float32)
+BOOK = CaseBook(20240611)
+RNG, CASES, BROKEN, add, broken, f32 = BOOK.rng, BOOK.cases, BOOK.broken_cases, BOOK.add, BOOK.broken, BOOK.f32
 
 
 # ---- LSTM / GRU --------------------------------------------------------------------------------
