@@ -26,7 +26,9 @@ class Sample:
     batch: str | None = None  # the symbol of the primary batch dimension, if any
 
 
-def ort_session(model: onnx.ModelProto):
+def ort_session(model: onnx.ModelProto, cuda: bool = False):
+    """An onnxruntime session on the CPU; with `cuda`, on the GPU where onnxruntime has its CUDA
+    provider (the `gpu` extra), else on the CPU with a warning."""
     import onnxruntime as ort
 
     from ndonnx.errors import NdonnxError
@@ -35,11 +37,26 @@ def ort_session(model: onnx.ModelProto):
         model = _without_value_info(model)
     opts = ort.SessionOptions()
     opts.log_severity_level = 4  # failures reach the user as one-line errors, not runtime logs
+    providers = ["CPUExecutionProvider"]
+    if cuda and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    elif cuda:
+        _warn_once("onnxruntime has no CUDA provider: the teacher runs on the CPU "
+                   "(install the gpu extra and uninstall onnxruntime, see the README)")
     try:
-        return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
     except Exception as e:  # onnxruntime refuses graphs the checker lets through (bad attributes, ops)
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise NdonnxError(f"onnxruntime cannot run the model: {first}") from e
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)
 
 
 def _without_value_info(model: onnx.ModelProto) -> onnx.ModelProto:

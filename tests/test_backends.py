@@ -32,6 +32,7 @@ from ndonnx_cli.main import main
 import pool_probe
 
 FAST = dict(candidates="width:0.5,teacher", steps=15, batch=16)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture()
@@ -44,6 +45,47 @@ def gpus(monkeypatch):
         monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     return set_
+
+
+def test_teacher_passes_ask_onnxruntime_for_cuda_where_it_has_it(gpus, monkeypatch, caplog, tmp_path):
+    """The activation cache runs the teacher through onnxruntime's CUDA provider when distillation is on
+    CUDA and onnxruntime has the provider (the gpu extra); without it, the CPU and one warning."""
+    import onnx
+    import onnxruntime as ort
+
+    from ndonnx import sample
+    from ndonnx.data import load_data
+    from ndonnx.distill import cache
+    from ndonnx.graph import load_teacher
+
+    gpus(1)
+    assert runner._cuda_here("cuda") and runner._cuda_here("auto") and not runner._cuda_here("cpu")
+    gpus(0)
+    assert not runner._cuda_here("auto")
+
+    asked: list[list[str]] = []
+    real_session = ort.InferenceSession
+    monkeypatch.setattr(ort, "InferenceSession", lambda m, o, providers: asked.append(providers)
+                        or real_session(m, o, providers=["CPUExecutionProvider"]))
+    model = onnx.load(ROOT / "models" / "resnet20_fmnist.onnx")
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    sample.ort_session(model, cuda=True)
+    sample.ort_session(model)
+    assert asked == [["CUDAExecutionProvider", "CPUExecutionProvider"], ["CPUExecutionProvider"]]
+
+    asked.clear()
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    monkeypatch.setattr(sample, "_warned", set())
+    teacher = load_teacher(ROOT / "models" / "resnet20_fmnist.onnx")
+    x = np.load(ROOT / "models" / "fmnist_subset.npz")["input"][:20]
+    np.savez(tmp_path / "d.npz", input=x)
+    with caplog.at_level("WARNING"):
+        cache.build_cache(teacher.model, ["input", "logits"], load_data(tmp_path / "d.npz", teacher), tmp_path / "c",
+                          seed=0, fingerprint="f", cuda=True)
+    assert len(asked) == 2 and all(p == ["CPUExecutionProvider"] for p in asked)  # probe and pass: CPU given
+    assert [r.message for r in caplog.records].count(
+        "onnxruntime has no CUDA provider: the teacher runs on the CPU (install the gpu extra and uninstall "
+        "onnxruntime, see the README)") == 1
 
 
 def test_local_plan_one_worker_per_gpu(gpus, monkeypatch):

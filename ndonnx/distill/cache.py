@@ -38,10 +38,11 @@ def fingerprint(teacher_digest: str, data: Dataset) -> str:
 
 
 def build_cache(model: onnx.ModelProto, names: list[str], data: Dataset, cache_dir: Path, seed: int,
-                fingerprint: str, batch: int = 256, progress=None, shape_only: list[str] = ()) -> None:
+                fingerprint: str, batch: int = 256, progress=None, shape_only: list[str] = (), cuda: bool = False) -> None:
     """Write `names` for every sample of `data` into `cache_dir`, then the manifest (last, atomically:
     a cache without a manifest is incomplete and rebuilt). Tensors in `shape_only` are read by the
-    students for their shape alone: only how their shape follows the batch is recorded.
+    students for their shape alone: only how their shape follows the batch is recorded. With `cuda`
+    the teacher runs on the GPU where onnxruntime can (`ort_session`).
 
     Where the time went (bench/distill_speed.py, README): float32 tensors leave onnxruntime already
     float16 (a Cast in the graph costs a fraction of numpy's conversion), into buffers of our own
@@ -71,10 +72,10 @@ def build_cache(model: onnx.ModelProto, names: list[str], data: Dataset, cache_d
                 raise NdonnxError(f"{path.name}: {k!r} has samples of shape {list(rows[k])}, the first shard's are "
                                   f"{list(first[k])}; the activation cache needs one shape (pad to one length)")
             if teacher is None:  # a few samples tell: probing costs a fraction of a batch
-                probed = _probe(model, names, list(shape_only), {k: shard[k][:PROBE] for k in inputs})
+                probed = _probe(model, names, list(shape_only), {k: shard[k][:PROBE] for k in inputs}, cuda)
                 layouts, shapes = probed.layouts, probed.shape_only
                 batch = _batch_size(batch, probed.bytes_per_sample())
-                teacher = _HalfSession(model, run, probed)
+                teacher = _HalfSession(model, run, probed, cuda)
             for lo in range(0, n, batch):
                 feeds = {k: shard[k][lo:lo + batch] for k in inputs}
                 outs, widened = teacher.run(feeds)
@@ -151,8 +152,8 @@ class _HalfSession:
     output memory for every batch cost page faults, and aligned rows go to direct writes uncopied.
     A set is reused two batches later, when the writer has settled the batch written from it."""
 
-    def __init__(self, model: onnx.ModelProto, names: list[str], probed: _Probed):
-        self.model, self.names, self.probed, self.wide = model, names, probed, set()
+    def __init__(self, model: onnx.ModelProto, names: list[str], probed: _Probed, cuda: bool = False):
+        self.model, self.names, self.probed, self.wide, self.cuda = model, names, probed, set(), cuda
         self._build()
 
     def _build(self) -> None:
@@ -161,7 +162,7 @@ class _HalfSession:
         m.graph.node.extend(onnx.helper.make_node("Cast", [k], [h], to=onnx.TensorProto.FLOAT16)
                             for k, h in self.half.items())
         m.graph.output.extend(onnx.ValueInfoProto(name=h) for h in self.half.values())
-        self.sess = ort_session(m)
+        self.sess = ort_session(m, self.cuda)
         self.outputs = [self.half.get(k, k) for k in self.names]
         self.bound: tuple[int, list[list[np.ndarray]]] | None = None  # (batch size, two sets of buffers)
         self.turn = 0
@@ -367,7 +368,7 @@ class _Probed:
 
 
 def _probe(model: onnx.ModelProto, names: list[str], shape_only: list[str],
-           feeds: dict) -> _Probed:
+           feeds: dict, cuda: bool = False) -> _Probed:
     """How each tensor follows the batch, from a batch (n samples) and its last sample alone; and
     each tensor's dtype and shape at n.
 
@@ -379,7 +380,7 @@ def _probe(model: onnx.ModelProto, names: list[str], shape_only: list[str],
     the batch (the (sentence, position) pairs of a ragged token batch) differs from its rows there
     and is refused: cached rows would point into batches that training never builds."""
     every = names + [n for n in shape_only if n not in names]
-    sess = ort_session(_with_outputs(model, every))
+    sess = ort_session(_with_outputs(model, every), cuda)
     n = len(next(iter(feeds.values())))
     big = dict(zip(every, sess.run(every, feeds)))
     big.update({k: v for k, v in feeds.items() if k in every})

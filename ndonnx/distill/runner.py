@@ -46,6 +46,14 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def _cuda_here(device: str) -> bool:
+    """Whether this process's teacher passes (the activation cache) run on CUDA: with --backend ray the
+    device may still be `auto`, settled by the cluster for the jobs; the cache is made here."""
+    import torch
+
+    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
+
+
 def _open_run_dir(run_dir: Path, teacher: Teacher, cfg: DistillConfig) -> None:
     """Refuse a directory made for another model (or wipe it with --force); bind a new one to this
     teacher. Settings are recorded when the stage commits (`_commit`), so a failed or interrupted
@@ -138,7 +146,7 @@ def _distill(teacher: Teacher, part: Partition, data: Dataset | None, run_dir: P
                    | set(teacher.input_names) | {o.name for o in teacher.model.graph.output})
     shape_only = sorted({n for nbh in part.neighbourhoods for n in nbh.shape_inputs} - set(names))
     build_cache(teacher.model, names, data, cache_dir, cfg.seed, fingerprint(teacher_hash(teacher.model), data), progress=progress,
-                shape_only=shape_only)
+                shape_only=shape_only, cuda=_cuda_here(device))
     # families that build from the calibration data (vocab) read their neighbourhood's inputs of the
     # training split; synthetic stand-ins for data are no calibration data
     reader = CacheReader(cache_dir) if real and any(REGISTRY[s.family].needs_sample for s in specs) else None
