@@ -16,7 +16,8 @@ modelled latency is the outside time plus its options' times; the teacher's own 
 T exactly.
 
 Timings are cached in the run directory (`latency.json`), keyed by batch, threads, onnxruntime's
-version and the hashes of the files timed, so a later search at the same settings times nothing.
+version, the CPU and the hashes of the files timed, so a later search at the same settings on the
+same machine times nothing.
 """
 
 from __future__ import annotations
@@ -79,6 +80,21 @@ def ort_version() -> str:
     import onnxruntime
 
     return onnxruntime.__version__
+
+
+def cpu_id() -> str:
+    """The processor timings were taken on: its model name and logical cores (a run directory copied
+    to another machine, or shared by a cluster's nodes, must not reuse another CPU's timings)."""
+    import os
+    import platform
+
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name} x{os.cpu_count()}"
 
 
 def session(model: onnx.ModelProto, threads: int):
@@ -159,7 +175,7 @@ class TimingCache:
 
 
 def settings_key(batch: int, threads: int) -> str:
-    return f"batch={batch}|threads={threads}|onnxruntime={ort_version()}"
+    return f"batch={batch}|threads={threads}|onnxruntime={ort_version()}|cpu={cpu_id()}"
 
 
 def batch_feeds(read: Callable[[str, np.ndarray], np.ndarray], names: Sequence[str], pool: np.ndarray,

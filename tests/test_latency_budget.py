@@ -183,8 +183,14 @@ def test_timing_cache_reused_and_invalidated(run, tmp_path, monkeypatch):
     monkeypatch.setattr(latency_mod, "ort_version", lambda: "0.0-other")
     measure(opened, batch=7, threads=1, timer=timer)
     assert len(timer.calls) == before + 1 + 1 + students
+    # another CPU (the run directory copied to another machine): everything timed again
+    here = latency_mod.cpu_id()
+    monkeypatch.setattr(latency_mod, "cpu_id", lambda: "Other CPU x64")
+    measure(opened, batch=7, threads=1, timer=timer)
+    assert len(timer.calls) == before + 1 + 2 * (1 + students)
     keys = TimingCache(layout.latency_json).entries
     assert any("onnxruntime=0.0-other" in k for k in keys) and any("threads=2" in k for k in keys)
+    assert any("|cpu=Other CPU x64|" in k for k in keys) and any(f"|cpu={here}|" in k for k in keys)
 
 
 def test_search_reuses_the_timings(run, tmp_path, monkeypatch):
