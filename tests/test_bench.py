@@ -1,4 +1,5 @@
-"""bench/nd_vs_kd.py --quick on a tiny slice of the bundled images: every reported key, sane values, a plot."""
+"""bench/nd_vs_kd.py --quick on a tiny slice of the bundled images: every reported key, sane values, a plot;
+bench/gpu.py refusing without CUDA and, with the CPU standing in (--dry-run), every figure it reports."""
 
 from __future__ import annotations
 
@@ -61,3 +62,24 @@ def test_nd_vs_kd_quick_tiny(tmp_path):
     assert "equal cpu budgets" in proc.stdout
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "speedup" in proc.stdout and "search" in proc.stdout
+
+
+def test_gpu_bench_refuses_without_cuda_and_dry_runs_on_the_cpu(tmp_path):
+    import torch
+
+    script = [sys.executable, str(ROOT / "bench" / "gpu.py"), "--out", str(tmp_path / "gpu.json")]
+    if not torch.cuda.is_available():
+        proc = subprocess.run(script, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert proc.returncode == 2 and proc.stdout.strip() == "bench/gpu.py: torch sees no CUDA device"
+        assert not (tmp_path / "gpu.json").exists()
+    tiny = ["--dry-run", "--steps", "3", "--compress-steps", "3", "--finetune-steps", "3", "--rounds", "1",
+            "--candidates", "width:0.5,teacher"]
+    proc = subprocess.run(script + tiny, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "gpu.json").read_text())
+    assert res["dry_run"] and res["cache_pass"]["samples"] == 2000 and res["cache_pass"]["cuda_speedup"] > 0
+    jobs = res["job_phase"]
+    assert jobs["cpu"]["jobs"] == jobs["cuda"]["jobs"] > 0 and jobs["cuda"]["median_job_seconds"] > 0
+    c = res["compress_cuda"]
+    assert c["params"] < 271_402 and 0.5 < c["accuracy_teacher"] <= 1 and 0 <= c["accuracy_student"] <= 1
+    assert {"distill", "search", "finetune"} <= c["stages"].keys()

@@ -213,6 +213,8 @@ def test_cache_refuses_shards_whose_samples_differ_in_shape(tmp_path):
         np.savez(tmp_path / "data" / f"{name}.npz", input_ids=rng.integers(0, 60, (6, seq)),
                  attention_mask=np.ones((6, seq), np.int64))
     names = sorted({n for nb in partition(t).neighbourhoods for n in (*nb.inputs, *nb.outputs)})
+    open_fds = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
     with pytest.raises(NdonnxError, match=r"b\.npz: 'input_ids' has samples of shape \[5\], the first shard's are \[7\]"):
         build_cache(t.model, names, load_data(tmp_path / "data", t), tmp_path / "c", seed=0, fingerprint="f", batch=4)
     assert not (tmp_path / "c" / "manifest.json").exists()
+    assert open_fds is None or len(os.listdir("/proc/self/fd")) == open_fds  # the files' descriptors closed

@@ -54,13 +54,34 @@ def build_cache(model: onnx.ModelProto, names: list[str], data: Dataset, cache_d
     if manifest_path.exists() and json.loads(manifest_path.read_text()).get("fingerprint") == fingerprint:
         return
     cache_dir.mkdir(parents=True, exist_ok=True)
+    files: dict[str, _Rows] = {}
+    try:
+        probed = _write_rows(model, names, data, cache_dir, files, batch, progress, list(shape_only), cuda)
+        for f in files.values():
+            f.close()
+    except BaseException:  # an error or an interrupt: descriptors closed, files left unfinished (no manifest)
+        for f in files.values():
+            f.discard()
+        raise
+    entries = {}
+    for k, f in files.items():
+        axis, per = probed.layouts.get(k, (0, 1))
+        entries[k] = {"file": f.path.name, "batch_axis": axis, "per_sample": per}
+    perm = np.random.default_rng(seed).permutation(data.size)
+    hold = max(1, int(round(HOLDOUT * data.size))) if data.size > 1 else 0
+    np.save(cache_dir / "holdout.npy", np.sort(perm[:hold]))
+    np.save(cache_dir / "train.npy", np.sort(perm[hold:]) if data.size > 1 else perm)
+    atomic_write_text(manifest_path, json.dumps({"fingerprint": fingerprint, "size": data.size, "files": entries,
+                                                 "shape_only": probed.shape_only}, indent=1))
+
+
+def _write_rows(model: onnx.ModelProto, names: list[str], data: Dataset, cache_dir: Path, files: dict[str, _Rows],
+                batch: int, progress, shape_only: list[str], cuda: bool) -> _Probed:
+    """The pass itself: every sample's `names` into `files` (opened here, one per tensor, closed by the
+    caller); how each tensor follows the batch is returned."""
     inputs = [s.name for s in data.specs]
     run = [k for k in names if k not in inputs]  # graph inputs come from the data, not from the session
-    files: dict[str, _Rows] = {}
-    layouts: dict[str, tuple[int | None, int]] = {}
-    shapes: dict[str, dict] = {}
-    teacher = None
-    first: dict[str, tuple] | None = None  # the first shard's sample shapes
+    probed, teacher, first = None, None, None
     with _Writer() as writer:
         shards = list(data.iter_shards()) if progress is None else progress(data.iter_shards(), len(data.shards), "cache")
         for path, shard in zip(data.shards, shards):
@@ -72,8 +93,7 @@ def build_cache(model: onnx.ModelProto, names: list[str], data: Dataset, cache_d
                 raise NdonnxError(f"{path.name}: {k!r} has samples of shape {list(rows[k])}, the first shard's are "
                                   f"{list(first[k])}; the activation cache needs one shape (pad to one length)")
             if teacher is None:  # a few samples tell: probing costs a fraction of a batch
-                probed = _probe(model, names, list(shape_only), {k: shard[k][:PROBE] for k in inputs}, cuda)
-                layouts, shapes = probed.layouts, probed.shape_only
+                probed = _probe(model, names, shape_only, {k: shard[k][:PROBE] for k in inputs}, cuda)
                 batch = _batch_size(batch, probed.bytes_per_sample())
                 teacher = _HalfSession(model, run, probed, cuda)
             for lo in range(0, n, batch):
@@ -86,7 +106,7 @@ def build_cache(model: onnx.ModelProto, names: list[str], data: Dataset, cache_d
                 outs.update({k: v for k, v in feeds.items() if k in names})
                 todo = []
                 for k, v in outs.items():
-                    axis, per = layouts[k]
+                    axis, per = probed.layouts[k]
                     if axis is None:  # the same for every sample (a position table): stored once
                         if k not in files:
                             files[k] = _Rows(cache_dir / f"{len(files):04d}.npy", _stored(v.dtype, k in teacher.wide), v.shape)
@@ -105,17 +125,7 @@ def build_cache(model: onnx.ModelProto, names: list[str], data: Dataset, cache_d
             if data.labels_key:
                 files.setdefault("__labels__", _Rows(cache_dir / "labels.npy", np.int64, (data.size,)))
                 writer.post([(files["__labels__"], shard[data.labels_key])])
-    entries = {}
-    for k, f in files.items():
-        f.close()
-        axis, per = layouts.get(k, (0, 1))
-        entries[k] = {"file": f.path.name, "batch_axis": axis, "per_sample": per}
-    perm = np.random.default_rng(seed).permutation(data.size)
-    hold = max(1, int(round(HOLDOUT * data.size))) if data.size > 1 else 0
-    np.save(cache_dir / "holdout.npy", np.sort(perm[:hold]))
-    np.save(cache_dir / "train.npy", np.sort(perm[hold:]) if data.size > 1 else perm)
-    atomic_write_text(manifest_path, json.dumps({"fingerprint": fingerprint, "size": data.size, "files": entries,
-                                                 "shape_only": shapes}, indent=1))
+    return probed
 
 
 def _batch_size(most: int, sample_bytes: int) -> int:
@@ -302,6 +312,12 @@ class _Rows:
         self.path.unlink()
         self.__init__(self.path.with_suffix(".f32.npy"), np.float32, self.shape)
         self.write(done)
+
+    def discard(self) -> None:
+        """Close without finishing the file (the cache is abandoned)."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
     def close(self) -> None:
         if self.fd is None:
