@@ -2,7 +2,7 @@
 `compress` end to end on CUDA.
 
     python bench/gpu.py [--steps 300] [--cpu-compress] [--out gpu.json]
-    python bench/gpu.py --dry-run --steps 5 --compress-steps 5 --finetune-steps 5 --rounds 1 --candidates width:0.5,teacher
+    python bench/gpu.py --dry-run --steps 5 --compress-steps 5 --finetune-steps 5 --rounds 1 --candidates width:0.25,teacher
 
 Needs torch with CUDA and onnxruntime's CUDA provider (`pip install -e '.[gpu]' && pip uninstall -y
 onnxruntime`); without them it says which is missing and exits 2. One machine, one run:
@@ -119,6 +119,8 @@ def main() -> int:
         print(f"bench/gpu.py: {why}")
         return 2
     gpu = not args.dry_run
+    if not gpu:
+        print("dry run: the CPU stands in for CUDA below (figures compare the CPU with itself)")
     import torch
 
     res: dict = {"cores": os.cpu_count(), "dry_run": args.dry_run,

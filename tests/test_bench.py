@@ -73,7 +73,7 @@ def test_gpu_bench_refuses_without_cuda_and_dry_runs_on_the_cpu(tmp_path):
         assert proc.returncode == 2 and proc.stdout.strip() == "bench/gpu.py: torch sees no CUDA device"
         assert not (tmp_path / "gpu.json").exists()
     tiny = ["--dry-run", "--steps", "3", "--compress-steps", "3", "--finetune-steps", "3", "--rounds", "1",
-            "--candidates", "width:0.5,teacher"]
+            "--candidates", "width:0.25,teacher"]
     proc = subprocess.run(script + tiny, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((tmp_path / "gpu.json").read_text())
