@@ -26,6 +26,7 @@ from ndonnx.sample import ort_session
 
 HOLDOUT = 0.1
 FLOAT16_MAX = 60000.0  # a tensor with larger values is stored float32 (float16 would overflow to inf)
+FLOAT16_TINY = 2.0 ** -10  # ... and one whose values all stay below this (float16: subnormal under 6.1e-5, 0 under 6e-8)
 RAM_LIMIT = 2 << 30  # caches smaller than this are read fully into memory
 PROBE = 16  # samples that show how each tensor follows the batch
 BATCH_BYTES = 12 << 20  # a batch of the cache pass stores about this much, at most `batch` samples
@@ -117,7 +118,7 @@ def _write_rows(model: onnx.ModelProto, names: list[str], data: Dataset, cache_d
                     if k not in files:
                         files[k] = _Rows(cache_dir / f"{len(files):04d}.npy", _stored(v.dtype, k in teacher.wide),
                                          (data.size, *v.shape[1:]))
-                    if k in inputs and files[k].dtype == np.float16 and _overflows(v):  # data, converted here
+                    if k in inputs and files[k].dtype == np.float16 and _needs_float32(v):  # data, converted here
                         writer.settle()
                         files[k].widen()
                     todo.append((files[k], v))
@@ -136,27 +137,33 @@ def _batch_size(most: int, sample_bytes: int) -> int:
 
 
 def _stored(dtype: np.dtype, wide: bool) -> np.dtype:
-    """How a tensor is stored: float32 as float16, unless its values overflow float16 (`wide`)."""
+    """How a tensor is stored: float32 as float16, unless float16 cannot hold its values (`wide`)."""
     return np.dtype(np.float16) if dtype in (np.float16, np.float32) and not wide else np.dtype(dtype)
 
 
-def _overflows(v: np.ndarray) -> bool:
-    """Whether float values reach FLOAT16_MAX (in float16: a Cast rounds overflow to inf)."""
-    if not v.size:
+def _needs_float32(v: np.ndarray) -> bool:
+    """Whether float16 cannot hold this tensor: its largest magnitude reaches FLOAT16_MAX (a Cast rounds
+    it to inf) or stays below FLOAT16_TINY (float16 keeps few bits of it, or none: a tensor of zeros
+    counts, as a Cast may have flushed it to zero)."""
+    if not v.size or v.dtype not in (np.float16, np.float32):
         return False
-    if v.dtype == np.float16:  # on the bits (numpy's float16 arithmetic is slow); NaN counts too, harmlessly
+    if v.dtype == np.float16:  # on the bits (numpy's float16 arithmetic is slow); NaN counts as large
         bits = v.reshape(-1).view(np.uint16)  # two reductions, no temporary: as uint16 the largest
         # negative magnitude is the maximum (if any value is negative), as int16 the largest positive one
-        return int(bits.max()) >= 0x8000 | _F16_LIMIT_BITS or int(bits.view(np.int16).max()) >= _F16_LIMIT_BITS
-    return v.dtype == np.float32 and max(float(v.max()), -float(v.min())) >= FLOAT16_MAX
+        neg, pos = int(bits.max()), int(bits.view(np.int16).max())
+        top = max(pos, neg - 0x8000 if neg >= 0x8000 else 0, 0)
+        return top >= _F16_LIMIT_BITS or top < _F16_TINY_BITS
+    top = max(float(v.max()), -float(v.min()))
+    return not FLOAT16_TINY <= top < FLOAT16_MAX  # NaN too
 
 
 _F16_LIMIT_BITS = int(np.array(FLOAT16_MAX, np.float16).view(np.uint16))
+_F16_TINY_BITS = int(np.array(FLOAT16_TINY, np.float16).view(np.uint16))
 
 
 class _HalfSession:
     """The teacher giving `names`, float32 ones through a Cast to float16 in the graph (a fraction of
-    numpy's cost), except those whose values overflow float16 (`wide`): they are given float32.
+    numpy's cost), except those float16 cannot hold (`wide`, see `_needs_float32`): they are given float32.
 
     Full batches are written into two sets of page-aligned buffers of our own, used in turn: fresh
     output memory for every batch cost page faults, and aligned rows go to direct writes uncopied.
@@ -182,7 +189,7 @@ class _HalfSession:
         widened: set[str] = set()
         while True:
             outs = dict(zip(self.names, self._run(feeds)))
-            over = {k for k in self.half if _overflows(outs[k])}
+            over = {k for k in self.half if _needs_float32(outs[k])}
             if not over:
                 return outs, widened
             self.wide |= over
