@@ -29,12 +29,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from scale_out import _timed_run
+from scale_out import _timed_run, prepare
 
 from ndonnx.compress import CompressConfig, compress
 from ndonnx.config import DistillConfig
 from ndonnx.data import load_data
-from ndonnx.distill import runner
 from ndonnx.distill.cache import build_cache
 from ndonnx.files import atomic_write_text
 from ndonnx.graph import load_teacher
@@ -72,11 +71,7 @@ def cache_pass(model: Path, data: Path, tmp: Path, rounds: int, gpu: bool) -> di
 
 def job_phase(model: Path, data: Path, tmp: Path, steps: int, candidates: str | None, gpu: bool) -> dict:
     run = tmp / "run"
-    real, runner._run = runner._run, lambda *a, **k: None  # prepare only: cache, teacher pieces, students
-    try:
-        runner.distill(model, run, DistillConfig(steps=steps, seed=0, device="cpu", candidates=candidates), data_path=data)
-    finally:
-        runner._run = real
+    prepare(run, model, data, DistillConfig(steps=steps, seed=0, device="cpu", candidates=candidates))
     out = {}
     for device in ("cpu", "cuda"):
         cfg = DistillConfig(steps=steps, seed=0, device=device if gpu else "cpu", candidates=candidates)

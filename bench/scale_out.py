@@ -51,6 +51,15 @@ def _timed_run(run: Path, model: Path, data: Path, cfg: DistillConfig) -> tuple[
     return spent[0], [json.loads(p.read_text()) for p in sorted((run / "done").glob("*.json"))]
 
 
+def prepare(run: Path, model: Path, data: Path, cfg: DistillConfig) -> None:
+    """A run directory with everything but the jobs' results: cache, teacher pieces, students."""
+    real, runner._run = runner._run, lambda *a, **k: None
+    try:
+        runner.distill(model, run, cfg, data_path=data)
+    finally:
+        runner._run = real
+
+
 def _makespan(groups: list[float], workers: int) -> float:
     load = [0.0] * workers
     for g in sorted(groups, reverse=True):
@@ -73,11 +82,7 @@ def main() -> None:
     results: dict = {"model": Path(args.model).name, "steps": args.steps, "cores": os.cpu_count(), "arms": {}}
     try:
         t0 = time.perf_counter()
-        real, runner._run = runner._run, lambda *a, **k: None  # prepare only: cache, teacher pieces, students
-        try:
-            runner.distill(args.model, run, base, data_path=args.data)
-        finally:
-            runner._run = real
+        prepare(run, Path(args.model), Path(args.data), base)
         results["prepare_seconds"] = round(time.perf_counter() - t0, 1)
         for backend, n in arms:
             name = f"{backend}:{n}"

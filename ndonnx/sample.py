@@ -3,6 +3,7 @@ one onnxruntime run that records every tensor, for real shapes and round-trip re
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -50,13 +51,9 @@ def ort_session(model: onnx.ModelProto, cuda: bool = False):
         raise NdonnxError(f"onnxruntime cannot run the model: {first}") from e
 
 
-_warned: set[str] = set()
-
-
+@functools.cache
 def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        log.warning(message)
+    log.warning(message)
 
 
 def _without_value_info(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -60,8 +60,8 @@ def test_teacher_passes_ask_onnxruntime_for_cuda_where_it_has_it(gpus, monkeypat
 
     gpus(1)
     assert runner._cuda_here("cuda") and runner._cuda_here("auto") and not runner._cuda_here("cpu")
-    gpus(0)
-    assert not runner._cuda_here("auto")
+    gpus(0)  # a Ray driver without a GPU, the cluster's workers given --device cuda: the cache on its CPU
+    assert not runner._cuda_here("auto") and not runner._cuda_here("cuda")
 
     asked: list[list[str]] = []
     real_session = ort.InferenceSession
@@ -75,7 +75,7 @@ def test_teacher_passes_ask_onnxruntime_for_cuda_where_it_has_it(gpus, monkeypat
 
     asked.clear()
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
-    monkeypatch.setattr(sample, "_warned", set())
+    sample._warn_once.cache_clear()
     teacher = load_teacher(ROOT / "models" / "resnet20_fmnist.onnx")
     x = np.load(ROOT / "models" / "fmnist_subset.npz")["input"][:20]
     np.savez(tmp_path / "d.npz", input=x)

@@ -47,11 +47,11 @@ def resolve_device(device: str) -> str:
 
 
 def _cuda_here(device: str) -> bool:
-    """Whether this process's teacher passes (the activation cache) run on CUDA: with --backend ray the
-    device may still be `auto`, settled by the cluster for the jobs; the cache is made here."""
+    """Whether this process's teacher passes (the activation cache) run on CUDA: on a device that asks
+    for it and that this machine has (with --backend ray the device is the cluster's, unresolved)."""
     import torch
 
-    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    return device != "cpu" and torch.cuda.is_available()
 
 
 def _open_run_dir(run_dir: Path, teacher: Teacher, cfg: DistillConfig) -> None:
