@@ -351,9 +351,9 @@ def _two_convs_joined_by(op_nodes, mid_shape_c=16):
 
 @pytest.mark.parametrize("case", ["concat", "reshape", "grouped", "attention"])
 def test_width_refuses_what_it_does_not_understand(case):
-    if case == "concat":
-        nodes, inits = _two_convs_joined_by([helper.make_node("Concat", ["a", "b"], ["j"], axis=1)])
-        m = _model(nodes, inits, ["N", 4, 5, 5], ["N", 4, 5, 5])
+    if case == "concat":  # along a spatial axis: the channels of both inputs are the same channels
+        nodes, inits = _two_convs_joined_by([helper.make_node("Concat", ["a", "b"], ["j"], axis=2)], mid_shape_c=8)
+        m = _model(nodes, inits, ["N", 4, 5, 5], ["N", 4, 10, 5])
     elif case == "reshape":
         nodes = [helper.make_node("Conv", ["X", "wa"], ["a"]), helper.make_node("Reshape", ["a", "shape"], ["j"]),
                  helper.make_node("Conv", ["j", "wc"], ["Y"])]
@@ -373,6 +373,76 @@ def test_width_refuses_what_it_does_not_understand(case):
         m = _model(nodes, [_t("wq", 6, 8), _t("wk", 6, 8), _t("wo", 6, 6)], ["N", 5, 6], ["N", 5, 6])
     with pytest.raises(NotApplicable, match="no shrinkable"):
         width.shrink(m, 0.5)
+
+
+def _half_dead(name, *shape, axis=0, bias=False):
+    """A weight (or bias) whose output channels on `axis` at odd indices are zero: the L1 score drops
+    exactly those, and with Relu after them a width-0.5 student must compute what the teacher does."""
+    a = RNG.standard_normal(shape).astype(np.float32)
+    np.moveaxis(a, axis, 0)[1::2] = 0
+    return numpy_helper.from_array(a, name)
+
+
+def test_concat_parts_shrink_at_their_offsets():
+    # relu(conv(X)) [8] | relu(convT(X)) [8] | X [4, no group: kept] -> conv: a U-Net's skip concat
+    nodes = [helper.make_node("Conv", ["X", "wa", "ba"], ["a"]), helper.make_node("Relu", ["a"], ["ra"]),
+             helper.make_node("ConvTranspose", ["X", "wb", "bb"], ["b"]), helper.make_node("Relu", ["b"], ["rb"]),
+             helper.make_node("Concat", ["ra", "rb", "X"], ["j"], axis=1),
+             helper.make_node("Conv", ["j", "wc"], ["Y"])]
+    inits = [_half_dead("wa", 8, 4, 1, 1), _half_dead("ba", 8), _half_dead("wb", 4, 8, 1, 1, axis=1), _half_dead("bb", 8),
+             _t("wc", 4, 20, 1, 1)]
+    m = _model(nodes, inits, ["N", 4, 5, 5], ["N", 4, 5, 5])
+    st = REGISTRY["width"].generate(m, CandidateSpec("width", 0.5))
+    wc = get_array(st.model, "wc")
+    np.testing.assert_array_equal(wc, get_array(m, "wc")[:, [0, 2, 4, 6, 8, 10, 12, 14, 16, 17, 18, 19]])
+    assert get_array(st.model, "wb").shape == (4, 4, 1, 1)
+    np.testing.assert_allclose(_check_student(m, st.model)[0], ort_session(m).run(None, _feeds(m))[0], rtol=1e-5, atol=1e-5)
+
+
+def test_concat_reaching_the_output_blocks_its_parts():
+    nodes = [helper.make_node("Conv", ["X", "wa"], ["a"], name="ca"), helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("Concat", ["r", "X"], ["Y"], axis=1)]
+    m = _model(nodes, [_t("wa", 8, 4, 1, 1)], ["N", 4, 5, 5], ["N", 12, 5, 5])
+    with pytest.raises(NotApplicable, match="ca is concatenated into a group that reaches the output 'Y'"):
+        width.shrink(m, 0.5)
+
+
+def test_conv_transpose_groups_and_batchnorm_fold():
+    # conv -> relu -> convT (stride 2) -> BN -> relu -> conv: both inner groups shrink, the BN folds into convT
+    bn = helper.make_node("BatchNormalization", ["t", "bn.s", "bn.b", "bn.m", "bn.v"], ["tb"])
+    nodes = [helper.make_node("Conv", ["X", "w1", "b1"], ["c"]), helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("ConvTranspose", ["r", "wt"], ["t"], strides=[2, 2], kernel_shape=[2, 2]), bn,
+             helper.make_node("Relu", ["tb"], ["rt"]), helper.make_node("Conv", ["rt", "w2"], ["Y"])]
+    m = _model(nodes, [_half_dead("w1", 8, 4, 1, 1), _half_dead("b1", 8), _t("wt", 8, 6, 2, 2), *_bn("bn", 6),
+                       _t("w2", 4, 6, 1, 1)], ["N", 4, 5, 5], ["N", 4, 10, 10])
+    full, sizes = width.shrink(m, 1.0)
+    assert sizes == [(8, 8), (6, 6)] and "BatchNormalization" not in [n.op_type for n in full.graph.node]
+    _check_student(m, full, exact=True)
+    st = REGISTRY["width"].generate(m, CandidateSpec("width", 0.5))
+    convt = next(n for n in st.model.graph.node if n.op_type == "ConvTranspose")
+    assert get_array(st.model, convt.input[1]).shape == (4, 3, 2, 2) and get_array(st.model, convt.input[2]).shape == (3,)
+    assert st.params == 4 * 4 + 4 + 4 * 3 * 4 + 3 + 4 * 3
+    _check_student(m, st.model)
+
+
+@pytest.mark.parametrize("how", ["scales", "sizes", "channel scale"])
+def test_resize_passes_the_group_on(how):
+    scales = np.array([1, 2 if how == "channel scale" else 1, 2, 2], np.float32)
+    ins = ["r", "roi", "" if how == "sizes" else "scales"] + (["sizes"] if how == "sizes" else [])
+    nodes = [helper.make_node("Conv", ["X", "w1", "b1"], ["c"], name="c1"), helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Resize", ins, ["u"], mode="nearest"), helper.make_node("Conv", ["u", "w2"], ["Y"])]
+    inits = [_half_dead("w1", 8, 4, 1, 1), _half_dead("b1", 8), numpy_helper.from_array(np.zeros(0, np.float32), "roi"),
+             numpy_helper.from_array(scales, "scales"), numpy_helper.from_array(np.array([3, 8, 10, 10], np.int64), "sizes"),
+             _t("w2", 4, 16 if how == "channel scale" else 8, 1, 1)]
+    m = _model(nodes, inits, [3, 4, 5, 5], [3, 4, 10, 10])
+    if how == "channel scale":
+        with pytest.raises(NotApplicable, match="c1 enters Resize.*resizes the channels"):
+            width.shrink(m, 0.5)
+        return
+    st = REGISTRY["width"].generate(m, CandidateSpec("width", 0.5))
+    if how == "sizes":
+        assert get_array(st.model, "sizes").tolist() == [3, 4, 10, 10]
+    np.testing.assert_allclose(_check_student(m, st.model)[0], ort_session(m).run(None, _feeds(m))[0], rtol=1e-5, atol=1e-5)
 
 
 def test_shared_constant_is_copied_not_corrupted():

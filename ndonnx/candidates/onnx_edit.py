@@ -118,8 +118,8 @@ def add_value_info(model: onnx.ModelProto, like: str, name: str, axis: int, size
 
 
 def fold_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Fold every BatchNormalization that directly follows a Conv (its only consumer, constant
-    weights) into the Conv's weight and bias. Students carry no BN (the documented choice): the
+    """Fold every BatchNormalization that directly follows a Conv or a one-group ConvTranspose (its
+    only consumer, constant weights) into the Conv's weight and bias. Students carry no BN (the documented choice): the
     Conv then produces the BN's output name. Other BNs stay (width slices them channel-wise)."""
     model = copy_model(model)
     g = model.graph
@@ -135,7 +135,9 @@ def fold_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
         if x not in prod or x in outputs or len(cons.get(x, [])) != 1:
             continue
         conv = g.node[prod[x]]
-        if conv.op_type != "Conv":
+        # output channels: a Conv's weight axis 0, a ConvTranspose's axis 1 (with one group)
+        out_axis = {"Conv": 0, "ConvTranspose": 1}.get(conv.op_type)
+        if out_axis is None or (out_axis == 1 and attr(conv, "group", 1) != 1):
             continue
         w = get_array(model, conv.input[1])
         stats = [get_array(model, n) for n in bn.input[1:5]]
@@ -145,8 +147,10 @@ def fold_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
             continue
         scale, beta, mean, var = (np.asarray(s, np.float64).reshape(-1) for s in stats)
         s = scale / np.sqrt(var + attr(bn, "epsilon", 1e-5))
-        new_w = (w.astype(np.float64) * s.reshape(-1, *[1] * (w.ndim - 1))).astype(w.dtype)
-        b0 = bias.astype(np.float64) if bias is not None else np.zeros(w.shape[0])
+        shape = [1] * w.ndim
+        shape[out_axis] = -1
+        new_w = (w.astype(np.float64) * s.reshape(shape)).astype(w.dtype)
+        b0 = bias.astype(np.float64) if bias is not None else np.zeros(w.shape[out_axis])
         new_b = ((b0 - mean) * s + beta).astype(w.dtype)
         conv.input[1] = _write(model, cons, conv.input[1], new_w, taken)
         if bias_name:

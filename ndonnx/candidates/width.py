@@ -1,8 +1,8 @@
 """width:k - the paper's bottleneck multiplier: shrink every inner channel group to round(k * size).
 
-An inner channel group is the output channels of a weighted op (Conv with group 1, Gemm, MatMul with
-a constant 2-D weight: the "producer") followed through ops that treat channels independently into
-the input axis of the next weighted op (the "consumers"). Followed:
+An inner channel group is the output channels of a weighted op (Conv or ConvTranspose with group 1,
+Gemm, MatMul with a constant 2-D weight: the "producer") followed through ops that treat channels
+independently into the input axis of the next weighted op (the "consumers"). Followed:
 
 - activations and other elementwise unary ops (Relu, Clip, Sigmoid, HardSigmoid, HardSwish, Tanh,
   LeakyRelu, Gelu, Erf, ...), Identity, Dropout, Cast;
@@ -15,7 +15,12 @@ the input axis of the next weighted op (the "consumers"). Followed:
   its `group` attribute becomes the new channel count (inverted residuals);
 - pooling and reductions that keep the channel axis (GlobalAveragePool, ReduceMean over spatial
   axes feeding a squeeze-excite branch, MaxPool, ...), Flatten of [N, C, 1, 1], Squeeze/Unsqueeze
-  of other axes;
+  of other axes, Resize/Upsample whose channel scale is a constant 1 (or whose constant target size
+  is rewritten);
+- Concat on the channel axis (a U-Net's skip, an FPN's or PAN's merge): its result is a group of
+  parts, each input's group at its offset (an input no group produces is a part kept whole). The
+  parts shrink by their own scores, consumers are sliced at every part's kept channels, and where
+  the result cannot shrink (it reaches an output, meets another group) neither can its parts;
 - a Reshape that keeps the channels as the last axis (TensorFlow's Tensordot, as tf2onnx writes a
   Dense layer on a sequence: [tokens, C] -> [1, tokens, C] and back): the constant that holds the
   target's last entry (the Reshape's own, or the constant piece of a Concat'd target, through Cast)
@@ -25,8 +30,8 @@ the input axis of the next weighted op (the "consumers"). Followed:
 
 A group is not shrinkable (left whole, never guessed) when any of its tensors reaches the
 neighbourhood's outputs (the boundary shape is fixed), meets a tensor of the same channel count that
-no group produces (a residual Add with the block input), or enters anything else: Reshape, Concat,
-Split, Transpose, another Shape or Reshape, Softmax, LayerNormalization, a grouped (non-depthwise) Conv, a MatMul of
+no group produces (a residual Add with the block input), or enters anything else: Reshape, Concat
+on another axis, Split, Transpose, another Shape or Reshape, Softmax, LayerNormalization, a grouped (non-depthwise) Conv, a MatMul of
 two activations. Attention heads are therefore never shrunk: the qkv projection's output goes
 through Reshape/Transpose/Split into head-wise MatMuls, so its group is refused, and the output
 projection's group reaches the residual Add. In a transformer layer only the feed-forward inner
@@ -38,7 +43,7 @@ op is one entry. An op type without a rule, or from another domain, blocks every
 
 Which channels survive is decided by `ndonnx.candidates.importance` (L1 norm of the producers'
 output-channel weights by default); this module only slices. A BatchNormalization right after a
-Conv is folded into it first (students carry no BN).
+Conv or one-group ConvTranspose is folded into it first (students carry no BN).
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ from ndonnx.candidates import importance as imp
 from ndonnx.candidates.base import CandidateSpec, NotApplicable, Student, register, scaled
 from ndonnx.candidates.onnx_edit import (add_array, attr, consumers, finish, fold_batchnorm, get_array,
                                          names_in_use, param_count, set_array, set_attr, set_dim, shapes)
+from ndonnx.graph import onnx_opset
 
 UNARY = ("Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "LeakyRelu", "Gelu", "Erf", "Elu", "Selu",
          "Celu", "Softplus", "Softsign", "ThresholdedRelu", "Mish", "Abs", "Neg", "Exp", "Log", "Sqrt",
@@ -75,10 +81,13 @@ class ChannelGroup:
     tensors: list[tuple[str, int]] = field(default_factory=list)  # (tensor, channel axis)
     sizes: list[tuple[int, int, int]] = field(default_factory=list)  # (node, input slot, entry): shape constants
     blocked: list[str] = field(default_factory=list)  # why it cannot shrink
+    parts: list[tuple[int, int]] = field(default_factory=list)  # a Concat's: (member group id, channel offset)
+    id: int = -1  # its index among the analysis's groups (what `parts` name)
 
     @property
     def shrinkable(self) -> bool:
-        return not self.blocked and self.size > 1
+        """Whether it shrinks by its own producers' scores (a Concat's group follows its parts instead)."""
+        return not self.blocked and self.size > 1 and not self.parts
 
 
 class Rule(NamedTuple):
@@ -189,16 +198,24 @@ class _Analysis:
 
     # result ------------------------------------------------------------------------------
     def groups(self) -> list[ChannelGroup]:
+        # A Concat's channels are its parts' channels: where they cannot shrink, neither can the parts.
+        # Later groups hold only earlier ones, so one pass from the last settles nested Concats.
+        for g in reversed(range(len(self.raw))):
+            raw = self.raw[g]
+            if raw.parts and self.raw[self.find(g)].blocked:
+                for m, _ in raw.parts:
+                    self.block(self.find(m), f"is concatenated into a group that {self.raw[self.find(g)].blocked[0]}")
         merged: dict[int, ChannelGroup] = {}
         for g, raw in enumerate(self.raw):
             root = self.find(g)
-            m = merged.setdefault(root, ChannelGroup(self.raw[root].size))
+            m = merged.setdefault(root, ChannelGroup(self.raw[root].size, id=root))
             m.producers += raw.producers
             m.slices += raw.slices
             m.depthwise += raw.depthwise
             m.tensors += raw.tensors
             m.sizes += raw.sizes
             m.blocked += raw.blocked
+            m.parts += [(self.find(p), off) for p, off in raw.parts]
         return list(merged.values())
 
 
@@ -241,6 +258,27 @@ def _depthwise_conv(a: _Analysis, i: int, node: onnx.NodeProto, g: int) -> None:
     """One filter per channel: the filters follow the group, and `group` becomes its new size."""
     a.raw[g].depthwise.append(i)
     a.raw[g].slices.append((i, 1, 0))
+    if _has_bias(node):
+        a.raw[g].slices.append((i, 2, 0))
+    a.mark(node.output[0], g, 1)
+
+
+@rule("ConvTranspose", starts_groups=True)
+def _conv_transpose(a: _Analysis, i: int, node: onnx.NodeProto) -> None:
+    """Weight [in, out / group, *kernel]: a group entering is sliced on axis 0, the new one on axis 1
+    (group 1 only: with groups the output channels interleave per group)."""
+    w = a.const(node.input[1])
+    x = a.tag.get(node.input[0])
+    if w is None or a.tagged_params(node) or attr(node, "group", 1) != 1:
+        return a.block_inputs(node, f"enters ConvTranspose {node.name!r} (grouped or not a constant weight)")
+    if x is not None:
+        if x[1] == 1:
+            a.raw[x[0]].slices.append((i, 1, 0))
+        else:
+            a.block(x[0], f"enters ConvTranspose {node.name!r} on axis {x[1]}")
+    g = a.new(w.shape[1])
+    a.raw[g].producers.append((i, node.input[1], 1))
+    a.raw[g].slices.append((i, 1, 1))
     if _has_bias(node):
         a.raw[g].slices.append((i, 2, 0))
     a.mark(node.output[0], g, 1)
@@ -328,6 +366,33 @@ def _pool(a: _Analysis, i: int, node: onnx.NodeProto) -> None:
     a.mark(node.output[0], g, 1)
 
 
+@rule("Resize", "Upsample")
+def _resize(a: _Analysis, i: int, node: onnx.NodeProto) -> None:
+    """Interpolation of other axes keeps the group (an FPN's or U-Net's upsampling): the channel
+    axis's scale must be a constant 1, or its target size a constant (rewritten with the group)."""
+    g, axis = a.tag.get(node.input[0], (None, None))
+    if g is None or a.tagged_params(node) or not _one_output(node) or attr(node, "axes") is not None:
+        return a.block_inputs(node, f"enters {node.op_type} {node.name!r}")
+    if node.op_type == "Upsample" or onnx_opset(a.model) <= 10:  # (X, scales)
+        slot = 1
+    else:  # (X, roi, scales, sizes): one of the last two
+        slot = 3 if len(node.input) > 3 and node.input[3] else 2
+    if slot >= len(node.input) or not node.input[slot]:  # Upsample-7 keeps its scales as an attribute
+        scales = attr(node, "scales")
+        ok = scales is not None and axis < len(scales) and scales[axis] == 1
+        return a.mark(node.output[0], g, axis) if ok else a.block_inputs(node, f"enters {node.op_type} {node.name!r}")
+    v = a.const(node.input[slot])
+    if v is None or axis >= v.size:
+        return a.block_inputs(node, f"enters {node.op_type} {node.name!r} (its scales or sizes are computed)")
+    if slot == 3:  # sizes: the channel entry holds the group's size and follows it
+        if int(v.reshape(-1)[axis]) != a.size(g):
+            return a.block_inputs(node, f"enters {node.op_type} {node.name!r} (resizes the channels)")
+        a.raw[g].sizes.append((i, slot, axis))
+    elif float(v.reshape(-1)[axis]) != 1.0:
+        return a.block_inputs(node, f"enters {node.op_type} {node.name!r} (resizes the channels)")
+    a.mark(node.output[0], g, axis)
+
+
 @rule(*REDUCE)
 def _reduce(a: _Analysis, i: int, node: onnx.NodeProto) -> None:
     """Reducing other axes keeps the group (squeeze-excite's spatial mean); reducing it blocks."""
@@ -373,6 +438,12 @@ def _couple(a: _Analysis, node: onnx.NodeProto, n1: str, a1: int, n2: str, a2: i
     Torch-Pruning's dependency graph); a 1-channel group broadcast against the other stays whole."""
     out = node.output[0]
     g1, g2 = a.tag[n1][0], a.tag[n2][0]
+    if a.find(g1) == a.find(g2) and a1 == a2:
+        return a.mark(out, g1, a1)
+    if a.raw[a.find(g1)].parts or a.raw[a.find(g2)].parts:  # a Concat's group stays apart from others
+        a.block(g1, f"meets another group at {node.op_type} {node.name!r} after a Concat")
+        a.block(g2, f"meets another group at {node.op_type} {node.name!r} after a Concat")
+        return
     if a1 != a2:
         a.block(g1, f"meets another group on a different axis at {node.op_type} {node.name!r}")
         a.block(g2, f"meets another group on a different axis at {node.op_type} {node.name!r}")
@@ -406,6 +477,34 @@ def _with_untagged(a: _Analysis, i: int, node: onnx.NodeProto, name: str, axis: 
     elif dim != 1:
         a.block(g, f"joins {other_name!r}, which no channel group produces, at {node.op_type} {node.name!r}")
     a.mark(node.output[0], g, axis)
+
+
+@rule("Concat")
+def _concat(a: _Analysis, i: int, node: onnx.NodeProto) -> None:
+    """Concatenating on the channel axis (a U-Net's skip, an FPN's or a PAN's merge) makes a group of
+    parts: the channels of each input at its offset. Each part shrinks by its own producers' scores
+    and the consumers of the result are sliced at the kept channels of every part. An input no group
+    produces is a part that keeps all its channels."""
+    rank = a.rank(node.output[0])
+    if rank is None or not _one_output(node):
+        return a.block_inputs(node, f"enters Concat {node.name!r} (unknown rank)")
+    cat = attr(node, "axis", 0) % rank
+    parts, offset = [], 0
+    for name in node.input:
+        t = a.tag.get(name)
+        if t is not None and t[1] != cat:
+            return a.block_inputs(node, f"enters Concat {node.name!r} on another axis")
+        size = a.size(t[0]) if t is not None else a.dim(name, cat)
+        if not isinstance(size, int):
+            return a.block_inputs(node, f"enters Concat {node.name!r} (an input of unknown size)")
+        g = t[0] if t is not None else a.new(size)
+        if t is None:
+            a.block(g, f"is {name!r}, which no channel group produces")
+        parts.append((g, offset))
+        offset += size
+    c = a.new(offset)
+    a.raw[c].parts = parts
+    a.mark(node.output[0], c, cat)
 
 
 # shape ops that only add or drop size-1 axes: the group moves to its new axis -------------------
@@ -535,7 +634,7 @@ def shrink(sub: onnx.ModelProto, k: float, score: str = "l1",
     if not groups:
         nodes = model.graph.node
         why = [f"{nodes[g.producers[0][0]].name or nodes[g.producers[0][0]].op_type} "
-               f"{g.blocked[0] if g.blocked else 'has one channel'}" for g in every]
+               f"{g.blocked[0] if g.blocked else 'has one channel'}" for g in every if g.producers]
         more = f"; +{len(why) - 3} more" if len(why) > 3 else ""
         raise NotApplicable("no shrinkable inner channel group" + (f" ({'; '.join(why[:3])}{more})" if why else
                                                                    " (no Conv with group 1, Gemm or MatMul by a constant)"))
@@ -543,12 +642,21 @@ def shrink(sub: onnx.ModelProto, k: float, score: str = "l1",
     nodes = model.graph.node
     edits: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}
     sizes = []
+    kept: dict[int, np.ndarray] = {}  # group id -> the channels it keeps, for the groups that shrink
     for g in groups:
         n = scaled(g.size, k, multiple)
         sizes.append((g.size, n))
-        if n == g.size:
+        if n < g.size:
+            kept[g.id] = imp.keep_indices(scorer([(get_array(model, w), ax) for _, w, ax in g.producers]), n)
+    size = {g.id: g.size for g in every}
+    for g in sorted((g for g in every if g.parts and not g.blocked), key=lambda g: g.id):  # parts come first
+        if any(m in kept for m, _ in g.parts):
+            kept[g.id] = np.concatenate([kept.get(m, np.arange(size[m])) + off for m, off in g.parts])
+    for g in every:
+        if g.id not in kept:
             continue
-        keep = imp.keep_indices(scorer([(get_array(model, w), ax) for _, w, ax in g.producers]), n)
+        keep = kept[g.id]
+        n = len(keep)
         for node, slot, axis in dict.fromkeys(g.slices):
             edits.setdefault((node, slot), []).append((axis, keep))
         for node in g.depthwise:
