@@ -13,7 +13,7 @@ from ndonnx.candidates import (DEFAULT_CANDIDATES, REGISTRY, CandidateSpec, NotA
                                parse_candidates, register)
 from ndonnx.candidates import identity, lowrank, sparse, width
 from ndonnx.candidates.importance import group_l1, keep_indices
-from ndonnx.candidates.onnx_edit import fold_batchnorm, get_array, param_count
+from ndonnx.candidates.onnx_edit import ContractError, fold_batchnorm, get_array, param_count
 from ndonnx.convert import extract, rel_err, run_torch, to_torch
 from ndonnx.errors import NdonnxError
 from ndonnx.graph import load_teacher
@@ -40,7 +40,12 @@ def blocks(zoo):
 def built(blocks):
     """model name -> [(students, reasons)] per neighbourhood, for SPECS."""
     specs = parse_candidates(SPECS)
-    return {name: [build_candidates(sub, specs, strict=True) for sub in subs] for name, (_, subs) in blocks.items()}
+    return {name: [build_candidates(sub, specs, strict=True, feeds=_sample_feeds(sub, s)) for sub in subs]
+            for name, (s, subs) in blocks.items()}
+
+
+def _sample_feeds(sub: onnx.ModelProto, sample) -> dict[str, np.ndarray]:
+    return {i.name: sample.values[i.name] for i in sub.graph.input}
 
 
 def ort_run(model: onnx.ModelProto, values: dict) -> dict[str, np.ndarray]:
@@ -397,6 +402,24 @@ def test_concat_parts_shrink_at_their_offsets():
     np.testing.assert_array_equal(wc, get_array(m, "wc")[:, [0, 2, 4, 6, 8, 10, 12, 14, 16, 17, 18, 19]])
     assert get_array(st.model, "wb").shape == (4, 4, 1, 1)
     np.testing.assert_allclose(_check_student(m, st.model)[0], ort_session(m).run(None, _feeds(m))[0], rtol=1e-5, atol=1e-5)
+
+
+def test_width_students_are_checked_against_the_zeroed_teacher(monkeypatch):
+    """build_candidates runs each width student against the teacher with the dropped channels zeroed;
+    a student that computes something else (here: the reference left unzeroed) is refused, or raises
+    when strict."""
+    nodes = [helper.make_node("Conv", ["X", "wa", "ba"], ["a"]), helper.make_node("Relu", ["a"], ["ra"]),
+             helper.make_node("Concat", ["ra", "X"], ["j"], axis=1), helper.make_node("Conv", ["j", "wc"], ["Y"])]
+    m = _model(nodes, [_t("wa", 8, 4, 1, 1), _t("ba", 8), _t("wc", 4, 12, 1, 1)], ["N", 4, 5, 5], ["N", 4, 5, 5])
+    specs = parse_candidates("width:0.5")
+    students, reasons = build_candidates(m, specs, strict=True, feeds=_feeds(m))
+    assert [str(s.spec) for s in students] == ["teacher", "width:0.5"] and students[1].reference is None
+    monkeypatch.setattr(width, "_zero", lambda model, zeros: None)
+    students, reasons = build_candidates(m, specs, feeds=_feeds(m))
+    assert [str(s.spec) for s in students] == ["teacher"]
+    assert reasons["width:0.5"].startswith("failed its check: output 'Y' differs from the teacher's with the dropped")
+    with pytest.raises(ContractError, match="width:0.5: output 'Y' differs"):
+        build_candidates(m, specs, strict=True, feeds=_feeds(m))
 
 
 def test_concat_reaching_the_output_blocks_its_parts():

@@ -26,11 +26,12 @@ import math
 import re
 from dataclasses import replace
 
+import numpy as np
 import onnx
 
 from ndonnx.candidates.base import (REGISTRY, CandidateSpec, Family, NotApplicable, Sample, Student, register,
                                     scaled)
-from ndonnx.candidates.onnx_edit import ContractError, fold_batchnorm, param_count
+from ndonnx.candidates.onnx_edit import ContractError, differs, fold_batchnorm, param_count
 from ndonnx.errors import NdonnxError
 
 # The explicit registry: importing each family module registers it (in this order).
@@ -139,11 +140,14 @@ def parse_candidates(text: str) -> list[CandidateSpec]:
 
 
 def build_candidates(sub: onnx.ModelProto, specs: list[CandidateSpec], *, strict: bool = False,
-                     sample: Sample | None = None) -> tuple[list[Student], dict[str, str]]:
+                     sample: Sample | None = None,
+                     feeds: dict[str, np.ndarray] | None = None) -> tuple[list[Student], dict[str, str]]:
     """Students for one teacher neighbourhood: the teacher first (always), then one per spec that
     applies and differs in size; {str(spec): reason} for the others. A generator bug (an
-    exception other than NotApplicable) is logged and recorded as a reason, or raised if strict.
-    `sample`: the neighbourhood's inputs over the calibration data, for families that need it."""
+    exception other than NotApplicable, or a student that does not compute its `reference` on
+    `feeds`, the neighbourhood's inputs of the teacher's sample run) is logged and recorded as a
+    reason, or raised if strict. `sample`: the neighbourhood's inputs over the calibration data,
+    for families that need it."""
     teacher = REGISTRY["teacher"].generate(sub, TEACHER)
     students = [teacher]
     reasons: dict[str, str] = {}
@@ -170,6 +174,14 @@ def build_candidates(sub: onnx.ModelProto, specs: list[CandidateSpec], *, strict
             log.warning("candidate %s failed on %s", spec, sub.graph.name, exc_info=True)
             reasons[str(spec)] = f"failed: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
             continue
+        if st.reference is not None and feeds is not None:
+            why, st.reference = differs(st.model, st.reference, feeds), None
+            if why and strict:
+                raise ContractError(f"{spec}: {why}")
+            if why:
+                log.warning("candidate %s failed its check on %s: %s", spec, sub.graph.name, why)
+                reasons[str(spec)] = f"failed its check: {why}"
+                continue
         if st.params in same_size and st.nonzero == st.params:
             reasons[str(spec)] = f"same size as the teacher ({st.params} parameters)"
             continue

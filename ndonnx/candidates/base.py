@@ -35,7 +35,9 @@ class Student:
     after training (below params only for sparse students); sparsity: the sparse family's target;
     prunable: the initializers the trainer masks (sparse students only); note: one line for the
     user about what the student was made from (e.g. how much of the calibration data it covers),
-    carried to candidates.json.
+    carried to candidates.json; reference: a model with the teacher's boundary that the student must
+    compute exactly (the teacher with what the student drops set to zero), checked by
+    `build_candidates` on the neighbourhood's sample inputs before the student is trained.
     """
 
     spec: CandidateSpec
@@ -45,6 +47,7 @@ class Student:
     sparsity: float | None = None
     prunable: tuple[str, ...] = ()
     note: str | None = None
+    reference: onnx.ModelProto | None = None
 
 
 class NotApplicable(Exception):

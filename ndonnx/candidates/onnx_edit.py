@@ -205,5 +205,23 @@ def finish(teacher: onnx.ModelProto, student: onnx.ModelProto, what: str) -> onn
     return student
 
 
+CHECK_TOL = 1e-4  # relative to the largest output value: float sums in another order, nothing more
+
+
+def differs(student: onnx.ModelProto, reference: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> str | None:
+    """Why `student` does not compute what `reference` does on `feeds` (onnxruntime), or None."""
+    from ndonnx.sample import ort_session
+
+    names = [o.name for o in reference.graph.output]
+    got = ort_session(student).run(names, feeds)
+    want = ort_session(reference).run(names, feeds)
+    for name, g, w in zip(names, got, want):
+        scale = max(1.0, float(np.abs(w).max(initial=0)))
+        if g.shape != w.shape or not np.allclose(g, w, rtol=CHECK_TOL, atol=CHECK_TOL * scale):
+            err = float(np.abs(g - w).max()) / scale if g.shape == w.shape else float("inf")
+            return f"output {name!r} differs from the teacher's with the dropped parts zeroed (error {err:.1e})"
+    return None
+
+
 def param_count(model: onnx.ModelProto) -> int:
     return sum(weight_counts(model).values())

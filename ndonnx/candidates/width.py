@@ -56,7 +56,7 @@ import onnx
 
 from ndonnx.candidates import importance as imp
 from ndonnx.candidates.base import CandidateSpec, NotApplicable, Student, register, scaled
-from ndonnx.candidates.onnx_edit import (add_array, attr, consumers, finish, fold_batchnorm, get_array,
+from ndonnx.candidates.onnx_edit import (add_array, attr, consumers, copy_model, finish, fold_batchnorm, get_array,
                                          names_in_use, param_count, set_array, set_attr, set_dim, shapes)
 from ndonnx.graph import onnx_opset
 
@@ -628,7 +628,17 @@ def shrink(sub: onnx.ModelProto, k: float, score: str = "l1",
     """The width-k student of a teacher sub-model, and (old, new) size of each shrinkable group.
 
     Raises NotApplicable when no group can shrink. k = 1.0 gives the BN-folded teacher."""
+    model, sizes, _ = _shrink(sub, k, score, multiple)
+    return model, sizes
+
+
+def _shrink(sub: onnx.ModelProto, k: float, score: str,
+            multiple: int) -> tuple[onnx.ModelProto, list[tuple[int, int]], onnx.ModelProto]:
+    """`shrink`, and the reference the student must compute: the BN-folded teacher with every dropped
+    channel zeroed in every weight and constant its group slices (a dropped channel then adds
+    nothing to anything kept, whatever the ops between)."""
     model = fold_batchnorm(sub)
+    reference = copy_model(model)
     every = channel_groups(model)
     groups = [g for g in every if g.shrinkable]
     if not groups:
@@ -652,6 +662,7 @@ def shrink(sub: onnx.ModelProto, k: float, score: str = "l1",
     for g in sorted((g for g in every if g.parts and not g.blocked), key=lambda g: g.id):  # parts come first
         if any(m in kept for m, _ in g.parts):
             kept[g.id] = np.concatenate([kept.get(m, np.arange(size[m])) + off for m, off in g.parts])
+    zeros: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}
     for g in every:
         if g.id not in kept:
             continue
@@ -659,6 +670,7 @@ def shrink(sub: onnx.ModelProto, k: float, score: str = "l1",
         n = len(keep)
         for node, slot, axis in dict.fromkeys(g.slices):
             edits.setdefault((node, slot), []).append((axis, keep))
+            zeros.setdefault((node, slot), []).append((axis, np.setdiff1d(np.arange(g.size), keep)))
         for node in g.depthwise:
             set_attr(nodes[node], "group", n)
         for name, axis in g.tensors:
@@ -666,7 +678,21 @@ def shrink(sub: onnx.ModelProto, k: float, score: str = "l1",
         for node, slot, entry in dict.fromkeys(g.sizes):
             _set_entry(model, node, slot, entry, n)
     _apply_slices(model, edits)
-    return model, sizes
+    _zero(reference, zeros)
+    return model, sizes, reference
+
+
+def _zero(model: onnx.ModelProto, zeros: dict[tuple[int, int], list[tuple[int, np.ndarray]]]) -> None:
+    """Set entries to zero per input slot (a copy per slot: a constant may be read elsewhere too)."""
+    taken = names_in_use(model)
+    for (node, slot), cuts in zeros.items():
+        name = model.graph.node[node].input[slot]
+        arr = get_array(model, name).copy()
+        for axis, drop in cuts:
+            index = [slice(None)] * arr.ndim
+            index[axis] = drop
+            arr[tuple(index)] = 0
+        model.graph.node[node].input[slot] = add_array(model, f"{name}_z", arr, taken)
 
 
 def _set_entry(model: onnx.ModelProto, node: int, slot: int, entry: int, value: int) -> None:
@@ -716,10 +742,10 @@ def _apply_slices(model: onnx.ModelProto, edits: dict[tuple[int, int], list[tupl
 
 @register("width", values=(0.0, 1.0, False, True))
 def generate(sub: onnx.ModelProto, spec: CandidateSpec) -> Student:
-    model, sizes = shrink(sub, float(spec.value), multiple=spec.multiple)
+    model, sizes, reference = _shrink(sub, float(spec.value), "l1", spec.multiple)
     if all(old == new for old, new in sizes):
         raise NotApplicable(f"width {spec.value:g} removes no channel (groups of "
                             f"{', '.join(str(o) for o, _ in sizes)} channels)")
     model = finish(sub, model, str(spec))
     n = param_count(model)
-    return Student(spec, model, n, n)
+    return Student(spec, model, n, n, reference=reference)
