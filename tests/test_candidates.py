@@ -420,6 +420,9 @@ def test_width_students_are_checked_against_the_zeroed_teacher(monkeypatch):
     assert reasons["width:0.5"].startswith("failed its check: output 'Y' differs from the teacher's with the dropped")
     with pytest.raises(ContractError, match="width:0.5: output 'Y' differs"):
         build_candidates(m, specs, strict=True, feeds=_feeds(m))
+    monkeypatch.setattr("ndonnx.candidates.differs", lambda *a: 1 / 0)
+    assert build_candidates(m, specs, feeds=_feeds(m))[1]["width:0.5"] == \
+        "failed its check: onnxruntime cannot run it: ZeroDivisionError: division by zero"
 
 
 def test_concat_reaching_the_output_blocks_its_parts():

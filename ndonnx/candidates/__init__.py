@@ -139,6 +139,10 @@ def parse_candidates(text: str) -> list[CandidateSpec]:
     return specs
 
 
+def _first_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+
+
 def build_candidates(sub: onnx.ModelProto, specs: list[CandidateSpec], *, strict: bool = False,
                      sample: Sample | None = None,
                      feeds: dict[str, np.ndarray] | None = None) -> tuple[list[Student], dict[str, str]]:
@@ -172,10 +176,14 @@ def build_candidates(sub: onnx.ModelProto, specs: list[CandidateSpec], *, strict
             if strict:
                 raise
             log.warning("candidate %s failed on %s", spec, sub.graph.name, exc_info=True)
-            reasons[str(spec)] = f"failed: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            reasons[str(spec)] = f"failed: {_first_line(e)}"
             continue
         if st.reference is not None and feeds is not None:
-            why, st.reference = differs(st.model, st.reference, feeds), None
+            try:
+                why = differs(st.model, st.reference, feeds)
+            except Exception as e:  # noqa: BLE001 - a student onnxruntime cannot run is refused like one that differs
+                why = f"onnxruntime cannot run it: {_first_line(e)}"
+            st.reference = None
             if why and strict:
                 raise ContractError(f"{spec}: {why}")
             if why:
