@@ -1,4 +1,5 @@
 """bench/nd_vs_kd.py --quick on a tiny slice of the bundled images: every reported key, sane values, a plot;
+bench/width_coverage.py on two small models;
 bench/gpu.py refusing without CUDA and, with the CPU standing in (--dry-run), every figure it reports."""
 
 from __future__ import annotations
@@ -83,3 +84,18 @@ def test_gpu_bench_refuses_without_cuda_and_dry_runs_on_the_cpu(tmp_path):
     c = res["compress_cuda"]
     assert c["params"] < 271_402 and 0.5 < c["accuracy_teacher"] <= 1 and 0 <= c["accuracy_student"] <= 1
     assert {"distill", "search", "finetune"} <= c["stages"].keys()
+
+
+def test_width_coverage_reports_and_checks(zoo, tmp_path):
+    """bench/width_coverage.py: per model the shrinkable channels and the checked width-0.5 students
+    (exit 0 when every check passes)."""
+    out = tmp_path / "width.json"
+    models = [str(zoo["resnet_legacy"]), str(zoo["mobilenet"])]
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "width_coverage.py"), *models, "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    for name in ("resnet_legacy", "mobilenet"):
+        r = res[name]
+        assert r["with_width"] >= 1 and r["checked"] == r["with_width"] and r["failed_checks"] == []
+        assert 0 < r["width_0.5_removes"] < r["params"] and r["shrinkable_channels"] > 0
