@@ -26,6 +26,7 @@ from ndonnx.errors import GoalNotMet, NdonnxError
 from ndonnx.graph import Teacher, load_teacher, restore_interface
 from ndonnx.partition import Partition, partition
 from ndonnx.quantize import calibration_feeds, quantize
+from ndonnx.memory import keep_freed_memory
 from ndonnx.metrics import score_outputs
 from ndonnx.sample import ort_session, run_sample, with_dynamic_batch
 from ndonnx.latency import LatencyModel, batch_feeds, latency_target, measure_pair, ort_version
@@ -377,6 +378,7 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, cache: CacheRea
              cfg: CompressConfig, progress: Callable | None = None) -> tuple[onnx.ModelProto, dict]:
     """End-to-end KD of the spliced student (paper Eq. 3): soft targets at temperature T, plus
     lambda x cross-entropy when labels are known; MSE on outputs for models that are not classifiers."""
+    keep_freed_memory()  # the whole student's activations each step (see ndonnx.memory)
     seed = cfg.distill.seed
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)

@@ -216,7 +216,7 @@ def test_integer_boundary_outputs_are_not_in_the_loss():
 _FAULTS = """
 import resource, sys
 import numpy as np
-from ndonnx.distill.job import keep_freed_memory
+from ndonnx.memory import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "keep" else None
 faults = []
 for _ in range(4):

@@ -9,10 +9,7 @@ or a worker killed mid-write never touches the run directory.
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import json
-import platform
 import socket
 import time
 from dataclasses import dataclass, field
@@ -25,6 +22,7 @@ from safetensors.numpy import load_file, save_file
 
 from ndonnx.distill.cache import CacheReader
 from ndonnx.files import atomic_path, atomic_write_text
+from ndonnx.memory import keep_freed_memory
 from ndonnx.trainable import Trainable
 
 EVAL_BATCH = 256
@@ -186,22 +184,6 @@ def write_results(jobs: list[Job], results: list[tuple[dict, dict]]) -> None:
             with atomic_path(job.weights_out) as tmp:
                 save_file(weights, str(tmp))
         atomic_write_text(Path(job.result_out), json.dumps(rec))
-
-
-@functools.cache
-def keep_freed_memory() -> bool:
-    """Have glibc keep freed memory for reuse in this process instead of unmapping it. Training
-    allocates and frees the same large activations every step; glibc serves blocks above its mmap
-    threshold (32 MB at most) from fresh mappings and unmaps them on free, so every step faulted
-    and zeroed them again. On a U-Net at 128x128 (67 MB per activation at batch 64) two thirds of a
-    job's CPU time went to the kernel: 20 steps took 15.6 s (11 s user, 16 s system), 7.7-8.7 s with
-    this (README, "Memory"). The heap then stays at its peak until the process ends. Returns whether
-    it applied (glibc only)."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    libc = ctypes.CDLL(None)
-    m_trim_threshold, m_mmap_max = -1, -4  # glibc's malloc.h
-    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def train_group(jobs: list[Job]) -> list[tuple[dict, dict[str, np.ndarray]]]:
