@@ -240,15 +240,18 @@ def _has_bias(node: onnx.NodeProto) -> bool:
     return len(node.input) > 2 and bool(node.input[2])
 
 
-def _dense_conv(a: _Analysis, i: int, node: onnx.NodeProto, w: np.ndarray, x: tuple[int, int] | None) -> None:
+def _dense_conv(a: _Analysis, i: int, node: onnx.NodeProto, w: np.ndarray, x: tuple[int, int] | None,
+                in_axis: int = 1, out_axis: int = 0) -> None:
+    """A one-group convolution: the group entering slices the weight's `in_axis`, the new group its
+    `out_axis` (Conv [out, in, *kernel]; ConvTranspose [in, out, *kernel]) and the bias."""
     if x is not None:
         if x[1] == 1:
-            a.raw[x[0]].slices.append((i, 1, 1))
+            a.raw[x[0]].slices.append((i, 1, in_axis))
         else:
-            a.block(x[0], f"enters Conv {node.name!r} on axis {x[1]}")
-    g = a.new(w.shape[0])
-    a.raw[g].producers.append((i, node.input[1], 0))
-    a.raw[g].slices.append((i, 1, 0))
+            a.block(x[0], f"enters {node.op_type} {node.name!r} on axis {x[1]}")
+    g = a.new(w.shape[out_axis])
+    a.raw[g].producers.append((i, node.input[1], out_axis))
+    a.raw[g].slices.append((i, 1, out_axis))
     if _has_bias(node):
         a.raw[g].slices.append((i, 2, 0))
     a.mark(node.output[0], g, 1)
@@ -271,17 +274,7 @@ def _conv_transpose(a: _Analysis, i: int, node: onnx.NodeProto) -> None:
     x = a.tag.get(node.input[0])
     if w is None or a.tagged_params(node) or attr(node, "group", 1) != 1:
         return a.block_inputs(node, f"enters ConvTranspose {node.name!r} (grouped or not a constant weight)")
-    if x is not None:
-        if x[1] == 1:
-            a.raw[x[0]].slices.append((i, 1, 0))
-        else:
-            a.block(x[0], f"enters ConvTranspose {node.name!r} on axis {x[1]}")
-    g = a.new(w.shape[1])
-    a.raw[g].producers.append((i, node.input[1], 1))
-    a.raw[g].slices.append((i, 1, 1))
-    if _has_bias(node):
-        a.raw[g].slices.append((i, 2, 0))
-    a.mark(node.output[0], g, 1)
+    _dense_conv(a, i, node, w, x, in_axis=0, out_axis=1)
 
 
 @rule("Gemm", starts_groups=True)
