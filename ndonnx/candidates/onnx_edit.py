@@ -119,8 +119,9 @@ def add_value_info(model: onnx.ModelProto, like: str, name: str, axis: int, size
 
 def fold_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
     """Fold every BatchNormalization that directly follows a Conv or a one-group ConvTranspose (its
-    only consumer, constant weights) into the Conv's weight and bias. Students carry no BN (the documented choice): the
-    Conv then produces the BN's output name. Other BNs stay (width slices them channel-wise)."""
+    only consumer, constant weights) into the convolution's weight and bias. Students carry no BN
+    (the documented choice): the convolution then produces the BN's output name. Other BNs stay
+    (width slices them channel-wise)."""
     model = copy_model(model)
     g = model.graph
     cons = consumers(model)
@@ -208,18 +209,19 @@ def finish(teacher: onnx.ModelProto, student: onnx.ModelProto, what: str) -> onn
 CHECK_TOL = 1e-4  # relative to the largest output value: float sums in another order, nothing more
 
 
-def differs(student: onnx.ModelProto, reference: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> str | None:
-    """Why `student` does not compute what `reference` does on `feeds` (onnxruntime), or None."""
+def differs(student: onnx.ModelProto, reference: onnx.ModelProto, *feeds: dict[str, np.ndarray]) -> str | None:
+    """Why `student` does not compute what `reference` does on each of `feeds` (onnxruntime), or None.
+    A model onnxruntime cannot load raises NdonnxError."""
     from ndonnx.sample import ort_session
 
     names = [o.name for o in reference.graph.output]
-    got = ort_session(student).run(names, feeds)
-    want = ort_session(reference).run(names, feeds)
-    for name, g, w in zip(names, got, want):
-        scale = max(1.0, float(np.abs(w).max(initial=0)))
-        if g.shape != w.shape or not np.allclose(g, w, rtol=CHECK_TOL, atol=CHECK_TOL * scale):
-            err = float(np.abs(g - w).max()) / scale if g.shape == w.shape else float("inf")
-            return f"output {name!r} differs from the teacher's with the dropped parts zeroed (error {err:.1e})"
+    a, b = ort_session(student), ort_session(reference)
+    for f in feeds:
+        for name, g, w in zip(names, a.run(names, f), b.run(names, f)):
+            scale = max(1.0, float(np.abs(w).max(initial=0)))
+            if g.shape != w.shape or not np.allclose(g, w, rtol=CHECK_TOL, atol=CHECK_TOL * scale):
+                err = float(np.abs(g - w).max()) / scale if g.shape == w.shape else float("inf")
+                return f"output {name!r} differs from the teacher's with the dropped parts zeroed (error {err:.1e})"
     return None
 
 

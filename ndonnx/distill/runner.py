@@ -164,8 +164,8 @@ def _distill(teacher: Teacher, part: Partition, data: Dataset | None, run_dir: P
         path = layout.teacher(nbh.id)
         _save_model(sub, path)
         subs[nbh.id] = path
-        calib = reader.tensors([i.name for i in sub.graph.input], reader.train) if reader else None
         ins = [i.name for i in sub.graph.input]
+        calib = reader.tensors(ins, reader.train) if reader else None
         feeds = {n: sample.values[n] for n in ins} if all(n in sample.values for n in ins) else None
         students, reasons = build_candidates(sub, specs, sample=calib, feeds=feeds)
         skipped[str(nbh.id)] = reasons
