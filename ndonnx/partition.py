@@ -210,6 +210,7 @@ def _partition(teacher: Teacher, cfg: PartitionConfig, primary: str,
     owner = _weight_owners(teacher, seg_nodes)
     seg_params = [sum(teacher.weights[w] for w, s in owner.items() if s == k) for k in range(n_seg)]
     seg_nodes, seg_params = _merge_wide_cuts(model, cuts, seg_nodes, seg_params, keep, teacher.weights)
+    seg_nodes, seg_params = _merge_channel_cuts(teacher, cuts, seg_nodes, seg_params, keep)
     groups = _group_segments(seg_nodes, seg_params, cfg.block_size, {k for k, c in enumerate(cuts) if c in keep})
     node_sets = [sorted(i for s in segs for i in seg_nodes[s]) for segs in groups]
     owner = _weight_owners(teacher, node_sets)
@@ -401,6 +402,112 @@ def _merge_wide_cuts(model, cuts, seg_nodes, seg_params, keep, weights):
     return nodes_out, params_out
 
 
+def _channel_axis_op(model: onnx.ModelProto, node: onnx.NodeProto, ranks: dict[str, int], name: str) -> bool:
+    """Whether `node` (a Split or Concat) acts on axis 1 of the image tensor `name`."""
+    rank = ranks.get(name)
+    return rank is not None and rank >= 4 and attr(node, "axis", 0) % rank == 1
+
+
+def _shift_channel_cuts(teacher: Teacher, idx: list[int], weighted: list[int], best: list[int], cuts: list[int],
+                        born: dict[str, int], last_use: dict[str, int]) -> list[int]:
+    """`_merge_channel_cuts` for `_split_large`'s cut positions (best[k]: the one between weighted
+    ops k and k+1, positions in `idx`): a cut whose tensors include one a channel Split reads moves
+    back before the convolution making it; one whose tensors include a channel Concat's output that
+    the next weighted op reads moves after that op (or goes, after the last)."""
+    model = teacher.model
+    nodes = model.graph.node
+    ranks = {n: len(d) for n, d in _ranks(model).items()}
+    made = {o: nodes[i] for i in idx for o in nodes[i].output}
+    split_read = {nodes[i].input[0] for i in idx if nodes[i].op_type == "Split"
+                  and _channel_axis_op(model, nodes[i], ranks, nodes[i].input[0])}
+
+    def crossing(c: int) -> set[str]:
+        return {t for t, b in born.items() if b < c <= last_use.get(t, -1)}
+
+    def move(k: int) -> int | None:
+        """Where the cut best[k] goes (k itself when it stays), or None when it goes."""
+        cross = crossing(best[k])
+        if cross & split_read:
+            return k - 1 if k > 0 else None
+        nxt = nodes[idx[weighted[k + 1]]]
+        if any(made.get(t) is not None and made[t].op_type == "Concat" and _channel_axis_op(model, made[t], ranks, t)
+               and t in nxt.input for t in cross):
+            return k + 1 if k + 1 < len(best) else None
+        return k
+
+    out = []
+    for c in cuts:
+        k = best.index(c)
+        m = move(k)
+        if m is not None and m != k and move(m) != m:  # moved onto another such cut: no boundary here
+            m = None
+        if m is not None:
+            out.append(best[m])
+    return sorted(set(out))
+
+
+def _merge_channel_cuts(teacher: Teacher, cuts, seg_nodes, seg_params, keep):
+    """Never a boundary where a block splits or merges its channels: a cut read by a channel Split
+    (YOLOv8's C2f, CSP blocks) joins the convolution that makes it, and a cut made by a channel
+    Concat joins the lone convolution that fuses it (C2f's and C3's last 1x1, a U-Net decoder's conv).
+    On such a boundary the pieces' channels are fixed, and width students can shrink only what lies
+    between; across it the whole block shrinks. Within SPLIT_SHARE of the parameters; segments stay
+    indexed by their cut."""
+    model = teacher.model
+    nodes = model.graph.node
+    nodes_out = [list(n) for n in seg_nodes]
+    params = list(seg_params)
+    total = sum(seg_params)
+    ranks = {n: len(s) for n, s in _ranks(model).items()}
+    producer = {o: nodes[i] for idx in seg_nodes for i in idx for o in nodes[i].output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for idx in seg_nodes:
+        for i in idx:
+            for n in nodes[i].input:
+                readers.setdefault(n, []).append(nodes[i])
+
+    def dense(k: int) -> int:
+        return _dense_ops(teacher, nodes_out[k])
+
+    def join(ks: list[int]) -> None:  # ks ascending, live: the later ones merge into the first
+        if sum(params[k] for k in ks) > SPLIT_SHARE * total or {cuts[k] for k in ks[1:]} & keep:
+            return
+        for k in ks[1:]:
+            nodes_out[ks[0]] += nodes_out[k]
+            params[ks[0]] += params[k]
+            nodes_out[k], params[k] = [], 0
+        nodes_out[ks[0]].sort()
+
+    for k in range(1, len(cuts)):
+        if not nodes_out[k] or not any(r.op_type == "Split" and r.input[0] == cuts[k]
+                                       and _channel_axis_op(model, r, ranks, cuts[k]) for r in readers.get(cuts[k], [])):
+            continue
+        back = [k]  # back to the segment that holds the convolution making the split tensor
+        for j in range(k - 1, 0, -1):
+            if nodes_out[j]:
+                back.insert(0, j)
+                if sum(dense(m) for m in back[:-1]):
+                    break
+        if len(back) > 1 and sum(dense(m) for m in back[:-1]) == 1:
+            join(back)
+    for k in range(1, len(cuts)):
+        made = producer.get(cuts[k])
+        if (nodes_out[k] and made is not None and made.op_type == "Concat" and not readers.get(cuts[k], []) == []
+                and _channel_axis_op(model, made, ranks, cuts[k]) and dense(k) == 1):
+            prev = max(j for j in range(k) if nodes_out[j])
+            join([prev, k])
+    return nodes_out, params
+
+
+def _ranks(model: onnx.ModelProto) -> dict[str, list]:
+    try:
+        g = onnx.shape_inference.infer_shapes(model).graph
+    except Exception:
+        return {}
+    return {vi.name: list(vi.type.tensor_type.shape.dim) for vi in [*g.input, *g.value_info, *g.output]
+            if vi.type.tensor_type.HasField("shape")}
+
+
 def _split_large(teacher: Teacher, shapes: dict[str, int], idx: list[int], params: int) -> list[list[int]]:
     """A neighbourhood with more than SPLIT_SHARE of the parameters and several weighted ops (a
     backbone whose stages feed an FPN neck, a U-Net, a wide last block) cut at small sets of tensors.
@@ -440,6 +547,8 @@ def _split_large(teacher: Teacher, shapes: dict[str, int], idx: list[int], param
         if sides and all(v > live[best[k]] for v in sides) and live[best[k]] <= MAX_FRONTIER:
             cuts.extend(best[k:j + 1])
         k = j + 1
+
+    cuts = _shift_channel_cuts(teacher, idx, weighted, best, cuts, born, last_use)
 
     def halve(a: int, b: int) -> list[int]:
         inner = [p for p in best if a < p < b and live[p] <= 2 * MAX_FRONTIER]  # a wider set beats one huge piece

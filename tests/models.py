@@ -241,6 +241,51 @@ class SeparableChain(nn.Module):
         return self.fc(self.body(x).mean((2, 3)))
 
 
+def _cbs(a: int, b: int, k: int = 1, s: int = 1) -> nn.Sequential:
+    """Conv, BatchNorm, SiLU: ultralytics' Conv."""
+    return nn.Sequential(nn.Conv2d(a, b, k, s, k // 2, bias=False), nn.BatchNorm2d(b), nn.SiLU())
+
+
+class C2f(nn.Module):
+    """YOLOv8's block: a 1x1 conv split in two channel halves, residual 3x3 pairs on the second,
+    every piece concatenated into a last 1x1 conv."""
+
+    def __init__(self, a: int, b: int, n: int = 1, shortcut: bool = True):
+        super().__init__()
+        self.c = c = b // 2
+        self.cv1, self.cv2 = _cbs(a, 2 * c), _cbs((2 + n) * c, b)
+        self.m = nn.ModuleList(nn.Sequential(_cbs(c, c, 3), _cbs(c, c, 3)) for _ in range(n))
+        self.shortcut = shortcut
+
+    def forward(self, x):
+        y = list(self.cv1(x).split((self.c, self.c), 1))  # as ultralytics exports it: a Split
+        for m in self.m:
+            y.append(y[-1] + m(y[-1]) if self.shortcut else m(y[-1]))
+        return self.cv2(torch.cat(y, 1))
+
+
+class TinyYolo(nn.Module):
+    """A YOLOv8-shaped detector: C2f stages, and a neck that concatenates the upsampled deep stage with
+    an earlier one (a skip: the stages between have no single-tensor cut)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(_cbs(3, 8, 3, 2), C2f(8, 8), _cbs(8, 16, 3, 2), C2f(16, 16, 2))
+        self.deep = nn.Sequential(_cbs(16, 32, 3, 2), C2f(32, 32), _cbs(32, 32, 3, 1), C2f(32, 32))
+        self.up = nn.Upsample(scale_factor=2.0)
+        self.neck = C2f(48, 16, shortcut=False)
+        self.head = nn.Conv2d(16, 6, 1)
+
+    def forward(self, x):
+        p3 = self.stem(x)
+        return self.head(self.neck(torch.cat([self.up(self.deep(p3)), p3], 1)))
+
+
+def tiny_yolo(path: Path, **kw) -> Path:
+    _seed()
+    return export(_randomise_bn(TinyYolo()), (torch.randn(2, 3, 32, 32),), path, **kw)
+
+
 class TwoHeads(nn.Module):
     """A multi-output model: a shared trunk, logits and an embedding."""
 

@@ -667,3 +667,79 @@ def test_students_of_an_ir3_teacher_are_valid():
         st = REGISTRY[spec.split(":")[0]].generate(m, parse_candidates(spec)[0])
         assert st.model.ir_version == 4
         onnx.checker.check_model(st.model, full_check=True)
+
+
+def _dead(name, channels, *shape):
+    a = RNG.standard_normal(shape).astype(np.float32)
+    a[channels] = 0
+    return numpy_helper.from_array(a, name)
+
+
+def _c2f(split_how: str):
+    """A YOLOv8 C2f block: relu(conv(X)) [8] split in two, the second piece through a residual conv,
+    the three concatenated into the last conv. Dead channels: 1, 3 of the first piece, 0, 1 of the
+    second and of the residual conv (a piece scored at the wrong offset keeps live ones)."""
+    opset = {"attribute": 11, "num_outputs": 18}.get(split_how, 13)
+    if split_how == "attribute":
+        split = helper.make_node("Split", ["r"], ["y0", "y1"], axis=1, split=[4, 4])
+    elif split_how == "input":
+        split = helper.make_node("Split", ["r", "sizes"], ["y0", "y1"], axis=1)
+    elif split_how == "num_outputs":
+        split = helper.make_node("Split", ["r"], ["y0", "y1"], axis=1, num_outputs=2)
+    else:  # equal parts, nothing said
+        split = helper.make_node("Split", ["r"], ["y0", "y1"], axis=1)
+    nodes = [helper.make_node("Conv", ["X", "wa", "ba"], ["a"], name="cv1"), helper.make_node("Relu", ["a"], ["r"]), split,
+             helper.make_node("Conv", ["y1", "wm", "bm"], ["m"]), helper.make_node("Relu", ["m"], ["rm"]),
+             helper.make_node("Add", ["y1", "rm"], ["z"]), helper.make_node("Concat", ["y0", "y1", "z"], ["j"], axis=1),
+             helper.make_node("Conv", ["j", "wc"], ["Y"])]
+    inits = [_dead("wa", [1, 3, 4, 5], 8, 4, 1, 1), _dead("ba", [1, 3, 4, 5], 8), _dead("wm", [0, 1], 4, 4, 3, 3),
+             _dead("bm", [0, 1], 4), _t("wc", 4, 12, 1, 1)]
+    if split_how == "input":
+        inits.append(numpy_helper.from_array(np.array([4, 4], np.int64), "sizes"))
+    nodes[3].attribute.append(helper.make_attribute("pads", [1, 1, 1, 1]))
+    return _model(nodes, inits, ["N", 4, 5, 5], ["N", 4, 5, 5], opset=opset)
+
+
+@pytest.mark.parametrize("split_how", ["input", "attribute", "equal", "num_outputs"])
+def test_split_pieces_shrink_at_their_offsets(split_how):
+    m = _c2f(split_how)
+    _check_student(m, width.shrink(m, 1.0)[0], exact=True)
+    st = REGISTRY["width"].generate(m, CandidateSpec("width", 0.5))
+    # cv1 keeps rows 0, 2 (first piece) and 6, 7 (second, coupled with the residual conv's 2, 3)
+    np.testing.assert_array_equal(get_array(st.model, "wa"), get_array(m, "wa")[[0, 2, 6, 7]])
+    np.testing.assert_array_equal(get_array(st.model, "wm"), get_array(m, "wm")[2:, 2:])
+    np.testing.assert_array_equal(get_array(st.model, "wc"), get_array(m, "wc")[:, [0, 2, 6, 7, 10, 11]])
+    split = next(n for n in st.model.graph.node if n.op_type == "Split")
+    sizes = helper.get_attribute_value(next(a for a in split.attribute if a.name == "split")) \
+        if split_how == "attribute" else get_array(st.model, split.input[1]).tolist()
+    assert list(sizes) == [2, 2] and "num_outputs" not in [a.name for a in split.attribute]
+    np.testing.assert_allclose(_check_student(m, st.model)[0], ort_session(m).run(None, _feeds(m))[0], rtol=1e-5, atol=1e-5)
+    students, _ = build_candidates(m, parse_candidates("width:0.5"), strict=True, feeds=_feeds(m))
+    assert [str(s.spec) for s in students] == ["teacher", "width:0.5"]
+
+
+def test_split_of_a_group_that_reaches_the_output_blocks_its_pieces():
+    nodes = [helper.make_node("Conv", ["X", "wa"], ["Y"], name="cv1"), helper.make_node("Relu", ["Y"], ["r"]),
+             helper.make_node("Split", ["r"], ["y0", "y1"], axis=1), helper.make_node("Add", ["y0", "y1"], ["s"]),
+             helper.make_node("Conv", ["s", "wb"], ["Z"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 4, 5, 5])],
+                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 8, 5, 5]),
+                           helper.make_tensor_value_info("Z", TensorProto.FLOAT, ["N", 4, 5, 5])],
+                          [_t("wa", 8, 4, 1, 1), _t("wb", 4, 4, 1, 1)])
+    m = onnx.shape_inference.infer_shapes(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]))
+    groups = width.channel_groups(m)
+    pieces = [grp for grp in groups if grp.size == 4 and any(p.node == 0 for p in grp.producers)]
+    assert pieces and all(any("is split from a group that reaches the output 'Y'" in b for b in grp.blocked) for grp in pieces)
+    with pytest.raises(NotApplicable, match="no shrinkable"):
+        width.shrink(m, 0.5)
+
+
+def test_split_of_another_axis_passes_the_group():
+    nodes = [helper.make_node("Conv", ["X", "wa", "ba"], ["a"]), helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("Split", ["r"], ["h0", "h1"], axis=2), helper.make_node("Add", ["h0", "h1"], ["s"]),
+             helper.make_node("Conv", ["s", "wc"], ["Y"])]
+    m = _model(nodes, [_half_dead("wa", 8, 4, 1, 1), _half_dead("ba", 8), _t("wc", 4, 8, 1, 1)],
+               ["N", 4, 6, 5], ["N", 4, 3, 5])
+    st = REGISTRY["width"].generate(m, CandidateSpec("width", 0.5))
+    assert get_array(st.model, "wc").shape == (4, 4, 1, 1)
+    np.testing.assert_allclose(_check_student(m, st.model)[0], ort_session(m).run(None, _feeds(m))[0], rtol=1e-5, atol=1e-5)

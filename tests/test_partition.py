@@ -127,3 +127,37 @@ def test_no_cut_point_is_one_neighbourhood(tmp_path, caplog):
     assert len(part.neighbourhoods) == 1 and part.neighbourhoods[0].outputs == ("A", "B")
     assert part.neighbourhoods[0].params == 216
     assert "no cut point" in caplog.text
+
+
+def test_c2f_blocks_are_whole_neighbourhoods(tmp_path):
+    """A boundary where a block splits or concatenates its channels fixes them: a C2f cut there keeps
+    only its residual pairs' inner channels for width students. Each C2f, in the backbone's chain
+    and in the piece cut from around the neck's skip, is one neighbourhood from its first 1x1 conv
+    to its last, and its width student shrinks the split convolution and the concatenation too."""
+    from ndonnx.candidates import width
+    from ndonnx.convert import extract
+    from ndonnx.sample import run_sample
+
+    import models
+
+    t = load_teacher(models.tiny_yolo(tmp_path / "yolo.onnx"))
+    part = partition(t)
+    assert sum(n.params for n in part.neighbourhoods) == t.params
+    nodes = t.model.graph.node
+    assert sorted([*part.outside_nodes, *(i for n in part.neighbourhoods for i in n.nodes)]) == list(range(len(nodes)))
+    made = {o: i for i, n in enumerate(nodes) for o in n.output}
+    where = {i: n.id for n in part.neighbourhoods for i in n.nodes}
+    splits = [i for i, n in enumerate(nodes) if n.op_type == "Split"]
+    assert len(splits) == 5
+    s = run_sample(t)
+    for i in splits:
+        k = i
+        while nodes[k].op_type != "Conv":  # back through SiLU (Sigmoid, Mul) to cv1
+            k = made[nodes[k].input[0]]
+        cat = next(j for j, n in enumerate(nodes) if n.op_type == "Concat" and nodes[i].output[0] in n.input)
+        cv2 = next(j for j, n in enumerate(nodes) if n.op_type == "Conv" and nodes[cat].output[0] in n.input)
+        assert where[k] == where[i] == where[cat] == where[cv2], (nodes[k].name, nodes[cv2].name)
+        student, _ = width.shrink(extract(t, part.neighbourhoods[where[i]], s), 0.5)
+        cv1 = next(n for n in student.graph.node if n.op_type == "Conv" and n.name == nodes[k].name)
+        w = next(x for x in student.graph.initializer if x.name == cv1.input[1])
+        assert w.dims[0] < next(x for x in t.model.graph.initializer if x.name == nodes[k].input[1]).dims[0]

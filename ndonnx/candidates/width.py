@@ -21,6 +21,9 @@ independently into the input axis of the next weighted op (the "consumers"). Fol
   parts, each input's group at its offset (an input no group produces is a part kept whole). The
   parts shrink by their own scores, consumers are sliced at every part's kept channels, and where
   the result cannot shrink (it reaches an output, meets another group) neither can its parts;
+- Split on the channel axis (YOLOv8's C2f, CSP blocks), the reverse: each output is a piece of the
+  input's group at its offset, scored by the producers' rows there; the input's group follows its
+  pieces and the Split's sizes are rewritten. A Split of another axis passes the group to every output;
 - a Reshape that keeps the channels as the last axis (TensorFlow's Tensordot, as tf2onnx writes a
   Dense layer on a sequence: [tokens, C] -> [1, tokens, C] and back): the constant that holds the
   target's last entry (the Reshape's own, or the constant piece of a Concat'd target, through Cast)
@@ -31,9 +34,10 @@ independently into the input axis of the next weighted op (the "consumers"). Fol
 A group is not shrinkable (left whole, never guessed) when any of its tensors reaches the
 neighbourhood's outputs (the boundary shape is fixed), meets a tensor of the same channel count that
 no group produces (a residual Add with the block input), or enters anything else: Reshape, Concat
-on another axis, Split, Transpose, another Shape or Reshape, Softmax, LayerNormalization, a grouped (non-depthwise) Conv, a MatMul of
+on another axis, Transpose, another Shape or Reshape, Softmax, LayerNormalization, a grouped (non-depthwise) Conv, a MatMul of
 two activations. Attention heads are therefore never shrunk: the qkv projection's output goes
-through Reshape/Transpose/Split into head-wise MatMuls, so its group is refused, and the output
+through Reshape/Transpose (after a Split, each piece does) into head-wise MatMuls, so its group or
+its pieces are refused, and the output
 projection's group reaches the residual Add. In a transformer layer only the feed-forward inner
 dimension shrinks.
 
@@ -70,23 +74,34 @@ REDUCE = ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "Re
 CHANNEL_NORMS = {"BatchNormalization": (1, 2, 3, 4), "InstanceNormalization": (1, 2)}  # per-channel input slots
 
 
+class Producer(NamedTuple):
+    """A weight whose output channels make (part of) a group: rows `first`.. of its `axis` (a Split
+    piece's producer is the split tensor's weight, from the piece's offset)."""
+
+    node: int
+    weight: str
+    axis: int
+    first: int = 0
+
+
 @dataclass
 class ChannelGroup:
     """One set of coupled channels (after union-find). Slots are (node index, input slot, axis)."""
 
     size: int
-    producers: list[tuple[int, str, int]] = field(default_factory=list)  # (node, weight name, out axis)
+    producers: list[Producer] = field(default_factory=list)
     slices: list[tuple[int, int, int]] = field(default_factory=list)  # initializer inputs to slice
     depthwise: list[int] = field(default_factory=list)  # Conv nodes whose `group` follows
     tensors: list[tuple[str, int]] = field(default_factory=list)  # (tensor, channel axis)
     sizes: list[tuple[int, int, int]] = field(default_factory=list)  # (node, input slot, entry): shape constants
     blocked: list[str] = field(default_factory=list)  # why it cannot shrink
-    parts: list[tuple[int, int]] = field(default_factory=list)  # a Concat's: (member group id, channel offset)
+    parts: list[tuple[int, int]] = field(default_factory=list)  # a Concat's or Split's: (member group id, offset)
+    splits: list[int] = field(default_factory=list)  # Split nodes whose sizes follow the parts
     id: int = -1  # its index among the analysis's groups (what `parts` name)
 
     @property
     def shrinkable(self) -> bool:
-        """Whether it shrinks by its own producers' scores (a Concat's group follows its parts instead)."""
+        """Whether it shrinks by its own producers' scores (a Concat's or a split group follows its parts)."""
         return not self.blocked and self.size > 1 and not self.parts
 
 
@@ -198,13 +213,18 @@ class _Analysis:
 
     # result ------------------------------------------------------------------------------
     def groups(self) -> list[ChannelGroup]:
-        # A Concat's channels are its parts' channels: where they cannot shrink, neither can the parts.
-        # Later groups hold only earlier ones, so one pass from the last settles nested Concats.
-        for g in reversed(range(len(self.raw))):
-            raw = self.raw[g]
-            if raw.parts and self.raw[self.find(g)].blocked:
-                for m, _ in raw.parts:
-                    self.block(self.find(m), f"is concatenated into a group that {self.raw[self.find(g)].blocked[0]}")
+        # A Concat's or split group's channels are its parts' channels: where they cannot shrink,
+        # neither can the parts. Repeated until nothing changes (a Split's parts come after it).
+        changed = True
+        while changed:
+            changed = False
+            for g, raw in enumerate(self.raw):
+                whole = self.raw[self.find(g)]
+                for m, _ in raw.parts if whole.blocked else ():
+                    if not self.raw[self.find(m)].blocked:
+                        verb = "split from" if raw.splits else "concatenated into"
+                        self.block(self.find(m), f"is {verb} a group that {whole.blocked[0]}")
+                        changed = True
         merged: dict[int, ChannelGroup] = {}
         for g, raw in enumerate(self.raw):
             root = self.find(g)
@@ -216,6 +236,7 @@ class _Analysis:
             m.sizes += raw.sizes
             m.blocked += raw.blocked
             m.parts += [(self.find(p), off) for p, off in raw.parts]
+            m.splits += raw.splits
         return list(merged.values())
 
 
@@ -250,7 +271,7 @@ def _dense_conv(a: _Analysis, i: int, node: onnx.NodeProto, w: np.ndarray, x: tu
         else:
             a.block(x[0], f"enters {node.op_type} {node.name!r} on axis {x[1]}")
     g = a.new(w.shape[out_axis])
-    a.raw[g].producers.append((i, node.input[1], out_axis))
+    a.raw[g].producers.append(Producer(i, node.input[1], out_axis))
     a.raw[g].slices.append((i, 1, out_axis))
     if _has_bias(node):
         a.raw[g].slices.append((i, 2, 0))
@@ -291,7 +312,7 @@ def _gemm(a: _Analysis, i: int, node: onnx.NodeProto) -> None:
             a.block(x[0], f"enters Gemm {node.name!r} on axis {x[1]} (transA={trans_a})")
     out_axis = 0 if trans_b else 1
     g = a.new(b.shape[out_axis])
-    a.raw[g].producers.append((i, node.input[1], out_axis))
+    a.raw[g].producers.append(Producer(i, node.input[1], out_axis))
     a.raw[g].slices.append((i, 1, out_axis))
     if _has_bias(node):
         c = a.const(node.input[2])
@@ -317,7 +338,7 @@ def _matmul(a: _Analysis, i: int, node: onnx.NodeProto) -> None:
         else:
             a.block(x[0], f"enters MatMul {node.name!r} on axis {x[1]}")
     g = a.new(w.shape[1])
-    a.raw[g].producers.append((i, node.input[1], 1))
+    a.raw[g].producers.append(Producer(i, node.input[1], 1))
     a.raw[g].slices.append((i, 1, 1))
     a.mark(node.output[0], g, rank - 1)
 
@@ -500,6 +521,54 @@ def _concat(a: _Analysis, i: int, node: onnx.NodeProto) -> None:
     a.mark(node.output[0], c, cat)
 
 
+@rule("Split")
+def _split(a: _Analysis, i: int, node: onnx.NodeProto) -> None:
+    """Splitting another axis passes the group to every output. Splitting the channel axis (YOLOv8's
+    C2f, CSP blocks) gives each output a group of its own, a piece scored by the producers' rows at
+    its offset; the split group then follows its pieces, as a Concat's follows its parts, and the
+    Split's sizes are rewritten."""
+    g, axis = a.tag.get(node.input[0], (None, None))
+    rank = a.rank(node.input[0])
+    if g is None or rank is None or a.tagged_params(node):
+        return a.block_inputs(node, f"enters Split {node.name!r}")
+    outputs = list(node.output)
+    if attr(node, "axis", 0) % rank != axis:
+        for name in outputs:
+            a.mark(name, g, axis)
+        return
+    sizes = _split_sizes(a, node, a.size(g))
+    root = a.find(g)
+    if isinstance(sizes, str) or a.raw[root].parts:
+        return a.block_inputs(node, f"enters Split {node.name!r} ({sizes if isinstance(sizes, str) else 'a Concat'})")
+    producers = [p for r in range(len(a.raw)) if a.find(r) == root for p in a.raw[r].producers]
+    offset = 0
+    for name, size in zip(outputs, sizes):
+        piece = a.new(size)
+        a.raw[piece].producers = [p._replace(first=p.first + offset) for p in producers]
+        a.raw[root].parts.append((piece, offset))
+        a.mark(name, piece, axis)
+        offset += size
+    a.raw[root].splits.append(i)
+
+
+def _split_sizes(a: _Analysis, node: onnx.NodeProto, total: int) -> list[int] | str:
+    """A Split's output sizes along its axis (its `split` input or attribute, else equal parts)."""
+    split = attr(node, "split")
+    if split is None and len(node.input) > 1 and node.input[1]:
+        v = a.const(node.input[1])
+        if v is None:
+            return "computed sizes"
+        split = [int(x) for x in v.reshape(-1)]
+    if split is None:
+        n = len(node.output)
+        if total % n:
+            return f"{total} channels in {n} unequal parts"
+        split = [total // n] * n
+    if len(split) != len(node.output) or sum(split) != total:
+        return f"sizes {list(split)} for {total} channels"
+    return list(split)
+
+
 # shape ops that only add or drop size-1 axes: the group moves to its new axis -------------------
 
 def _only_data_tagged(a: _Analysis, node: onnx.NodeProto):
@@ -650,16 +719,30 @@ def _shrink(sub: onnx.ModelProto, k: float, score: str,
         n = scaled(g.size, k, multiple)
         sizes.append((g.size, n))
         if n < g.size:
-            kept[g.id] = imp.keep_indices(scorer([(get_array(model, w), ax) for _, w, ax in g.producers]), n)
-    size = {g.id: g.size for g in every}
-    for g in sorted((g for g in every if g.parts and not g.blocked), key=lambda g: g.id):  # parts come first
-        if any(m in kept for m, _ in g.parts):
-            kept[g.id] = np.concatenate([kept.get(m, np.arange(size[m])) + off for m, off in g.parts])
+            rows = [np.take(get_array(model, p.weight), np.arange(p.first, p.first + g.size), axis=p.axis)
+                    for p in g.producers]
+            kept[g.id] = imp.keep_indices(scorer(list(zip(rows, (p.axis for p in g.producers)))), n)
+    by_id = {g.id: g for g in every}
+
+    def keep_of(gid: int) -> np.ndarray | None:
+        """A composite's kept channels: its parts' at their offsets (None: it keeps all)."""
+        g = by_id[gid]
+        if gid not in kept and g.parts and not g.blocked:
+            ks = [keep_of(m) for m, _ in g.parts]
+            if any(k is not None for k in ks):
+                kept[gid] = np.concatenate([(np.arange(by_id[m].size) if k is None else k) + off
+                                            for (m, off), k in zip(g.parts, ks)])
+        return kept.get(gid)
+
+    for g in every:
+        keep_of(g.id)
     zeros: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}
     for g in every:
         if g.id not in kept:
             continue
         keep = kept[g.id]
+        for node in g.splits:
+            _set_split(model, node, [len(kept.get(m, range(by_id[m].size))) for m, _ in g.parts])
         n = len(keep)
         for node, slot, axis in dict.fromkeys(g.slices):
             edits.setdefault((node, slot), []).append((axis, keep))
@@ -699,6 +782,23 @@ def _set_entry(model: onnx.ModelProto, node: int, slot: int, entry: int, value: 
         nodes[node].input[slot] = add_array(model, f"{name}_w", arr, names_in_use(model))
     else:
         set_array(model, name, arr)
+
+
+def _set_split(model: onnx.ModelProto, node: int, sizes: list[int]) -> None:
+    """A Split's output sizes become `sizes`: its attribute (opset < 13) or its `split` input (a new
+    constant; `num_outputs`, which may not stand beside it, is dropped)."""
+    n = model.graph.node[node]
+    if onnx_opset(model) < 13:
+        return set_attr(n, "split", sizes)
+    for k, a in enumerate(n.attribute):
+        if a.name == "num_outputs":
+            del n.attribute[k]
+            break
+    name = add_array(model, f"{n.name or 'split'}_sizes", np.array(sizes, np.int64))
+    if len(n.input) > 1:
+        n.input[1] = name
+    else:
+        n.input.append(name)
 
 
 def _apply_slices(model: onnx.ModelProto, edits: dict[tuple[int, int], list[tuple[int, np.ndarray]]]) -> None:
