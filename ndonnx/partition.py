@@ -210,13 +210,14 @@ def _partition(teacher: Teacher, cfg: PartitionConfig, primary: str,
     owner = _weight_owners(teacher, seg_nodes)
     seg_params = [sum(teacher.weights[w] for w, s in owner.items() if s == k) for k in range(n_seg)]
     seg_nodes, seg_params = _merge_wide_cuts(model, cuts, seg_nodes, seg_params, keep, teacher.weights)
-    seg_nodes, seg_params = _merge_channel_cuts(teacher, cuts, seg_nodes, seg_params, keep)
+    ranks = _ranks(model)
+    seg_nodes, seg_params = _merge_channel_cuts(teacher, ranks, cuts, seg_nodes, seg_params, keep)
     groups = _group_segments(seg_nodes, seg_params, cfg.block_size, {k for k, c in enumerate(cuts) if c in keep})
     node_sets = [sorted(i for s in segs for i in seg_nodes[s]) for segs in groups]
     owner = _weight_owners(teacher, node_sets)
     if cfg.block_size == 1:  # --block-size asks for coarser pieces: leave them whole
         node_sets = [piece for idx, k in zip(node_sets, range(len(node_sets)))
-                     for piece in _split_large(teacher, shapes, idx, sum(teacher.weights[w] for w, o in owner.items() if o == k))]
+                     for piece in _split_large(teacher, shapes, ranks, idx, sum(teacher.weights[w] for w, o in owner.items() if o == k))]
         node_sets = _pair_lone_ops(teacher, node_sets, keep)
 
     outside_nodes = tuple(i for i in range(len(nodes)) if i not in main)
@@ -408,15 +409,14 @@ def _channel_axis_op(model: onnx.ModelProto, node: onnx.NodeProto, ranks: dict[s
     return rank is not None and rank >= 4 and attr(node, "axis", 0) % rank == 1
 
 
-def _shift_channel_cuts(teacher: Teacher, idx: list[int], weighted: list[int], best: list[int], cuts: list[int],
-                        born: dict[str, int], last_use: dict[str, int]) -> list[int]:
+def _shift_channel_cuts(teacher: Teacher, ranks: dict[str, int], idx: list[int], weighted: list[int],
+                        best: list[int], cuts: list[int], born: dict[str, int], last_use: dict[str, int]) -> list[int]:
     """`_merge_channel_cuts` for `_split_large`'s cut positions (best[k]: the one between weighted
     ops k and k+1, positions in `idx`): a cut whose tensors include one a channel Split reads moves
     back before the convolution making it; one whose tensors include a channel Concat's output that
     the next weighted op reads moves after that op (or goes, after the last)."""
     model = teacher.model
     nodes = model.graph.node
-    ranks = {n: len(d) for n, d in _ranks(model).items()}
     made = {o: nodes[i] for i in idx for o in nodes[i].output}
     split_read = {nodes[i].input[0] for i in idx if nodes[i].op_type == "Split"
                   and _channel_axis_op(model, nodes[i], ranks, nodes[i].input[0])}
@@ -446,7 +446,7 @@ def _shift_channel_cuts(teacher: Teacher, idx: list[int], weighted: list[int], b
     return sorted(set(out))
 
 
-def _merge_channel_cuts(teacher: Teacher, cuts, seg_nodes, seg_params, keep):
+def _merge_channel_cuts(teacher: Teacher, ranks: dict[str, int], cuts, seg_nodes, seg_params, keep):
     """Never a boundary where a block splits or merges its channels: a cut read by a channel Split
     (YOLOv8's C2f, CSP blocks) joins the convolution that makes it, and a cut made by a channel
     Concat joins the lone convolution that fuses it (C2f's and C3's last 1x1, a U-Net decoder's conv).
@@ -458,7 +458,6 @@ def _merge_channel_cuts(teacher: Teacher, cuts, seg_nodes, seg_params, keep):
     nodes_out = [list(n) for n in seg_nodes]
     params = list(seg_params)
     total = sum(seg_params)
-    ranks = {n: len(s) for n, s in _ranks(model).items()}
     producer = {o: nodes[i] for idx in seg_nodes for i in idx for o in nodes[i].output}
     readers: dict[str, list[onnx.NodeProto]] = {}
     for idx in seg_nodes:
@@ -483,7 +482,7 @@ def _merge_channel_cuts(teacher: Teacher, cuts, seg_nodes, seg_params, keep):
                                        and _channel_axis_op(model, r, ranks, cuts[k]) for r in readers.get(cuts[k], [])):
             continue
         back = [k]  # back to the segment that holds the convolution making the split tensor
-        for j in range(k - 1, 0, -1):
+        for j in range(k - 1, -1, -1):
             if nodes_out[j]:
                 back.insert(0, j)
                 if sum(dense(m) for m in back[:-1]):
@@ -492,23 +491,26 @@ def _merge_channel_cuts(teacher: Teacher, cuts, seg_nodes, seg_params, keep):
             join(back)
     for k in range(1, len(cuts)):
         made = producer.get(cuts[k])
-        if (nodes_out[k] and made is not None and made.op_type == "Concat" and not readers.get(cuts[k], []) == []
+        if (nodes_out[k] and made is not None and made.op_type == "Concat"
                 and _channel_axis_op(model, made, ranks, cuts[k]) and dense(k) == 1):
-            prev = max(j for j in range(k) if nodes_out[j])
-            join([prev, k])
+            prev = max((j for j in range(k) if nodes_out[j]), default=None)
+            if prev is not None:
+                join([prev, k])
     return nodes_out, params
 
 
-def _ranks(model: onnx.ModelProto) -> dict[str, list]:
+def _ranks(model: onnx.ModelProto) -> dict[str, int]:
+    """Tensor -> rank, where onnx infers it (a help: without it no Split or Concat is judged)."""
     try:
         g = onnx.shape_inference.infer_shapes(model).graph
     except Exception:
         return {}
-    return {vi.name: list(vi.type.tensor_type.shape.dim) for vi in [*g.input, *g.value_info, *g.output]
+    return {vi.name: len(vi.type.tensor_type.shape.dim) for vi in [*g.input, *g.value_info, *g.output]
             if vi.type.tensor_type.HasField("shape")}
 
 
-def _split_large(teacher: Teacher, shapes: dict[str, int], idx: list[int], params: int) -> list[list[int]]:
+def _split_large(teacher: Teacher, shapes: dict[str, int], ranks: dict[str, int], idx: list[int],
+                 params: int) -> list[list[int]]:
     """A neighbourhood with more than SPLIT_SHARE of the parameters and several weighted ops (a
     backbone whose stages feed an FPN neck, a U-Net, a wide last block) cut at small sets of tensors.
     Between each two weighted ops the candidate is the position in the graph's order where the fewest
@@ -548,7 +550,7 @@ def _split_large(teacher: Teacher, shapes: dict[str, int], idx: list[int], param
             cuts.extend(best[k:j + 1])
         k = j + 1
 
-    cuts = _shift_channel_cuts(teacher, idx, weighted, best, cuts, born, last_use)
+    cuts = _shift_channel_cuts(teacher, ranks, idx, weighted, best, cuts, born, last_use)
 
     def halve(a: int, b: int) -> list[int]:
         inner = [p for p in best if a < p < b and live[p] <= 2 * MAX_FRONTIER]  # a wider set beats one huge piece
