@@ -110,6 +110,10 @@ def load_teacher(path: str | os.PathLike, quantized: bool = False) -> Teacher:
     if opset < UPGRADE_BELOW:
         model = _upgrade_opset(model, path)
     model = fold_constants(model, keep_ops=QUANT_OPS if quantized else ())  # dead code goes with it
+    if not quantized:
+        model, folded = fold_weight_dims(model)
+        if folded:
+            model = fold_constants(model)
     return Teacher(path=path, model=model, opset=onnx_opset(model), weights=weight_counts(model))
 
 
@@ -280,6 +284,60 @@ def fold_constants(model: onnx.ModelProto, keep_ops=()) -> onnx.ModelProto:
     del g.node[:]
     g.node.extend(kept)
     return remove_unused(model)[0]
+
+
+def fold_weight_dims(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Reads of a dim the weights fix, as constants: `Shape` (with its start/end) and `Gather` of a
+    `Shape` at constant indices, where every dim read stays static when every input dim is made
+    symbolic (channels, hidden sizes, heads: never the batch or a spatial size). torch's legacy
+    exporter writes `chunk` and `view` this way (`Shape -> Gather(1) -> Div -> Slice`); as constants
+    they fold on, and the Slice's bounds become constants a width student can rewrite. Returns the
+    new model and how many nodes became constants."""
+    probe = _copy(model)
+    for vi in probe.graph.input:
+        for j, d in enumerate(vi.type.tensor_type.shape.dim):
+            d.Clear()
+            d.dim_param = f"{vi.name}_free{j}"
+    try:  # data_prop follows shapes through the Shape -> Concat -> Reshape arithmetic of legacy exports
+        g = onnx.shape_inference.infer_shapes(probe, data_prop=True).graph
+    except Exception:  # inference is a help: without it nothing is folded
+        return model, 0
+    fixed = {vi.name: [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+             for vi in [*g.input, *g.value_info, *g.output] if vi.type.tensor_type.HasField("shape")}
+    model = _copy(model)
+    nodes = model.graph.node
+    inits = {i.name: i for i in model.graph.initializer}
+    keep = {o.name for o in model.graph.output} | _subgraph_names(model)
+    shape_of: dict[str, list] = {}  # Shape output -> the dims it reads (None where not fixed)
+    for node in nodes:
+        if node.op_type == "Shape" and node.domain in ONNX_DOMAINS and node.input[0] in fixed:
+            dims = fixed[node.input[0]]
+            shape_of[node.output[0]] = dims[slice(attr(node, "start", 0), attr(node, "end", None))]
+    folded = 0
+    for k, node in enumerate(nodes):
+        value = None
+        if node.op_type == "Shape" and node.output[0] in shape_of:
+            dims = shape_of[node.output[0]]
+            value = np.array(dims, np.int64) if None not in dims else None
+        elif (node.op_type == "Gather" and node.domain in ONNX_DOMAINS and node.input[0] in shape_of
+              and node.input[1] in inits and attr(node, "axis", 0) == 0):
+            dims = shape_of[node.input[0]]
+            idx = numpy_helper.to_array(inits[node.input[1]])
+            picked = [dims[int(i)] if -len(dims) <= int(i) < len(dims) else None for i in idx.reshape(-1)]
+            value = np.array(picked, np.int64).reshape(idx.shape) if None not in picked else None
+        elif (node.op_type == "Slice" and node.domain in ONNX_DOMAINS and node.input[0] in shape_of
+              and all(n in inits for n in node.input[1:] if n)):  # x.size(-1) as GPT-2's legacy export reads it
+            start, end, *rest = [int(numpy_helper.to_array(inits[n]).reshape(-1)[0]) if n else None
+                                 for n in [*node.input[1:], "", ""][:4]]
+            if rest[0] in (None, 0, -1):
+                picked = shape_of[node.input[0]][slice(start, end, rest[1])]
+                shape_of[node.output[0]] = picked
+                value = np.array(picked, np.int64) if None not in picked else None
+        if value is not None and node.output[0] not in keep:
+            nodes[k].CopyFrom(helper.make_node("Constant", [], [node.output[0]], name=node.name,
+                                               value=numpy_helper.from_array(value)))
+            folded += 1
+    return model, folded
 
 
 def _constant_value(node: onnx.NodeProto) -> TensorProto | None:

@@ -286,6 +286,25 @@ def tiny_yolo(path: Path, **kw) -> Path:
     return export(_randomise_bn(TinyYolo()), (torch.randn(2, 3, 32, 32),), path, **kw)
 
 
+class ChunkGate(nn.Module):
+    """A gated conv (GLU: a * sigmoid(b) of a conv's two channel halves, by `chunk`) and a head that
+    flattens by `x.size(0)`: torch's legacy exporter reads both sizes through Shape -> Gather."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.fc = nn.Conv2d(3, 8, 1), nn.Conv2d(4, 4, 3, padding=1), nn.Linear(4, 5)
+
+    def forward(self, x):
+        a, b = self.c1(x).chunk(2, 1)
+        h = self.c2(a * torch.sigmoid(b)).mean((2, 3))
+        return self.fc(h.view(h.size(0), -1))
+
+
+def chunk_gate(path: Path, **kw) -> Path:
+    _seed()
+    return export(ChunkGate(), (torch.randn(2, 3, 6, 6),), path, **kw)
+
+
 class TwoHeads(nn.Module):
     """A multi-output model: a shared trunk, logits and an embedding."""
 

@@ -743,3 +743,54 @@ def test_split_of_another_axis_passes_the_group():
     st = REGISTRY["width"].generate(m, CandidateSpec("width", 0.5))
     assert get_array(st.model, "wc").shape == (4, 4, 1, 1)
     np.testing.assert_allclose(_check_student(m, st.model)[0], ort_session(m).run(None, _feeds(m))[0], rtol=1e-5, atol=1e-5)
+
+
+def test_chunk_slices_are_pieces(tmp_path):
+    """torch's `chunk` as its legacy exporter writes it (two Slices sharing a bound, folded to
+    constants on loading): the halves are pieces coupled by the gate's Mul, and the student's
+    Slices cut at the new offsets."""
+    import models
+    from ndonnx.graph import load_teacher
+
+    t = load_teacher(models.chunk_gate(tmp_path / "gate.onnx"))
+    m = onnx.shape_inference.infer_shapes(t.model)
+    st = REGISTRY["width"].generate(m, CandidateSpec("width", 0.5))
+    bounds = sorted((get_array(st.model, n.input[1]).tolist(), get_array(st.model, n.input[2]).tolist())
+                    for n in st.model.graph.node if n.op_type == "Slice")
+    assert bounds == [([0], [2]), ([2], [4])]
+    assert get_array(st.model, "c1.weight").shape == (4, 3, 1, 1) and get_array(st.model, "c2.weight").shape == (4, 2, 3, 3)
+    feeds = {"input": np.random.default_rng(0).standard_normal((3, 3, 6, 6)).astype(np.float32)}
+    students, _ = build_candidates(m, parse_candidates("width:0.5"), strict=True, feeds=feeds)  # checked, zeroed teacher
+    assert [str(s.spec) for s in students] == ["teacher", "width:0.5"]
+
+
+@pytest.mark.parametrize("bounds", [(0, 6), (2, 8)])
+def test_slices_that_do_not_tile_the_channels_block(bounds):
+    # a Ghost-style x[:, :6] (or x[:, 2:]) of 8 channels: the dropped channels are the model's, not ours
+    nodes = [helper.make_node("Conv", ["X", "wa"], ["a"], name="ca"),
+             helper.make_node("Slice", ["a", "s", "e", "ax"], ["j"]), helper.make_node("Conv", ["j", "wc"], ["Y"])]
+    inits = [_t("wa", 8, 4, 1, 1), _t("wc", 4, 6, 1, 1), *(numpy_helper.from_array(np.array([v], np.int64), n)
+                                                           for n, v in (("s", bounds[0]), ("e", bounds[1]), ("ax", 1)))]
+    m = _model(nodes, inits, ["N", 4, 5, 5], ["N", 4, 5, 5])
+    with pytest.raises(NotApplicable, match="ca enters Slice .*do not tile the channels"):
+        width.shrink(m, 0.5)
+
+
+def test_fused_gate_and_up_projection_split_shrinks():
+    """A LLaMA-style FFN with its gate and up projections in one MatMul, split in two: silu(gate) * up
+    couples the halves, so width shrinks both at the same kept rows, and the down projection."""
+    nodes = [helper.make_node("MatMul", ["X", "wgu"], ["gu"]), helper.make_node("Split", ["gu", "sz"], ["g", "u"], axis=-1),
+             helper.make_node("Sigmoid", ["g"], ["sg"]), helper.make_node("Mul", ["g", "sg"], ["silu"]),
+             helper.make_node("Mul", ["silu", "u"], ["h"]), helper.make_node("MatMul", ["h", "wd"], ["d"]),
+             helper.make_node("Add", ["X", "d"], ["Y"])]
+    wgu = RNG.standard_normal((6, 16)).astype(np.float32)
+    wgu[:, [1, 3, 5, 7]] = 0  # dead gate rows: silu(0) * up = 0, whatever the up row
+    m = _model(nodes, [numpy_helper.from_array(wgu, "wgu"), numpy_helper.from_array(np.array([8, 8], np.int64), "sz"),
+                       _t("wd", 8, 6)], ["N", 5, 6], ["N", 5, 6])
+    _check_student(m, width.shrink(m, 1.0)[0], exact=True)
+    st = REGISTRY["width"].generate(m, CandidateSpec("width", 0.5))
+    assert get_array(st.model, "wgu").shape == (6, 8) and get_array(st.model, "wd").shape == (4, 6)
+    assert st.params == 6 * 8 + 4 * 6
+    np.testing.assert_allclose(_check_student(m, st.model)[0], ort_session(m).run(None, _feeds(m))[0], rtol=1e-5, atol=1e-5)
+    students, _ = build_candidates(m, parse_candidates("width:0.5"), strict=True, feeds=_feeds(m))
+    assert [str(s.spec) for s in students] == ["teacher", "width:0.5"]

@@ -189,3 +189,26 @@ def test_rewrites_return_a_new_model_and_leave_theirs():
     clean, removed = remove_unused(model)
     assert (removed.nodes, removed.initializers) == (1, 1) and [n.op_type for n in clean.graph.node] == ["Relu"]
     assert model.SerializeToString() == before
+
+
+def test_dims_the_weights_fix_are_read_as_constants(tmp_path):
+    """torch's legacy exporter writes `chunk(2, 1)` as Shape -> Gather(1) -> ... -> Slice and
+    `view(h.size(0), -1)` as Shape -> Gather(0): the channel count folds to constants (the Slices'
+    bounds with it), the batch size stays computed, and the loaded graph computes what the file does
+    at another batch size."""
+    import models
+    from ndonnx.graph import fold_weight_dims
+
+    path = models.chunk_gate(tmp_path / "gate.onnx")
+    raw = onnx.load(str(path))
+    assert sum(n.op_type == "Shape" for n in raw.graph.node) == 2
+    t = load_teacher(path)
+    nodes = t.model.graph.node
+    inits = {i.name for i in t.model.graph.initializer}
+    slices = [n for n in nodes if n.op_type == "Slice"]
+    assert len(slices) == 2 and all(x in inits for n in slices for x in n.input[1:])
+    shape_reads = [n for n in nodes if n.op_type == "Shape"]
+    assert len(shape_reads) == 1 and any(n.op_type == "Gather" and n.input[0] == shape_reads[0].output[0] for n in nodes)
+    x = np.random.default_rng(0).standard_normal((5, 3, 6, 6)).astype(np.float32)
+    np.testing.assert_allclose(_run(t.model, {"input": x})[0], _run(raw, {"input": x})[0], rtol=1e-6, atol=1e-6)
+    assert fold_weight_dims(fold_constants(raw))[1] == 1  # the chunk's Gather(Shape, 1); never the batch

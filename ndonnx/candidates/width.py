@@ -24,6 +24,9 @@ independently into the input axis of the next weighted op (the "consumers"). Fol
 - Split on the channel axis (YOLOv8's C2f, CSP blocks), the reverse: each output is a piece of the
   input's group at its offset, scored by the producers' rows there; the input's group follows its
   pieces and the Split's sizes are rewritten. A Split of another axis passes the group to every output;
+- Slices of the channel axis whose constant ranges tile it (torch's `chunk` from its legacy exporter;
+  the bounds are folded to constants on loading), as a Split: bounds rewritten. A Slice of other axes
+  passes the group on; one that drops channels of its own (x[:, :6] of 8) blocks;
 - a Reshape that keeps the channels as the last axis (TensorFlow's Tensordot, as tf2onnx writes a
   Dense layer on a sequence: [tokens, C] -> [1, tokens, C] and back): the constant that holds the
   target's last entry (the Reshape's own, or the constant piece of a Concat'd target, through Cast)
@@ -97,6 +100,7 @@ class ChannelGroup:
     blocked: list[str] = field(default_factory=list)  # why it cannot shrink
     parts: list[tuple[int, int]] = field(default_factory=list)  # a Concat's or Split's: (member group id, offset)
     splits: list[int] = field(default_factory=list)  # Split nodes whose sizes follow the parts
+    cut_slices: list[tuple[int, int]] = field(default_factory=list)  # (Slice node, axis): one a part, in order
     id: int = -1  # its index among the analysis's groups (what `parts` name)
 
     @property
@@ -222,7 +226,7 @@ class _Analysis:
                 whole = self.raw[self.find(g)]
                 for m, _ in raw.parts if whole.blocked else ():
                     if not self.raw[self.find(m)].blocked:
-                        verb = "split from" if raw.splits else "concatenated into"
+                        verb = "split from" if raw.splits or raw.cut_slices else "concatenated into"
                         self.block(self.find(m), f"is {verb} a group that {whole.blocked[0]}")
                         changed = True
         merged: dict[int, ChannelGroup] = {}
@@ -237,6 +241,7 @@ class _Analysis:
             m.blocked += raw.blocked
             m.parts += [(self.find(p), off) for p, off in raw.parts]
             m.splits += raw.splits
+            m.cut_slices += raw.cut_slices
         return list(merged.values())
 
 
@@ -537,18 +542,75 @@ def _split(a: _Analysis, i: int, node: onnx.NodeProto) -> None:
             a.mark(name, g, axis)
         return
     sizes = _split_sizes(a, node, a.size(g))
-    root = a.find(g)
-    if isinstance(sizes, str) or a.raw[root].parts:
+    if isinstance(sizes, str) or a.raw[a.find(g)].parts:
         return a.block_inputs(node, f"enters Split {node.name!r} ({sizes if isinstance(sizes, str) else 'a Concat'})")
+    _pieces(a, g, axis, list(zip(outputs, sizes)))
+    a.raw[a.find(g)].splits.append(i)
+
+
+def _pieces(a: _Analysis, g: int, axis: int, outputs: list[tuple[str, int]]) -> None:
+    """Group g's channels cut in consecutive pieces, one per (output tensor, size): each a group of
+    its own, scored by g's producers' rows at its offset; g's group becomes their composite."""
+    root = a.find(g)
     producers = [p for r in range(len(a.raw)) if a.find(r) == root for p in a.raw[r].producers]
     offset = 0
-    for name, size in zip(outputs, sizes):
+    for name, size in outputs:
         piece = a.new(size)
         a.raw[piece].producers = [p._replace(first=p.first + offset) for p in producers]
         a.raw[root].parts.append((piece, offset))
         a.mark(name, piece, axis)
         offset += size
-    a.raw[root].splits.append(i)
+
+
+@rule("Slice")
+def _slice(a: _Analysis, i: int, node: onnx.NodeProto) -> None:
+    """A Slice of other axes keeps the group. Slices of the channel axis whose ranges tile it (torch's
+    `chunk` as its legacy exporter writes it: one Slice a piece, bounds folded to constants on
+    loading) are a Split: pieces at their offsets, bounds rewritten. Anything else blocks."""
+    if node.output[0] in a.tag:  # a piece, made with the first Slice of its tensor
+        return
+    g, axis = a.tag.get(node.input[0], (None, None))
+    rank = a.rank(node.input[0])
+    bounds = _slice_bounds(a, node, rank, None if g is None else a.size(g)) if rank is not None else None
+    if g is None or a.tagged_params(node) or bounds is None:
+        return a.block_inputs(node, f"enters Slice {node.name!r} (bounds not constant)")
+    if axis not in bounds:
+        return a.mark(node.output[0], g, axis)
+    size = a.size(g)
+    cuts = []  # (start, end, node index) of every Slice of this tensor on the group's axis
+    for k, _ in a.readers.get(node.input[0], []):
+        other = a.model.graph.node[k]
+        if other.op_type != "Slice":
+            continue
+        b = _slice_bounds(a, other, rank, size)
+        if b is None or axis in b and (len(b) > 1 or b[axis][2] != 1):
+            return a.block_inputs(node, f"enters Slice {other.name!r} (not a step-1 cut of the channel axis alone)")
+        if axis in b:
+            cuts.append((b[axis][0], b[axis][1], k))
+    cuts.sort()
+    if [c[0] for c in cuts] != [0, *(c[1] for c in cuts[:-1])] or cuts[-1][1] != size or a.raw[a.find(g)].parts:
+        return a.block_inputs(node, f"enters Slice {node.name!r} (its Slices do not tile the channels)")
+    _pieces(a, g, axis, [(a.model.graph.node[k].output[0], e - s) for s, e, k in cuts])
+    a.raw[a.find(g)].cut_slices += [(k, axis) for _, _, k in cuts]
+
+
+def _slice_bounds(a: _Analysis, node: onnx.NodeProto, rank: int, size: int | None) -> dict[int, tuple] | None:
+    """{axis: (start, end, step)} of a Slice with constant bounds (ends clamped to `size` on the
+    axes it is known for: only the group's axis matters), or None."""
+    names = list(node.input[1:5]) + [""] * (5 - len(node.input))  # opset >= 10 (teachers load at 11+)
+    vals = [a.const(n) if n else None for n in names]
+    if any(v is None for v, n in zip(vals, names) if n) or vals[0] is None or vals[1] is None:
+        return None
+    starts, ends, axes, steps = [None if v is None else v.reshape(-1).tolist() for v in vals]
+    axes = list(range(len(starts))) if axes is None else [int(x) % rank for x in axes]
+    steps = [1] * len(starts) if steps is None else steps
+    out = {}
+    for ax, s, e, st in zip(axes, starts, ends, steps):
+        n = size if size is not None else a.dim(node.input[0], ax)
+        if isinstance(n, int):
+            s, e = (s + n if s < 0 else min(s, n)), (e + n if e < 0 else min(e, n))
+        out[ax] = (int(s), int(e), int(st))
+    return out
 
 
 def _split_sizes(a: _Analysis, node: onnx.NodeProto, total: int) -> list[int] | str:
@@ -741,8 +803,11 @@ def _shrink(sub: onnx.ModelProto, k: float, score: str,
         if g.id not in kept:
             continue
         keep = kept[g.id]
+        part_sizes = [len(kept.get(m, range(by_id[m].size))) for m, _ in g.parts]
         for node in g.splits:
-            _set_split(model, node, [len(kept.get(m, range(by_id[m].size))) for m, _ in g.parts])
+            _set_split(model, node, part_sizes)
+        for (node, axis), start, size in zip(g.cut_slices, np.cumsum([0, *part_sizes[:-1]]), part_sizes):
+            _set_slice(model, node, axis, int(start), int(start) + size)
         n = len(keep)
         for node, slot, axis in dict.fromkeys(g.slices):
             edits.setdefault((node, slot), []).append((axis, keep))
@@ -799,6 +864,20 @@ def _set_split(model: onnx.ModelProto, node: int, sizes: list[int]) -> None:
         n.input[1] = name
     else:
         n.input.append(name)
+
+
+def _set_slice(model: onnx.ModelProto, node: int, axis: int, start: int, end: int) -> None:
+    """A Slice's bounds on `axis` become [start, end), as new constants (its own may be read by
+    others: torch's chunk shares one Slice's end as the next one's start)."""
+    n = model.graph.node[node]
+    rank = len(shapes(model)[n.input[0]])
+    axes = [int(a) % rank for a in get_array(model, n.input[3]).reshape(-1)] if len(n.input) > 3 and n.input[3] \
+        else list(range(get_array(model, n.input[1]).size))
+    taken = names_in_use(model)
+    for slot, value in ((1, start), (2, end)):
+        arr = get_array(model, n.input[slot]).copy()
+        arr.reshape(-1)[axes.index(axis)] = value
+        n.input[slot] = add_array(model, f"{n.input[slot]}_w", arr, taken)
 
 
 def _apply_slices(model: onnx.ModelProto, edits: dict[tuple[int, int], list[tuple[int, np.ndarray]]]) -> None:
