@@ -13,7 +13,7 @@ copied ones). Every model is exported in its own try/except: failures are printe
 
 Families and what they need (the main ndonnx environment has torch, torchvision, onnx,
 onnxruntime and onnxscript):
-  hf        transformers                      BERT encoder, GPT-2 LM, ViT classifier; legacy (opset 14) and dynamo (opset 18)
+  hf        transformers                      BERT encoder, GPT-2 LM, ViT classifier, LLaMA-style LM; legacy (opset 14) and dynamo (opset 18)
   keras     tensorflow(-cpu) + tf2onnx        Keras 3 CNN classifier, Embedding+Conv1D and Embedding+LSTM text models (opset 13)
   seg       torchvision                       LRASPP-MobileNetV3-large, DeepLabV3-style ASPP on MobileNetV3-small, U-Net, ResNet-18 FPN detector head
   yolo      ultralytics (yolov8n from its yaml) + a hand-written CSP/PAN detector (torch only)
@@ -215,9 +215,30 @@ def fam_hf() -> Iterator[tuple[str, Thunk]]:
         return ViT(), {"pixel_values": torch.randn(2, 3, 64, 64)}, ["logits"], \
             {"pixel_values": {0: "batch"}, "logits": {0: "batch"}}
 
+    def llama():
+        import transformers as T
+
+        class Llama(nn.Module):  # RMSNorm, rotary positions, grouped-query attention, SwiGLU feed-forward
+            def __init__(self):
+                super().__init__()
+                self.m = T.LlamaForCausalLM(T.LlamaConfig(
+                    vocab_size=1000, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, use_cache=False,
+                    bos_token_id=0, eos_token_id=0, pad_token_id=0))
+
+            def forward(self, input_ids, attention_mask):
+                return self.m(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+        ids = torch.randint(0, 1000, (2, 16))
+        mask = torch.ones(2, 16, dtype=torch.long)
+        bs = {0: "batch", 1: "seq"}
+        return Llama(), {"input_ids": ids, "attention_mask": mask}, ["logits"], \
+            {"input_ids": bs, "attention_mask": bs, "logits": bs}
+
     yield from _both("hf_bert", bert)
     yield from _both("hf_gpt2", gpt2)
     yield from _both("hf_vit", vit)
+    yield from _both("hf_llama", llama)
 
 
 def fam_keras() -> Iterator[tuple[str, Thunk]]:
@@ -472,7 +493,7 @@ def fam_shipped(wheels: Path) -> Iterator[tuple[str, Thunk]]:
 
 # every model each family writes (for --only and --list; _run_family checks the generators agree)
 FAMILIES = {
-    "hf": [f"hf_{m}_{e}" for m in ("bert", "gpt2", "vit") for e in ("legacy", "dynamo")],
+    "hf": [f"hf_{m}_{e}" for m in ("bert", "gpt2", "vit", "llama") for e in ("legacy", "dynamo")],
     "keras": ["keras_cnn", "keras_text_conv", "keras_text_lstm"],
     "seg": ["seg_lraspp_mbv3_large", "seg_deeplabv3_aspp_mbv3_small", "seg_unet", "det_fpn_resnet18", "seg_unet_dynamo"],
     "yolo": ["yolov8n_ultralytics", "yolo_csp_pan_tiny"],
