@@ -1,5 +1,5 @@
-"""Loading a teacher: safe external data, opset upgrade, constant folding, dead-code removal,
-parameter counting. Everything downstream sees weights as initializers only.
+"""Loading a teacher: safe external data, opset upgrade, constant folding (reads of dims the weights
+fix included), dead-code removal, parameter counting. Everything downstream sees weights as initializers only.
 
 The rule for rewrites, here and everywhere: a function that rewrites a whole model returns a new
 one and leaves its argument as it was (`fold_constants`, `remove_unused`, `dynamic_dims`,
@@ -287,12 +287,14 @@ def fold_constants(model: onnx.ModelProto, keep_ops=()) -> onnx.ModelProto:
 
 
 def fold_weight_dims(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
-    """Reads of a dim the weights fix, as constants: `Shape` (with its start/end) and `Gather` of a
-    `Shape` at constant indices, where every dim read stays static when every input dim is made
-    symbolic (channels, hidden sizes, heads: never the batch or a spatial size). torch's legacy
-    exporter writes `chunk` and `view` this way (`Shape -> Gather(1) -> Div -> Slice`); as constants
-    they fold on, and the Slice's bounds become constants a width student can rewrite. Returns the
-    new model and how many nodes became constants."""
+    """Reads of a dim the weights fix, as constants: `Shape` (with its start/end), and `Gather` or
+    `Slice` of a `Shape` at constant indices or bounds, where every dim read stays static when every
+    input dim is made symbolic (channels, hidden sizes, heads: never the batch or a spatial size).
+    torch's legacy exporter writes `chunk` this way (`Shape -> Gather(1) -> Div -> Slice`), GPT-2's
+    Conv1D `x.size(-1)` as `Shape -> Slice(-1:)`; as constants they fold on, and a Slice's bounds or
+    a Reshape's target become constants a width student can rewrite. Exact wherever onnx's inference
+    is (the static value is implied by the graph for every input); the loaded graph is checked
+    against the file after. Returns the new model and how many nodes became constants."""
     probe = _copy(model)
     for vi in probe.graph.input:
         for j, d in enumerate(vi.type.tensor_type.shape.dim):
@@ -329,7 +331,7 @@ def fold_weight_dims(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
               and all(n in inits for n in node.input[1:] if n)):  # x.size(-1) as GPT-2's legacy export reads it
             start, end, *rest = [int(numpy_helper.to_array(inits[n]).reshape(-1)[0]) if n else None
                                  for n in [*node.input[1:], "", ""][:4]]
-            if rest[0] in (None, 0, -1):
+            if rest[0] in (None, 0, -1) and rest[1] != 0:  # axis 0 of a 1-D shape; a step of 0 is invalid
                 picked = shape_of[node.input[0]][slice(start, end, rest[1])]
                 shape_of[node.output[0]] = picked
                 value = np.array(picked, np.int64) if None not in picked else None
