@@ -217,7 +217,8 @@ def _partition(teacher: Teacher, cfg: PartitionConfig, primary: str,
     owner = _weight_owners(teacher, node_sets)
     if cfg.block_size == 1:  # --block-size asks for coarser pieces: leave them whole
         node_sets = [piece for idx, k in zip(node_sets, range(len(node_sets)))
-                     for piece in _split_large(teacher, shapes, ranks, idx, sum(teacher.weights[w] for w, o in owner.items() if o == k))]
+                     for piece in _split_large(teacher, shapes, ranks, idx,
+                                               sum(teacher.weights[w] for w, o in owner.items() if o == k))]
         node_sets = _pair_lone_ops(teacher, node_sets, keep)
 
     outside_nodes = tuple(i for i in range(len(nodes)) if i not in main)
@@ -478,8 +479,9 @@ def _merge_channel_cuts(teacher: Teacher, ranks: dict[str, int], cuts, seg_nodes
         nodes_out[ks[0]].sort()
 
     for k in range(1, len(cuts)):
-        if not nodes_out[k] or not any(r.op_type == "Split" and r.input[0] == cuts[k]
-                                       and _channel_axis_op(model, r, ranks, cuts[k]) for r in readers.get(cuts[k], [])):
+        split = any(r.op_type == "Split" and r.input[0] == cuts[k] and _channel_axis_op(model, r, ranks, cuts[k])
+                    for r in readers.get(cuts[k], []))
+        if not nodes_out[k] or not split:
             continue
         back = [k]  # back to the segment that holds the convolution making the split tensor
         for j in range(k - 1, -1, -1):

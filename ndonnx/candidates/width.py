@@ -37,8 +37,8 @@ independently into the input axis of the next weighted op (the "consumers"). Fol
 A group is not shrinkable (left whole, never guessed) when any of its tensors reaches the
 neighbourhood's outputs (the boundary shape is fixed), meets a tensor of the same channel count that
 no group produces (a residual Add with the block input), or enters anything else: Reshape, Concat
-on another axis, Transpose, another Shape or Reshape, Softmax, LayerNormalization, a grouped (non-depthwise) Conv, a MatMul of
-two activations. Attention heads are therefore never shrunk: the qkv projection's output goes
+on another axis, Transpose, another Shape or Reshape, Softmax, LayerNormalization, a grouped
+(non-depthwise) Conv, a MatMul of two activations. Attention heads are therefore never shrunk: the qkv projection's output goes
 through Reshape/Transpose (after a Split, each piece does) into head-wise MatMuls, so its group or
 its pieces are refused, and the output
 projection's group reaches the residual Add. In a transformer layer only the feed-forward inner
