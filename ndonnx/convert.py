@@ -17,8 +17,19 @@ from ndonnx.metrics import rel_err  # noqa: F401  (moved: callers import it from
 from ndonnx.partition import Neighbourhood
 from ndonnx.sample import Sample
 
-# rel_err = ||torch - onnxruntime|| / ||onnxruntime|| at or below this counts as exact.
+# rel_err = ||torch - onnxruntime|| / ||onnxruntime|| at or below this counts as exact (float32).
 EXACT_REL_ERR = 1e-4
+
+
+def exact_rel_err(sub: onnx.ModelProto) -> float:
+    """The exactness bound for a sub-model: EXACT_REL_ERR, or four rounding steps of the coarsest
+    float type among its weights and tensors (float16 3.9e-3, bfloat16 3.1e-2): computed in float16,
+    two correct programs differ by more than float32's bound, whatever type the outputs are cast to."""
+    g = sub.graph
+    types = {i.data_type for i in g.initializer}
+    types |= {v.type.tensor_type.elem_type for v in [*g.input, *g.output, *g.value_info]}
+    eps = {onnx.TensorProto.FLOAT16: float(np.finfo(np.float16).eps), onnx.TensorProto.BFLOAT16: 2.0 ** -7}
+    return max([EXACT_REL_ERR, *(4 * eps[t] for t in types if t in eps)])
 
 
 @dataclass(frozen=True)
@@ -105,7 +116,7 @@ def round_trip(teacher: Teacher, nbh: Neighbourhood, sample: Sample) -> RoundTri
         else:
             errs.append(0.0 if np.array_equal(got, want) else float("inf"))
     err = max(errs) if len(outs) == len(nbh.outputs) else float("inf")
-    if err <= EXACT_REL_ERR:
+    if err <= exact_rel_err(sub):
         return RoundTrip(True, None, err)
     reason = "output count differs" if len(outs) != len(nbh.outputs) else f"inexact: rel_err {err:.2e}"
     return RoundTrip(False, reason, None if not np.isfinite(err) else err)

@@ -45,6 +45,11 @@ class Trainable(nn.Module):
 
         from onnx2torch import convert
 
+        # A float16 (or bfloat16) sub-model trains as float32: Adam's steps vanish in half precision
+        # and CPU kernels want one dtype. Its inputs are cast on the way in; `weights()` gives
+        # float32 values that `write_weights` casts back to the initializers' own type.
+        sub, self.widened = as_float32(sub)
+
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.gm = convert(sub, attach_onnx_mapping=True).eval()
@@ -121,6 +126,8 @@ class Trainable(nn.Module):
         return out
 
     def forward(self, *inputs):
+        if self.widened:
+            inputs = [x.float() if x.is_floating_point() else x for x in inputs]
         out = self.gm(*inputs)
         return list(out) if isinstance(out, (tuple, list)) else [out]
 
@@ -133,6 +140,35 @@ class Trainable(nn.Module):
 
 def _same(t: torch.Tensor) -> torch.Tensor:
     return t
+
+
+HALF = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+
+
+def as_float32(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
+    """The model with every float16/bfloat16 initializer, declared tensor, Cast target and
+    ConstantOfShape value made float32, and whether anything changed (the model itself if not)."""
+    g = model.graph
+    vis = [*g.input, *g.output, *g.value_info]
+    if not (any(i.data_type in HALF for i in g.initializer) or any(v.type.tensor_type.elem_type in HALF for v in vis)
+            or any(n.op_type == "Cast" and attr(n, "to") in HALF for n in g.node)):
+        return model, False
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    for init in g.initializer:
+        if init.data_type in HALF:
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float32), init.name))
+    for v in [*g.input, *g.output, *g.value_info]:
+        if v.type.tensor_type.elem_type in HALF:
+            v.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+    for node in g.node:
+        for a in node.attribute:
+            if node.op_type == "Cast" and a.name == "to" and a.i in HALF:
+                a.i = onnx.TensorProto.FLOAT
+            elif node.op_type == "ConstantOfShape" and a.name == "value" and a.t.data_type in HALF:
+                a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype(np.float32), a.t.name))
+    return out, True
 
 
 def write_weights(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> onnx.ModelProto:

@@ -444,5 +444,28 @@ def initializers_to_constants(src: Path, dst: Path) -> Path:
     return Path(dst)
 
 
+def to_float16(src: Path, dst: Path) -> Path:
+    """The same model computing in float16, float32 at its interface (as onnxconverter-common's
+    `convert_float_to_float16(keep_io_types=True)` writes it): weights and inner tensors float16, a
+    Cast after each input and before each output."""
+    model = onnx.load(str(src))
+    g = model.graph
+    for init in g.initializer:
+        if init.data_type == onnx.TensorProto.FLOAT:
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype("float16"), init.name))
+    del g.value_info[:]
+    nodes = list(g.node)
+    casts_in = [helper.make_node("Cast", [i.name], [f"{i.name}_f16"], to=onnx.TensorProto.FLOAT16) for i in g.input]
+    casts_out = [helper.make_node("Cast", [f"{o.name}_f16"], [o.name], to=onnx.TensorProto.FLOAT) for o in g.output]
+    io = {v.name: f"{v.name}_f16" for v in [*g.input, *g.output]}
+    for node in nodes:
+        node.input[:] = [io.get(n, n) for n in node.input]
+        node.output[:] = [io.get(n, n) for n in node.output]
+    del g.node[:]
+    g.node.extend([*casts_in, *nodes, *casts_out])
+    onnx.save(onnx.shape_inference.infer_shapes(model), str(dst))
+    return Path(dst)
+
+
 def weight_tensor(model: onnx.ModelProto, name: str):
     return numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == name))

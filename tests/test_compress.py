@@ -347,3 +347,33 @@ def test_compute_budget_in_macs(done, tmp_path, capsys):
     assert main(["search", str(d / "run"), "--target-macs", "1", "-o", str(tmp_path / "x.onnx")]) == 1
     assert "MACs cannot be met" in capsys.readouterr().err
     assert default_output(teacher, CompressConfig(target_macs="60%").budget_text).name == "teacher.ndonnx-60pct-macs.onnx"
+
+
+def test_float16_teacher_compresses(tmp_path):
+    """A float16 model (float32 at its interface, as converters write it): every neighbourhood
+    converts within float16's bound, students train in float32 and are written back float16, the
+    cache gives float16 tensors back as float16, and the student file is float16 too."""
+    import models
+    from ndonnx.convert import round_trip
+    from ndonnx.distill.cache import CacheReader
+    from ndonnx.graph import load_teacher
+    from ndonnx.partition import partition
+    from ndonnx.sample import run_sample
+
+    teacher = models.to_float16(models.tiny_resnet(tmp_path / "t32.onnx"), tmp_path / "t16.onnx")
+    t = load_teacher(teacher)
+    s = run_sample(t)
+    trips = [round_trip(t, nb, s) for nb in partition(t).neighbourhoods]
+    assert all(r.convertible for r in trips) and max(r.rel_err for r in trips) > 1e-4  # exact for float16 only
+    x = np.random.default_rng(0).standard_normal((96, 3, 16, 16)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", input=x)
+    cfg = CompressConfig(distill=DistillConfig(candidates="width:0.5,teacher", steps=10, batch=16, jobs=1), target="80%",
+                         finetune_steps=5)
+    r = compress(teacher, tmp_path / "run", cfg, data_path=tmp_path / "calib.npz", output=tmp_path / "s.onnx")
+    assert r["params_student"] <= 0.8 * r["params_teacher"]
+    assert any(n["candidate"] != "teacher" for n in r["neighbourhoods"])
+    student = onnx.load(str(tmp_path / "s.onnx"))
+    assert {i.data_type for i in student.graph.initializer if i.dims} == {onnx.TensorProto.FLOAT16}
+    cache = CacheReader(tmp_path / "run" / "cache")
+    inner = next(n for n in cache.arrays if n not in ("input", "__labels__") and cache.arrays[n].ndim > 1)
+    assert cache.read(inner, np.arange(4)).dtype == np.float16 and cache.read("input", np.arange(4)).dtype == np.float32

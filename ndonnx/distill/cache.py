@@ -52,8 +52,10 @@ def build_cache(model: onnx.ModelProto, names: list[str], data: Dataset, cache_d
     allows (`_Rows`). Nothing is fsync'ed, like every other file of a run: the manifest guards against
     a killed process, not a lost machine."""
     manifest_path = cache_dir / "manifest.json"
-    if manifest_path.exists() and json.loads(manifest_path.read_text()).get("fingerprint") == fingerprint:
-        return
+    if manifest_path.exists():
+        meta = json.loads(manifest_path.read_text())
+        if meta.get("fingerprint") == fingerprint and all("dtype" in f for f in meta["files"].values()):
+            return  # (a cache from before dtypes were recorded is made again)
     cache_dir.mkdir(parents=True, exist_ok=True)
     files: dict[str, _Rows] = {}
     try:
@@ -67,7 +69,8 @@ def build_cache(model: onnx.ModelProto, names: list[str], data: Dataset, cache_d
     entries = {}
     for k, f in files.items():
         axis, per = probed.layouts.get(k, (0, 1))
-        entries[k] = {"file": f.path.name, "batch_axis": axis, "per_sample": per}
+        entries[k] = {"file": f.path.name, "batch_axis": axis, "per_sample": per,
+                      "dtype": str(probed.dtypes.get(k, f.dtype))}  # the teacher's: what reads give back
     perm = np.random.default_rng(seed).permutation(data.size)
     hold = max(1, int(round(HOLDOUT * data.size))) if data.size > 1 else 0
     np.save(cache_dir / "holdout.npy", np.sort(perm[:hold]))
@@ -457,10 +460,12 @@ class CacheReader:
         self.batch_axis = {k: f["batch_axis"] for k, f in meta["files"].items()}
         self.per_sample = {k: f.get("per_sample", 1) for k, f in meta["files"].items()}
         self.shape_only = meta.get("shape_only", {})
+        # float16 storage reads back float32, unless the teacher's tensor is float16 itself
+        self.dtype = {k: np.dtype(np.float32 if a.dtype == np.float16 and meta["files"][k].get("dtype") != "float16"
+                                  else a.dtype) for k, a in self.arrays.items()}
         widened = sum(a.nbytes * (2 if a.dtype == np.float16 else 1) for a in self.arrays.values())
-        if widened < RAM_LIMIT:  # small: in RAM, already float32, so a batch is one indexing
-            self.arrays = {k: np.asarray(a, np.float32 if a.dtype == np.float16 else a.dtype)
-                           for k, a in self.arrays.items()}
+        if widened < RAM_LIMIT:  # small: in RAM, already in the dtype reads give, so a batch is one indexing
+            self.arrays = {k: np.asarray(a, self.dtype[k]) for k, a in self.arrays.items()}
         self.train = np.load(self.directory / "train.npy")
         self.holdout = np.load(self.directory / "holdout.npy")
 
@@ -474,9 +479,9 @@ class CacheReader:
             return np.broadcast_to(np.zeros((), rule["dtype"]), shape_at(rule, len(idx)))
         axis = self.batch_axis.get(name, 0)
         if axis is None:  # one copy, the same for every sample
-            return np.asarray(self.arrays[name], np.float32 if self.arrays[name].dtype == np.float16 else None)
+            return np.asarray(self.arrays[name], self.dtype[name])
         a = self.arrays[name][idx]  # callers pass sorted indices: sequential reads from a memmap
-        a = a.astype(np.float32) if a.dtype == np.float16 else np.asarray(a)
+        a = a.astype(self.dtype[name]) if a.dtype != self.dtype[name] else np.asarray(a)
         if self.per_sample.get(name, 1) > 1:
             a = a.reshape(-1, *a.shape[2:])
         return np.moveaxis(a, 0, axis)
