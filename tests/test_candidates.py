@@ -794,3 +794,21 @@ def test_fused_gate_and_up_projection_split_shrinks():
     np.testing.assert_allclose(_check_student(m, st.model)[0], ort_session(m).run(None, _feeds(m))[0], rtol=1e-5, atol=1e-5)
     students, _ = build_candidates(m, parse_candidates("width:0.5"), strict=True, feeds=_feeds(m))
     assert [str(s.spec) for s in students] == ["teacher", "width:0.5"]
+
+
+def test_width_students_make_up_for_the_dropped_channels_mean():
+    """Dropped channels after a ReLU added a positive mean to the next conv's output: build_candidates
+    puts it into that conv's bias (measured on the sample inputs), and the student comes closer to
+    the teacher on other inputs too."""
+    nodes = [helper.make_node("Conv", ["X", "wa", "ba"], ["a"]), helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("Conv", ["r", "wb", "bb"], ["Y"])]
+    ba = numpy_helper.from_array(np.full(8, 1.0, np.float32), "ba")  # every channel well above zero on average
+    m = _model(nodes, [_t("wa", 8, 4, 1, 1), ba, _t("wb", 4, 8, 1, 1), _t("bb", 4)], ["N", 4, 5, 5], ["N", 4, 5, 5])
+    plain = REGISTRY["width"].generate(m, CandidateSpec("width", 0.5)).model
+    students, _ = build_candidates(m, parse_candidates("width:0.5"), strict=True, feeds=_feeds(m))
+    refit = students[1].model
+    assert not np.array_equal(get_array(refit, "bb"), get_array(plain, "bb"))
+    other = {"X": np.random.default_rng(7).standard_normal((16, 4, 5, 5)).astype(np.float32)}
+    want = ort_session(m).run(None, other)[0]
+    err = lambda model: float(((ort_session(model).run(None, other)[0] - want) ** 2).mean())  # noqa: E731
+    assert err(refit) < 0.5 * err(plain)

@@ -190,6 +190,8 @@ def build_candidates(sub: onnx.ModelProto, specs: list[CandidateSpec], *, strict
                 log.warning("candidate %s failed its check on %s: %s", spec, sub.graph.name, why)
                 reasons[str(spec)] = f"failed its check: {why}"
                 continue
+        if st.refit is not None and feeds is not None:
+            st.model, st.refit = st.refit(feeds), None
         if st.params in same_size and st.nonzero == st.params:
             reasons[str(spec)] = f"same size as the teacher ({st.params} parameters)"
             continue
