@@ -181,14 +181,13 @@ def fam_hf() -> Iterator[tuple[str, Thunk]]:
                 {"input_ids": bs, "attention_mask": bs, "token_type_ids": bs, "last_hidden_state": bs,
                  "pooler_output": {0: "batch"}})
 
-    def gpt2():
-        import transformers as T
+    def causal_lm(hf_model):
+        """A HF causal LM's logits from (input_ids, attention_mask), no cache; its example and dynamic axes."""
 
-        class GPT2(nn.Module):
+        class LM(nn.Module):
             def __init__(self):
                 super().__init__()
-                self.m = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=1000, n_positions=128, n_embd=128, n_layer=4,
-                                                        n_head=4, use_cache=False, bos_token_id=0, eos_token_id=0))
+                self.m = hf_model
 
             def forward(self, input_ids, attention_mask):
                 return self.m(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
@@ -196,8 +195,14 @@ def fam_hf() -> Iterator[tuple[str, Thunk]]:
         ids = torch.randint(0, 1000, (2, 16))
         mask = torch.ones(2, 16, dtype=torch.long)
         bs = {0: "batch", 1: "seq"}
-        return GPT2(), {"input_ids": ids, "attention_mask": mask}, ["logits"], \
+        return LM(), {"input_ids": ids, "attention_mask": mask}, ["logits"], \
             {"input_ids": bs, "attention_mask": bs, "logits": bs}
+
+    def gpt2():
+        import transformers as T
+
+        return causal_lm(T.GPT2LMHeadModel(T.GPT2Config(vocab_size=1000, n_positions=128, n_embd=128, n_layer=4,
+                                                        n_head=4, use_cache=False, bos_token_id=0, eos_token_id=0)))
 
     def vit():
         import transformers as T
@@ -215,25 +220,13 @@ def fam_hf() -> Iterator[tuple[str, Thunk]]:
         return ViT(), {"pixel_values": torch.randn(2, 3, 64, 64)}, ["logits"], \
             {"pixel_values": {0: "batch"}, "logits": {0: "batch"}}
 
-    def llama():
+    def llama():  # RMSNorm, rotary positions, grouped-query attention, SwiGLU feed-forward
         import transformers as T
 
-        class Llama(nn.Module):  # RMSNorm, rotary positions, grouped-query attention, SwiGLU feed-forward
-            def __init__(self):
-                super().__init__()
-                self.m = T.LlamaForCausalLM(T.LlamaConfig(
-                    vocab_size=1000, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
-                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, use_cache=False,
-                    bos_token_id=0, eos_token_id=0, pad_token_id=0))
-
-            def forward(self, input_ids, attention_mask):
-                return self.m(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-
-        ids = torch.randint(0, 1000, (2, 16))
-        mask = torch.ones(2, 16, dtype=torch.long)
-        bs = {0: "batch", 1: "seq"}
-        return Llama(), {"input_ids": ids, "attention_mask": mask}, ["logits"], \
-            {"input_ids": bs, "attention_mask": bs, "logits": bs}
+        return causal_lm(T.LlamaForCausalLM(T.LlamaConfig(
+            vocab_size=1000, hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, use_cache=False, bos_token_id=0, eos_token_id=0,
+            pad_token_id=0)))
 
     yield from _both("hf_bert", bert)
     yield from _both("hf_gpt2", gpt2)
