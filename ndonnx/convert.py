@@ -12,8 +12,8 @@ from onnx import helper
 
 import ndonnx.converters  # noqa: F401  (registers converters onnx2torch lacks)
 from ndonnx.converters._registry import missing as missing_converters
-from ndonnx.graph import Teacher
-from ndonnx.metrics import rel_err  # noqa: F401  (moved: callers import it from here)
+from ndonnx.graph import HALF_EPS, Teacher
+from ndonnx.metrics import precision_bound, rel_err  # noqa: F401  (moved: callers import it from here)
 from ndonnx.partition import Neighbourhood
 from ndonnx.sample import Sample
 
@@ -22,14 +22,12 @@ EXACT_REL_ERR = 1e-4
 
 
 def exact_rel_err(sub: onnx.ModelProto) -> float:
-    """The exactness bound for a sub-model: EXACT_REL_ERR, or four rounding steps of the coarsest
-    float type among its weights and tensors (float16 3.9e-3, bfloat16 3.1e-2): computed in float16,
-    two correct programs differ by more than float32's bound, whatever type the outputs are cast to."""
+    """The exactness bound for a sub-model: `metrics.precision_bound` of the half-precision types
+    among its weights and tensors, whatever type its outputs are cast to."""
     g = sub.graph
     types = {i.data_type for i in g.initializer}
     types |= {v.type.tensor_type.elem_type for v in [*g.input, *g.output, *g.value_info]}
-    eps = {onnx.TensorProto.FLOAT16: float(np.finfo(np.float16).eps), onnx.TensorProto.BFLOAT16: 2.0 ** -7}
-    return max([EXACT_REL_ERR, *(4 * eps[t] for t in types if t in eps)])
+    return precision_bound(EXACT_REL_ERR, (HALF_EPS[t] for t in types if t in HALF_EPS))
 
 
 @dataclass(frozen=True)

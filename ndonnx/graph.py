@@ -23,6 +23,8 @@ from ndonnx.errors import NdonnxError
 log = logging.getLogger(__name__)
 
 ONNX_DOMAINS = ("", "ai.onnx")
+# Half-precision float types -> their machine epsilon (float16 trains and is checked as float32 would not be).
+HALF_EPS = {TensorProto.FLOAT16: float(np.finfo(np.float16).eps), TensorProto.BFLOAT16: 2.0 ** -7}
 MIN_OPSET = 9
 # Below this opset onnx2torch lacks converters for common ops; onnx's version converter upgrades.
 UPGRADE_BELOW = 11

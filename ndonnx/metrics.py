@@ -5,6 +5,16 @@ from __future__ import annotations
 import numpy as np
 
 
+ROUNDING_STEPS = 4  # rounding steps two correct programs may differ by, computing in a half-precision type
+
+
+def precision_bound(base: float, eps) -> float:
+    """`base` (a float32 tolerance), or ROUNDING_STEPS rounding steps of the coarsest float type
+    whose machine epsilons `eps` are given: in float16 (3.9e-3) or bfloat16 (3.1e-2), torch and
+    onnxruntime sum in another order and differ by more than float32's bound."""
+    return max([base, *(ROUNDING_STEPS * float(e) for e in eps)])
+
+
 def rel_err(got: np.ndarray, want: np.ndarray) -> float:
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     if got.shape != want.shape:

@@ -209,8 +209,9 @@ def _partition(teacher: Teacher, cfg: PartitionConfig, primary: str,
 
     owner = _weight_owners(teacher, seg_nodes)
     seg_params = [sum(teacher.weights[w] for w, s in owner.items() if s == k) for k in range(n_seg)]
-    seg_nodes, seg_params = _merge_wide_cuts(model, cuts, seg_nodes, seg_params, keep, teacher.weights)
-    ranks = _ranks(model)
+    dims = _inferred_dims(model)
+    ranks = {n: len(d) for n, d in dims.items()}
+    seg_nodes, seg_params = _merge_wide_cuts(model, dims, cuts, seg_nodes, seg_params, keep, teacher.weights)
     seg_nodes, seg_params = _merge_channel_cuts(teacher, ranks, cuts, seg_nodes, seg_params, keep)
     groups = _group_segments(seg_nodes, seg_params, cfg.block_size, {k for k, c in enumerate(cuts) if c in keep})
     node_sets = [sorted(i for s in segs for i in seg_nodes[s]) for segs in groups]
@@ -345,25 +346,31 @@ def _readers(model: onnx.ModelProto, shapes: dict[str, int], main: set[int]) -> 
     return out
 
 
-def _widths(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, int]]:
-    """Per tensor whose shape onnx infers: elements per sample (batch axis left out) and, for
-    images (rank 4 and up), channels."""
+def _inferred_dims(model: onnx.ModelProto) -> dict[str, list[int | None]]:
+    """Tensor -> its dims as onnx infers them (None where unknown). Inference is a help: without it
+    no cut is judged wide and no Split or Concat is judged, nothing fails."""
     try:
         g = onnx.shape_inference.infer_shapes(model, data_prop=True).graph
-    except Exception:  # inference is a help: without it no cut is judged wide
-        return {}, {}
+    except Exception:
+        return {}
+    return {vi.name: [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                      for d in vi.type.tensor_type.shape.dim]
+            for vi in [*g.input, *g.value_info, *g.output] if vi.type.tensor_type.HasField("shape")}
+
+
+def _widths(dims: dict[str, list[int | None]]) -> tuple[dict[str, int], dict[str, int]]:
+    """Per tensor with known dims: elements per sample (batch axis left out) and, for images (rank 4
+    and up), channels."""
     elements, channels = {}, {}
-    for vi in [*g.input, *g.value_info, *g.output]:
-        dims = vi.type.tensor_type.shape.dim
-        if len(dims) > 1 and all(d.HasField("dim_value") and d.dim_value > 0 for d in dims[1:]):
-            elements[vi.name] = int(np.prod([d.dim_value for d in dims[1:]]))
-        ch = dims[1] if len(dims) >= 4 else None
-        if ch is not None and ch.HasField("dim_value") and ch.dim_value > 0:
-            channels[vi.name] = ch.dim_value
+    for name, d in dims.items():
+        if len(d) > 1 and None not in d[1:]:
+            elements[name] = int(np.prod(d[1:]))
+        if len(d) >= 4 and d[1] is not None:
+            channels[name] = d[1]
     return elements, channels
 
 
-def _merge_wide_cuts(model, cuts, seg_nodes, seg_params, keep, weights):
+def _merge_wide_cuts(model, dims, cuts, seg_nodes, seg_params, keep, weights):
     """Never a boundary at an expanded inner tensor: a run of cuts wider than the cuts on both sides
     of it (in elements per sample, then in channels), spanning at most three weighted ops (an inverted
     residual's expand and depthwise outputs, a VGG block's convolutions) and no more than SPLIT_SHARE of
@@ -373,7 +380,7 @@ def _merge_wide_cuts(model, cuts, seg_nodes, seg_params, keep, weights):
     members = {k: [k] for k in kept}  # kept cut -> the segments now merged behind it
     params = dict(enumerate(seg_params))
     total = sum(seg_params)
-    for size in _widths(model):
+    for size in _widths(dims):
         e = [size.get(cuts[k]) for k in kept]
         drop: set[int] = set()
         i = 2  # the stem's output is wider than the raw input by nature: compare activations only
@@ -499,16 +506,6 @@ def _merge_channel_cuts(teacher: Teacher, ranks: dict[str, int], cuts, seg_nodes
             if prev is not None:
                 join([prev, k])
     return nodes_out, params
-
-
-def _ranks(model: onnx.ModelProto) -> dict[str, int]:
-    """Tensor -> rank, where onnx infers it (a help: without it no Split or Concat is judged)."""
-    try:
-        g = onnx.shape_inference.infer_shapes(model).graph
-    except Exception:
-        return {}
-    return {vi.name: len(vi.type.tensor_type.shape.dim) for vi in [*g.input, *g.value_info, *g.output]
-            if vi.type.tensor_type.HasField("shape")}
 
 
 def _split_large(teacher: Teacher, shapes: dict[str, int], ranks: dict[str, int], idx: list[int],

@@ -27,6 +27,15 @@ class Sample:
     batch: str | None = None  # the symbol of the primary batch dimension, if any
 
 
+def with_outputs(model: onnx.ModelProto, names) -> onnx.ModelProto:
+    """A copy of `model` that also gives the tensors `names` as outputs (those it gives already once)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    existing = {o.name for o in m.graph.output}
+    m.graph.output.extend(onnx.ValueInfoProto(name=n) for n in dict.fromkeys(names) if n not in existing)
+    return m
+
+
 def ort_session(model: onnx.ModelProto, cuda: bool = False):
     """An onnxruntime session on the CPU; with `cuda`, on the GPU where onnxruntime has its CUDA
     provider (the `gpu` extra), else on the CPU with a warning."""
@@ -126,11 +135,7 @@ def run_sample(teacher: Teacher, cfg: SampleConfig = SampleConfig(), feeds: dict
     """One onnxruntime run with every node output exposed."""
     given = feeds is not None
     feeds = feeds if given else make_inputs(teacher, cfg)
-    model = onnx.ModelProto()
-    model.CopyFrom(teacher.model)
-    existing = {o.name for o in model.graph.output}
-    names = [o for node in model.graph.node for o in node.output if o and o not in existing]
-    model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
+    model = with_outputs(teacher.model, [o for node in teacher.model.graph.node for o in node.output if o])
     sess = ort_session(model)
     out_names = [o.name for o in sess.get_outputs()]
     values = dict(feeds)

@@ -19,7 +19,7 @@ from onnx import numpy_helper
 from torch import nn
 
 import ndonnx.converters  # noqa: F401  (registers converters; jobs may run in fresh processes)
-from ndonnx.graph import attr, weight_counts
+from ndonnx.graph import HALF_EPS, attr, weight_counts
 
 CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -142,7 +142,7 @@ def _same(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-HALF = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+HALF = tuple(HALF_EPS)
 
 
 def as_float32(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:

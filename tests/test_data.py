@@ -18,7 +18,7 @@ from ndonnx.distill.cache import CacheReader, build_cache
 from ndonnx.errors import NdonnxError
 from ndonnx.graph import load_teacher
 from ndonnx.partition import partition
-from ndonnx.sample import make_inputs, run_sample
+from ndonnx.sample import make_inputs, run_sample, with_outputs
 from ndonnx.trainable import Trainable, write_weights
 
 
@@ -157,7 +157,7 @@ def test_cache_holds_every_tensor_as_the_teacher_gives_it(zoo, tmp_path, monkeyp
     build_cache(t.model, names, load_data(tmp_path / "d.npz", t), tmp_path / "c", seed=0, fingerprint="f", batch=16)
     r = CacheReader(tmp_path / "c")
     run = [n for n in names if n != "input"]
-    want = dict(zip(run, ort_session(cache._with_outputs(t.model, run)).run(run, {"input": x})))
+    want = dict(zip(run, ort_session(with_outputs(t.model, run)).run(run, {"input": x})))
     for n in run:
         assert rel_err(r.read(n, np.arange(53)), want[n]) < 1e-3, n
     for f in (tmp_path / "c").glob("0*.npy"):  # the header padded to one block, the length exact

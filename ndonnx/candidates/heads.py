@@ -53,7 +53,7 @@ from ndonnx.candidates.onnx_edit import (add_array, attr, consumers, copy_model,
                                          get_array, names_in_use, param_count, producers, set_array, set_attr,
                                          set_dim, unique_name)
 from ndonnx.errors import NdonnxError
-from ndonnx.sample import ort_session
+from ndonnx.sample import ort_session, with_outputs
 
 MOVE = ("Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Split", "Slice", "Gather", "Identity", "Cast",
         "Dropout")
@@ -115,9 +115,7 @@ def _feeds(model: onnx.ModelProto, n: int, rest: int | None) -> dict[str, np.nda
 def _session(model: onnx.ModelProto, outputs: list[str] | None = None):
     """An onnxruntime session, with `outputs` exposed too."""
     if outputs is not None:
-        model = copy_model(model)
-        known = {o.name for o in model.graph.output}
-        model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in outputs if n not in known)
+        model = with_outputs(model, outputs)
     try:
         return ort_session(model)
     except NdonnxError as e:

@@ -8,6 +8,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ndonnx.graph import WEIGHTED_OPS, attr, remove_unused, weight_counts  # noqa: F401  (candidates import them from here)
+from ndonnx.metrics import precision_bound
 
 
 
@@ -219,7 +220,7 @@ def differs(student: onnx.ModelProto, reference: onnx.ModelProto, *feeds: dict[s
     for f in feeds:
         for name, g, w in zip(names, a.run(names, f), b.run(names, f)):
             scale = max(1.0, float(np.abs(w).max(initial=0)))
-            tol = max(CHECK_TOL, 4 * float(np.finfo(w.dtype).eps)) if np.issubdtype(w.dtype, np.floating) else CHECK_TOL
+            tol = precision_bound(CHECK_TOL, [np.finfo(w.dtype).eps] if np.issubdtype(w.dtype, np.floating) else [])
             if g.shape != w.shape or not np.allclose(g, w, rtol=tol, atol=tol * scale):
                 err = float(np.abs(g - w).max()) / scale if g.shape == w.shape else float("inf")
                 return f"output {name!r} differs from the teacher's with the dropped parts zeroed (error {err:.1e})"

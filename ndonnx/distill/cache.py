@@ -22,7 +22,7 @@ import onnx
 from ndonnx.data import Dataset
 from ndonnx.errors import NdonnxError
 from ndonnx.files import atomic_write_text
-from ndonnx.sample import ort_session
+from ndonnx.sample import ort_session, with_outputs
 
 HOLDOUT = 0.1
 FLOAT16_MAX = 60000.0  # a tensor with larger values is stored float32 (float16 would overflow to inf)
@@ -178,7 +178,7 @@ class _HalfSession:
 
     def _build(self) -> None:
         self.half = {k: f"{k}__ndonnx_f16" for k in self.names if self.probed.dtypes[k] == np.float32 and k not in self.wide}
-        m = _with_outputs(self.model, [k for k in self.names if k not in self.half])
+        m = with_outputs(self.model, [k for k in self.names if k not in self.half])
         m.graph.node.extend(onnx.helper.make_node("Cast", [k], [h], to=onnx.TensorProto.FLOAT16)
                             for k, h in self.half.items())
         m.graph.output.extend(onnx.ValueInfoProto(name=h) for h in self.half.values())
@@ -364,14 +364,6 @@ def _open_direct(path: Path) -> int:
     return os.open(path, flags, 0o644)
 
 
-def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    existing = {o.name for o in m.graph.output}
-    m.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in existing)
-    return m
-
-
 @dataclass
 class _Probed:
     layouts: dict[str, tuple[int | None, int]]  # tensor -> (batch axis or None, rows per sample)
@@ -406,7 +398,7 @@ def _probe(model: onnx.ModelProto, names: list[str], shape_only: list[str],
     the batch (the (sentence, position) pairs of a ragged token batch) differs from its rows there
     and is refused: cached rows would point into batches that training never builds."""
     every = names + [n for n in shape_only if n not in names]
-    sess = ort_session(_with_outputs(model, every), cuda)
+    sess = ort_session(with_outputs(model, every), cuda)
     n = len(next(iter(feeds.values())))
     big = dict(zip(every, sess.run(every, feeds)))
     big.update({k: v for k, v in feeds.items() if k in every})
