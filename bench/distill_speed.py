@@ -36,7 +36,7 @@ from ndonnx.distill.job import Job, TrainSettings, run_group
 from ndonnx.distill.runner import distill
 from ndonnx.graph import load_teacher
 from ndonnx.partition import partition
-from ndonnx.sample import ort_session
+from ndonnx.sample import ort_session, with_outputs
 from ndonnx.trainable import Trainable
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,9 +139,7 @@ def cache_vs_ort(model: Path, data: Path, tmp: Path, rounds: int = 5) -> dict:
 
 def _cache_bytes(teacher, names: list[str], ds) -> int:
     """Bytes one sample adds to the cache (float32 tensors stored float16)."""
-    from ndonnx.distill.cache import _with_outputs
-
-    outs = ort_session(_with_outputs(teacher.model, names)).run(names, ds.head(1))
+    outs = ort_session(with_outputs(teacher.model, names)).run(names, ds.head(1))
     return int(sum(o.size * (2 if o.dtype == np.float32 else o.itemsize) for o in outs))
 
 

@@ -1,9 +1,12 @@
 """bench/nd_vs_kd.py --quick on a tiny slice of the bundled images: every reported key, sane values, a plot;
 bench/width_coverage.py on two small models;
-bench/gpu.py refusing without CUDA and, with the CPU standing in (--dry-run), every figure it reports."""
+bench/gpu.py refusing without CUDA and, with the CPU standing in (--dry-run), every figure it reports;
+every name a bench script imports from ndonnx exists (benches run rarely: a rename breaks them silently)."""
 
 from __future__ import annotations
 
+import ast
+import importlib
 import json
 import subprocess
 import sys
@@ -99,3 +102,24 @@ def test_width_coverage_reports_and_checks(zoo, tmp_path):
         r = res[name]
         assert r["with_width"] >= 1 and r["checked"] == r["with_width"] and r["failed_checks"] == []
         assert 0 < r["width_0.5_removes"] < r["params"] and r["shrinkable_channels"] > 0
+
+
+@pytest.mark.parametrize("script", sorted((ROOT / "bench").glob("*.py")), ids=lambda p: p.name)
+def test_bench_imports_resolve(script):
+    # imports inside functions too: they run only when that figure is asked for
+    missing = []
+    for node in ast.walk(ast.parse(script.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "ndonnx":
+            mod = importlib.import_module(node.module)
+            for alias in node.names:
+                if not hasattr(mod, alias.name) and not _is_submodule(mod, alias.name):
+                    missing.append(f"{node.module}.{alias.name} (line {node.lineno})")
+    assert not missing, f"{script.name} imports names ndonnx no longer has: {missing}"
+
+
+def _is_submodule(mod, name: str) -> bool:
+    try:
+        importlib.import_module(f"{mod.__name__}.{name}")
+        return True
+    except ModuleNotFoundError:
+        return False
