@@ -124,9 +124,9 @@ def test_basic_block_width_half_by_hand(built):
     assert st.params == 4 * 8 * 9 + 4 + 8 * 4 * 9 + 8 == 588
 
 
-def test_width_keeps_the_highest_l1_channels(blocks, built):
+def test_width_keeps_the_highest_l1_channels(blocks):
     sub = blocks["resnet_legacy"][1][1]
-    st = student(built, "resnet_legacy", 1, "width:0.5")
+    st = REGISTRY["width"].generate(sub, CandidateSpec("width", 0.5))  # as cut, before `refit`
     w1, w2 = weight_of(sub, "Conv", 0), weight_of(sub, "Conv", 1)
     keep = np.sort(np.argsort(-np.abs(w1).sum(axis=(1, 2, 3)), kind="stable")[:4])
     np.testing.assert_array_equal(weight_of(st.model, "Conv", 0), w1[keep])
@@ -198,9 +198,9 @@ def test_width_copies_a_shape_constant_other_nodes_read():
     assert reshape.input[1] != "c16" and get_array(st.model, reshape.input[1]).tolist() == [8]
 
 
-def test_squeeze_excite_groups_shrink_together(blocks, built):
+def test_squeeze_excite_groups_shrink_together(blocks):
     sub = blocks["mobilenet"][1][2]
-    st = student(built, "mobilenet", 2, "width:0.5")
+    st = REGISTRY["width"].generate(sub, CandidateSpec("width", 0.5))  # as cut, before `refit`
     convs = [n for n in st.model.graph.node if n.op_type == "Conv"]
     shapes = [get_array(st.model, n.input[1]).shape for n in convs]
     # expand, depthwise, fc1, fc2, project
@@ -815,3 +815,57 @@ def test_width_students_make_up_for_the_dropped_channels_mean():
     want = ort_session(m).run(None, other)[0]
     err = lambda model: float(((ort_session(model).run(None, other)[0] - want) ** 2).mean())  # noqa: E731
     assert err(refit) < 0.8 * err(plain)
+
+
+def _redundant(shape_in: tuple, axis: int, rng) -> np.ndarray:
+    """A producer weight whose outputs 4..7 are half of outputs 0..3 (along `axis`): after a ReLU the
+    dropped half is exactly half the kept half, so refitting the next op can restore it exactly.
+    Outputs 0..3 have the same L1 norm, twice that of 4..7: width 0.5 keeps them."""
+    w = rng.standard_normal(shape_in).astype(np.float32)
+    w /= np.abs(w).sum(axis=tuple(a for a in range(w.ndim) if a != axis), keepdims=True)
+    index = [slice(None)] * w.ndim
+    index[axis] = slice(4, 8)
+    source = [slice(None)] * w.ndim
+    source[axis] = slice(0, 4)
+    w[tuple(index)] = 0.5 * w[tuple(source)]
+    return w
+
+
+@pytest.mark.parametrize("op", ["Conv", "MatMul", "Gemm"])
+def test_width_students_fold_the_dropped_channels_into_the_kept_ones(op):
+    """The dropped channels are linear in the kept ones (here exactly half of them): `refit` regresses
+    them on the kept ones over the fit inputs and folds their weights into the kept rows (W_kept +=
+    A W_dropped; for a Conv, each tap's), so the student computes the teacher again on other inputs,
+    where the bias correction alone cannot."""
+    rng = np.random.default_rng(5)
+    if op == "Conv":
+        wa, wb = _redundant((8, 4, 1, 1), 0, rng), rng.standard_normal((4, 8, 3, 3)).astype(np.float32)
+        nodes = [helper.make_node("Conv", ["X", "wa", "ba"], ["a"]), helper.make_node("Relu", ["a"], ["r"]),
+                 helper.make_node("Conv", ["r", "wb", "bb"], ["Y"], pads=[1, 1, 1, 1])]
+        shape, bias = ["N", 4, 6, 6], "bb"
+    elif op == "MatMul":
+        wa, wb = _redundant((4, 8), 1, rng), rng.standard_normal((8, 4)).astype(np.float32)
+        nodes = [helper.make_node("MatMul", ["X", "wa"], ["m"]), helper.make_node("Add", ["m", "ba"], ["a"]),
+                 helper.make_node("Relu", ["a"], ["r"]), helper.make_node("MatMul", ["r", "wb"], ["d"]),
+                 helper.make_node("Add", ["d", "bb"], ["Y"])]
+        shape, bias = ["N", 5, 4], "bb"
+    else:
+        wa, wb = _redundant((8, 4), 0, rng), rng.standard_normal((4, 8)).astype(np.float32)
+        nodes = [helper.make_node("Gemm", ["X", "wa", "ba"], ["a"], transB=1), helper.make_node("Relu", ["a"], ["r"]),
+                 helper.make_node("Gemm", ["r", "wb", "bb"], ["Y"], transB=1)]
+        shape, bias = ["N", 4], "bb"
+    ba = np.full(8, 0.2, np.float32)
+    ba[4:] = 0.1  # half of the kept channels' bias too: a ReLU of half is half the ReLU
+    inits = [numpy_helper.from_array(a, n) for a, n in ((wa, "wa"), (ba, "ba"), (wb, "wb"),
+                                                          (rng.standard_normal(4).astype(np.float32), bias))]
+    m = _model(nodes, inits, shape, shape)
+    data = lambda n, seed: {"X": np.random.default_rng(seed).standard_normal([n, *shape[1:]]).astype(np.float32)}  # noqa: E731
+    plain = REGISTRY["width"].generate(m, CandidateSpec("width", 0.5)).model
+    students, _ = build_candidates(m, parse_candidates("width:0.5"), strict=True, feeds=data(2, 0), fit=(data(64, 1), data(16, 2)))
+    fitted = students[1].model
+    assert get_array(fitted, "wb").shape == get_array(plain, "wb").shape  # the same student, other weights
+    other = data(32, 3)
+    want = ort_session(m).run(None, other)[0]
+    err = lambda model: float(((ort_session(model).run(None, other)[0] - want) ** 2).mean())  # noqa: E731
+    assert err(plain) > 0.1 * float(want.var())
+    assert err(fitted) < 1e-6 * err(plain)

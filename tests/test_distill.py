@@ -241,3 +241,32 @@ def test_training_processes_keep_freed_memory():
     _, plain = run("plain")
     assert applied == "True"
     assert min(plain[1:]) > 8 and max(kept[1:]) <= max(2, plain[0] // 20), (kept, plain)
+
+
+def test_fit_feeds_are_disjoint_evenly_spaced_and_capped_by_bytes(monkeypatch):
+    """Students are fitted on some cached training samples and judged on others (`runner._fit_feeds`):
+    disjoint, spread over the training split, fewer when the neighbourhood's tensors are large."""
+    from types import SimpleNamespace
+
+    from onnx import TensorProto, helper
+
+    class Reader:
+        arrays = {"x": None}
+        shape_only: dict = {}
+        train = np.arange(0, 2000, 2)  # 1,000 training samples
+
+        def tensors(self, names, idx):
+            return {"idx": np.asarray(idx)}
+
+    sub = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+                                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])]))
+    small = SimpleNamespace(values={"y": np.zeros((runner.SampleConfig.batch, 4), np.float32)})
+    fit, check = runner._fit_feeds(Reader(), sub, small)
+    assert (len(fit["idx"]), len(check["idx"])) == (runner.FIT_SAMPLES, runner.CHECK_SAMPLES)
+    assert not set(fit["idx"]) & set(check["idx"]) and set(fit["idx"]) | set(check["idx"]) <= set(Reader.train)
+    assert fit["idx"].min() < 100 and fit["idx"].max() > 1900 and check["idx"].max() > 1800  # spread
+    monkeypatch.setattr(runner, "FIT_BYTES", 64 * 16)  # 64 samples' worth of y
+    fit, check = runner._fit_feeds(Reader(), sub, small)
+    assert len(fit["idx"]) + len(check["idx"]) == 64 and len(check["idx"]) >= 4
+    assert runner._fit_feeds(SimpleNamespace(arrays={}, shape_only={}), sub, small) is None  # x not cached

@@ -38,8 +38,9 @@ class Student:
     carried to candidates.json; reference: a model with the teacher's boundary that the student must
     compute exactly (the teacher with what the student drops set to zero), checked by
     `build_candidates` on the neighbourhood's sample inputs before the student is trained; refit:
-    given those inputs, the student adjusted to them (width: biases that make up for the dropped
-    channels' mean), applied by `build_candidates` after the check.
+    given inputs to fit on and inputs to judge on, the student adjusted to them (width: weights and
+    biases that make up for the dropped channels, `candidates.refit`), applied by `build_candidates`
+    after the check.
     """
 
     spec: CandidateSpec
@@ -50,7 +51,7 @@ class Student:
     prunable: tuple[str, ...] = ()
     note: str | None = None
     reference: onnx.ModelProto | None = None
-    refit: Callable[[dict[str, np.ndarray]], onnx.ModelProto] | None = None
+    refit: Callable[[dict[str, np.ndarray], dict[str, np.ndarray]], onnx.ModelProto] | None = None
 
 
 class NotApplicable(Exception):

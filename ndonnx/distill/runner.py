@@ -32,6 +32,9 @@ from ndonnx.synthetic import SyntheticConfig, cached_inputs, resolve_method
 
 log = logging.getLogger(__name__)
 BANK_ROWS = 256
+REFITTED = ("width",)  # families whose students are fitted to the teacher before training (`Student.refit`)
+FIT_SAMPLES, CHECK_SAMPLES = 256, 32  # cached samples students are fitted on / judged on before training (at most)
+FIT_BYTES = 256 << 20  # ... and at most about this much of a neighbourhood's tensors at once
 SYNTHETIC_SAMPLES = 256  # data-free runs without data, noise: held-out inputs for scoring
 SYNTHETIC_OPTIMISED = 512  # bn-stats, inversion: the inputs every neighbourhood trains on (and the held-out 10%)
 
@@ -149,7 +152,8 @@ def _distill(teacher: Teacher, part: Partition, data: Dataset | None, run_dir: P
                 shape_only=shape_only, cuda=_cuda_here(device))
     # families that build from the calibration data (vocab) read their neighbourhood's inputs of the
     # training split; synthetic stand-ins for data are no calibration data
-    reader = CacheReader(cache_dir) if real and any(REGISTRY[s.family].needs_sample for s in specs) else None
+    calibrates = real and any(REGISTRY[s.family].needs_sample for s in specs)
+    reader = CacheReader(cache_dir) if calibrates or any(s.family in REFITTED for s in specs) else None
 
     rows_fixed: list[dict] = []  # neighbourhoods kept as the teacher without training
     jobs: list[Job] = []
@@ -165,9 +169,10 @@ def _distill(teacher: Teacher, part: Partition, data: Dataset | None, run_dir: P
         _save_model(sub, path)
         subs[nbh.id] = path
         ins = [i.name for i in sub.graph.input]
-        calib = reader.tensors(ins, reader.train) if reader else None
+        calib = reader.tensors(ins, reader.train) if calibrates else None
         feeds = {n: sample.values[n] for n in ins} if all(n in sample.values for n in ins) else None
-        students, reasons = build_candidates(sub, specs, sample=calib, feeds=feeds)
+        fit = _fit_feeds(reader, sub, sample) if reader else None
+        students, reasons = build_candidates(sub, specs, sample=calib, feeds=feeds, fit=fit)
         skipped[str(nbh.id)] = reasons
         for st in students:
             name = str(st.spec)
@@ -293,3 +298,22 @@ def write_candidates(run_dir: Path, extra_rows: list[dict] = ()) -> list[dict]:
     rows.sort(key=lambda r: (r["neighbourhood"], r["candidate"] != "teacher", r["params"]))
     atomic_write_text(Layout(run_dir).candidates_json, json.dumps(rows, indent=1))
     return rows
+
+
+def _fit_feeds(reader: CacheReader, sub: onnx.ModelProto, sample) -> tuple[dict, dict] | None:
+    """Inputs of the neighbourhood to fit students on before training and to judge that fit on
+    (`Student.refit`): evenly spaced training samples, disjoint, as many as FIT_BYTES of its tensors
+    allow (their size per sample read off the sample run, of SampleConfig.batch samples). None where
+    the cache lacks an input."""
+    ins = [i.name for i in sub.graph.input]
+    if not all(n in reader.arrays or n in reader.shape_only for n in ins):
+        return None
+    per = sum(sample.values[o].nbytes for node in sub.graph.node for o in node.output if o in sample.values)
+    n = max(2, min(FIT_SAMPLES + CHECK_SAMPLES, FIT_BYTES * SampleConfig.batch // max(per, 1)))
+    idx = reader.train[np.linspace(0, len(reader.train) - 1, min(n, len(reader.train))).astype(int)]
+    if len(idx) < 4:
+        return reader.tensors(ins, idx), reader.tensors(ins, idx)
+    every = max(2, round(len(idx) / max(1, round(len(idx) * CHECK_SAMPLES / (FIT_SAMPLES + CHECK_SAMPLES)))))
+    check = np.zeros(len(idx), bool)
+    check[every - 1::every] = True
+    return reader.tensors(ins, idx[~check]), reader.tensors(ins, idx[check])
