@@ -869,3 +869,35 @@ def test_width_students_fold_the_dropped_channels_into_the_kept_ones(op):
     err = lambda model: float(((ort_session(model).run(None, other)[0] - want) ** 2).mean())  # noqa: E731
     assert err(plain) > 0.1 * float(want.var())
     assert err(fitted) < 1e-6 * err(plain)
+
+
+@pytest.mark.parametrize("op", ["Conv", "MatMul", "Gemm"])
+def test_lowrank_students_are_factored_for_the_inputs_they_see(op):
+    """The op's inputs span only a few directions (here 3 of 12): the plain SVD spends its rank on
+    the whole weight, `refit` on what those inputs reach (activation-aware SVD), so the rank-3 student
+    computes the teacher again on other inputs of the same kind."""
+    rng = np.random.default_rng(11)
+    basis = rng.standard_normal((3, 12)).astype(np.float32)  # inputs live in a 3-dimensional subspace
+
+    def data(n, seed):
+        z = np.random.default_rng(seed).standard_normal((n * 16, 3)).astype(np.float32) @ basis
+        return {"X": z.reshape(n, 4, 4, 12).transpose(0, 3, 1, 2).copy() if op == "Conv" else
+                z.reshape(n * 16, 12) if op == "Gemm" else z.reshape(n, 16, 12)}
+
+    w = rng.standard_normal((12, 12)).astype(np.float32)
+    if op == "Conv":
+        node, init, shape = helper.make_node("Conv", ["X", "w", "b"], ["Y"]), w.reshape(12, 12, 1, 1), ["N", 12, 4, 4]
+    elif op == "MatMul":
+        node, init, shape = helper.make_node("MatMul", ["X", "w"], ["Y"]), w, ["N", 16, 12]
+    else:
+        node, init, shape = helper.make_node("Gemm", ["X", "w", "b"], ["Y"], transB=1), w, ["N", 12]
+    inits = [numpy_helper.from_array(init, "w"), numpy_helper.from_array(np.zeros(12, np.float32), "b")]
+    m = _model([node], inits[:1] if op == "MatMul" else inits, shape, shape)
+    st = REGISTRY["lowrank"].generate(m, CandidateSpec("lowrank", 0.25))  # rank 3 of 12
+    fitted = st.refit(data(64, 1), data(8, 2))
+    other = data(16, 3)
+    want = ort_session(m).run(None, other)[0]
+    err = lambda model: float(((ort_session(model).run(None, other)[0] - want) ** 2).mean())  # noqa: E731
+    assert param_count(fitted) == st.params
+    assert err(st.model) > 0.05 * float((want ** 2).mean())
+    assert err(fitted) < 1e-4 * err(st.model)

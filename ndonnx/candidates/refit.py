@@ -67,32 +67,45 @@ def refitter(student: onnx.ModelProto, sub: onnx.ModelProto, cuts: list[Cut]):
     from ndonnx.sample import ort_session, with_outputs
 
     def refit(fit: dict[str, np.ndarray], check: dict[str, np.ndarray]) -> onnx.ModelProto:
-        folded = fold_batchnorm(sub)  # the teacher as the student was cut from it
-        outs = [o.name for o in folded.graph.output]
-        ins = {i.name for i in folded.graph.input}
-        fit, check = ({k: np.ascontiguousarray(v) for k, v in f.items() if k in ins} for f in (fit, check))
+        folded, fit, check = teacher_and_feeds(sub, fit, check)
         order = sorted(cuts, key=lambda c: producers(student)[c.output])  # the order the ops run
         seen = list(dict.fromkeys([c.output for c in order] + [c.input for c in order]))
         t_fit = dict(zip(seen, ort_session(with_outputs(folded, seen)).run(seen, fit)))
-        want = ort_session(folded).run(outs, check)
-
-        def err(model: onnx.ModelProto) -> float:
-            got = ort_session(model).run(outs, check)
-            return sum(float(((g.astype(np.float64) - w) ** 2).sum()) for g, w in zip(got, want))
-
-        best, best_err = student, err(student)
+        variants = []
         for compensate in (False, True):
             model = copy_model(student)
             if compensate and not any([_compensate(model, c, t_fit[c.input]) for c in order]):
                 continue
             for c in order:
                 _shift_bias(model, c, t_fit[c.output], with_outputs, ort_session, fit)
-            e = err(model)
-            if e < best_err:
-                best, best_err = model, e
-        return best
+            variants.append(model)
+        return closest(folded, check, [student, *variants])
 
     return refit
+
+
+def teacher_and_feeds(sub: onnx.ModelProto, fit: dict, check: dict) -> tuple[onnx.ModelProto, dict, dict]:
+    """The BN-folded teacher (as students are cut from it) and the feeds of its inputs."""
+    folded = fold_batchnorm(sub)
+    ins = {i.name for i in folded.graph.input}
+    fit, check = ({k: np.ascontiguousarray(v) for k, v in f.items() if k in ins} for f in (fit, check))
+    return folded, fit, check
+
+
+def closest(teacher: onnx.ModelProto, check: dict, models: list[onnx.ModelProto]) -> onnx.ModelProto:
+    """Of `models` (the unfitted student first), the one closest to the teacher on `check`: summed
+    squared error of the outputs; the first wins a tie."""
+    from ndonnx.sample import ort_session
+
+    outs = [o.name for o in teacher.graph.output]
+    want = ort_session(teacher).run(outs, check)
+
+    def err(model: onnx.ModelProto) -> float:
+        got = ort_session(model).run(outs, check)
+        return sum(float(((g.astype(np.float64) - w) ** 2).sum()) for g, w in zip(got, want))
+
+    errors = [err(m) for m in models]
+    return models[int(np.argmin(errors))]
 
 
 def _compensate(model: onnx.ModelProto, cut: Cut, x: np.ndarray) -> bool:

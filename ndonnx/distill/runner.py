@@ -32,7 +32,7 @@ from ndonnx.synthetic import SyntheticConfig, cached_inputs, resolve_method
 
 log = logging.getLogger(__name__)
 BANK_ROWS = 256
-REFITTED = ("width",)  # families whose students are fitted to the teacher before training (`Student.refit`)
+REFITTED = ("width", "lowrank")  # families whose students are fitted to the teacher before training (`Student.refit`)
 FIT_SAMPLES, CHECK_SAMPLES = 256, 32  # cached samples students are fitted on / judged on before training (at most)
 FIT_BYTES = 256 << 20  # ... and at most about this much of a neighbourhood's tensors at once
 SYNTHETIC_SAMPLES = 256  # data-free runs without data, noise: held-out inputs for scoring
