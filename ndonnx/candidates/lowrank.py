@@ -31,6 +31,8 @@ from onnx import helper
 
 from ndonnx.candidates.base import CandidateSpec, NotApplicable, Student, register, scaled
 from ndonnx.graph import onnx_opset
+from ndonnx.candidates.refit import MAX_ROWS, MAX_VALUES, closest, spread, teacher_and_feeds
+from ndonnx.sample import ort_session, with_outputs
 from ndonnx.candidates.onnx_edit import (add_array, add_value_info, attr, consumers, copy_model, finish,
                                          fold_batchnorm, get_array, names_in_use, param_count, set_array, shapes,
                                          unique_name)
@@ -210,8 +212,6 @@ class Factored(NamedTuple):
 
 
 MAX_FAN_IN = 2304  # inputs (in x kernel taps) a data-aware factorisation takes at most (a 256 x 3 x 3 conv)
-MAX_VALUES = 32 << 20  # ... and the rows x fan-in it reads at most ...
-MAX_ROWS = 1 << 16  # ... and the rows
 
 
 def _refitter(student: onnx.ModelProto, sub: onnx.ModelProto, fits: list[Factored]):
@@ -220,8 +220,6 @@ def _refitter(student: onnx.ModelProto, sub: onnx.ModelProto, fits: list[Factore
     patches for a Conv). With X^T X = S S^T that is ||S^T (W - A B)||: the truncated SVD of S^T W,
     mapped back by S^-T (activation-aware SVD; S from the eigen-decomposition of X^T X plus a ridge,
     chosen on held-out rows). Kept where closer to the teacher on `check` than the plain SVD's."""
-    from ndonnx.candidates.refit import closest, teacher_and_feeds
-    from ndonnx.sample import ort_session, with_outputs
 
     def refit(fit: dict[str, np.ndarray], check: dict[str, np.ndarray]) -> onnx.ModelProto:
         folded, fit, check = teacher_and_feeds(sub, fit, check)
@@ -239,7 +237,7 @@ def _refitter(student: onnx.ModelProto, sub: onnx.ModelProto, fits: list[Factore
 
 def _rows(node: onnx.NodeProto, x: np.ndarray, w_shape: tuple) -> np.ndarray | None:
     """The op's inputs as rows of its fan-in (a Conv's im2col patches, channel-major like its weight
-    rows), evenly subsampled to MAX_VALUES; None where not handled (a Conv other than 2-D, auto_pad,
+    rows), evenly subsampled (`refit.spread`); None where not handled (a Conv other than 2-D, auto_pad,
     a transposed Gemm input) or too wide (MAX_FAN_IN)."""
     import torch
 
@@ -265,9 +263,7 @@ def _rows(node: onnx.NodeProto, x: np.ndarray, w_shape: tuple) -> np.ndarray | N
             return None
     else:
         return None
-    most = max(1, min(MAX_ROWS, MAX_VALUES // rows.shape[1]))
-    if len(rows) > most:
-        rows = rows[np.linspace(0, len(rows) - 1, most).astype(int)]
+    rows = spread(rows)
     return np.asarray(rows, np.float32) if len(rows) >= 2 * rows.shape[1] else None
 
 
@@ -294,7 +290,7 @@ def _weighted_factors(model: onnx.ModelProto, f: Factored, rows: np.ndarray) -> 
     first, second = get_array(model, f.first), get_array(model, f.second)
     rank = first.shape[0] if node.op_type == "Conv" else first.shape[1]
     split = len(rows) * 3 // 4
-    grams = [r.T.astype(np.float64) @ r for r in (rows[:split].astype(np.float64), rows[split:].astype(np.float64))]
+    grams = [r.T @ r for r in (rows[:split].astype(np.float64), rows[split:].astype(np.float64))]
     vals, vecs = np.linalg.eigh(grams[0])
     scale = max(float(vals.sum()) / len(vals), 1e-12)
 

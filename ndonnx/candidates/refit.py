@@ -1,4 +1,5 @@
-"""Fitting a width student's cut ops to the teacher on sample inputs, before it is trained.
+"""Fitting students to the teacher on sample inputs, before they are trained: width students' cut
+ops here; the pieces every family's refit shares (`teacher_and_feeds`, `spread`, `closest`) too.
 
 Dropping channels removes what they added to the next weighted op (the *cut op*: the Conv, Gemm or
 MatMul whose input rows were sliced). Two corrections, each measured on the teacher's own activations:
@@ -23,6 +24,7 @@ import numpy as np
 import onnx
 
 from ndonnx.candidates.onnx_edit import add_array, attr, consumers, copy_model, fold_batchnorm, get_array, producers, set_array
+from ndonnx.sample import ort_session, with_outputs
 
 RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # ridge strengths tried, relative to the kept channels' mean variance
 MAX_ROWS = 65536  # rows (samples x positions) a regression reads at most, evenly spaced ...
@@ -64,7 +66,6 @@ def cut_of(node: onnx.NodeProto, weight: np.ndarray, in_axis: int, keep: np.ndar
 def refitter(student: onnx.ModelProto, sub: onnx.ModelProto, cuts: list[Cut]):
     """`refit(fit, check)` for `Student.refit`: the student corrected on the inputs `fit` and judged
     on `check` (see the module's doc). Pure: returns a new model or `student`."""
-    from ndonnx.sample import ort_session, with_outputs
 
     def refit(fit: dict[str, np.ndarray], check: dict[str, np.ndarray]) -> onnx.ModelProto:
         folded, fit, check = teacher_and_feeds(sub, fit, check)
@@ -77,7 +78,7 @@ def refitter(student: onnx.ModelProto, sub: onnx.ModelProto, cuts: list[Cut]):
             if compensate and not any([_compensate(model, c, t_fit[c.input]) for c in order]):
                 continue
             for c in order:
-                _shift_bias(model, c, t_fit[c.output], with_outputs, ort_session, fit)
+                _shift_bias(model, c, t_fit[c.output], fit)
             variants.append(model)
         return closest(folded, check, [student, *variants])
 
@@ -92,11 +93,15 @@ def teacher_and_feeds(sub: onnx.ModelProto, fit: dict, check: dict) -> tuple[onn
     return folded, fit, check
 
 
+def spread(rows: np.ndarray) -> np.ndarray:
+    """At most MAX_ROWS rows and MAX_VALUES values of `rows`, evenly spaced (in their order)."""
+    most = max(1, min(MAX_ROWS, MAX_VALUES // rows.shape[1]))
+    return rows[np.linspace(0, len(rows) - 1, most).astype(int)] if len(rows) > most else rows
+
+
 def closest(teacher: onnx.ModelProto, check: dict, models: list[onnx.ModelProto]) -> onnx.ModelProto:
     """Of `models` (the unfitted student first), the one closest to the teacher on `check`: summed
     squared error of the outputs; the first wins a tie."""
-    from ndonnx.sample import ort_session
-
     outs = [o.name for o in teacher.graph.output]
     want = ort_session(teacher).run(outs, check)
 
@@ -115,10 +120,7 @@ def _compensate(model: onnx.ModelProto, cut: Cut, x: np.ndarray) -> bool:
     channel, too few rows, no bias to take the constant, a weight of another shape)."""
     if not len(cut.drop) or not np.issubdtype(x.dtype, np.floating) or x.shape[cut.channel_axis] != len(cut.keep) + len(cut.drop):
         return False
-    rows = np.moveaxis(x, cut.channel_axis, -1).reshape(-1, x.shape[cut.channel_axis])  # sample-major
-    most = max(1, min(MAX_ROWS, MAX_VALUES // rows.shape[1]))
-    if len(rows) > most:
-        rows = rows[np.linspace(0, len(rows) - 1, most).astype(int)]
+    rows = spread(np.moveaxis(x, cut.channel_axis, -1).reshape(-1, x.shape[cut.channel_axis]))  # sample-major
     if len(rows) < 4 * len(cut.keep):  # too few rows for this many unknowns: the fit would follow the sample
         return False
     w_drop = np.take(cut.weight, cut.drop, axis=cut.in_axis).astype(np.float64)
@@ -174,8 +176,7 @@ def _regress(rows: np.ndarray, keep: np.ndarray, drop: np.ndarray, w_drop: np.nd
     return solve(g_fit + g_val, c_fit + c_val, ridge), mean
 
 
-def _shift_bias(model: onnx.ModelProto, cut: Cut, teacher_out: np.ndarray, with_outputs, ort_session,
-                fit: dict) -> bool:
+def _shift_bias(model: onnx.ModelProto, cut: Cut, teacher_out: np.ndarray, fit: dict) -> bool:
     """Add to the cut op's bias what its output still lacks on average against the teacher's."""
     if teacher_out.ndim < 2 or not np.issubdtype(teacher_out.dtype, np.floating):
         return False
