@@ -55,7 +55,8 @@ def _distill_config(args: argparse.Namespace):
         device=args.device, jobs=args.jobs, backend=args.backend, gpus_per_job=args.gpus_per_job,
         lookahead=args.lookahead, data_free=args.data_free,
         data_free_method=args.data_free_method, synthetic_count=args.synthetic_count, labels=args.labels,
-        force=args.force, channel_multiple=args.channel_multiple)
+        force=args.force, channel_multiple=args.channel_multiple, min_steps=args.min_steps, patience=args.patience,
+        min_gain=args.min_gain, fit_tolerance=args.fit_tolerance)
 
 
 def _compress_config(args: argparse.Namespace, distill_cfg=None):
@@ -198,7 +199,18 @@ def _add_distill_options(s) -> None:
                    '0.25/0.5/0.75, lowrank 0.25/0.5, heads 0.5, vocab 1, identity, teacher)')
     s.add_argument("--channel-multiple", type=int, default=1, help="round width and lowrank students' channels "
                    "and ranks to a multiple of N (8 or 16 suit onnxruntime's blocked CPU kernels; default 1: none)")
-    s.add_argument("--steps", type=int, default=300, help="training steps per candidate (default 300)")
+    from ndonnx.config import DistillConfig as D
+
+    s.add_argument("--steps", type=int, default=D.steps, help=f"most training steps per candidate; each stops "
+                   f"earlier once its held-out error stops falling (default {D.steps})")
+    s.add_argument("--min-steps", type=int, default=D.min_steps, help=f"fewest steps before a candidate may stop "
+                   f"(default {D.min_steps})")
+    s.add_argument("--patience", type=int, default=D.patience, help=f"a candidate stops when its held-out error fell "
+                   f"by less than --min-gain over the last this many steps (default {D.patience})")
+    s.add_argument("--min-gain", type=float, default=D.min_gain, help=f"relative fall of the held-out error that "
+                   f"keeps a candidate training (default {D.min_gain:g}; 0: train every candidate --steps steps)")
+    s.add_argument("--fit-tolerance", type=float, default=D.fit_tolerance, help=f"a candidate fitted to the teacher "
+                   f"within this held-out relative MSE is not trained (default {D.fit_tolerance:g})")
     s.add_argument("--batch", type=int, default=64, help="samples per training step (default 64)")
     s.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate, cosine-decayed (default 1e-3)")
     s.add_argument("--lookahead", type=int, default=0, help="also match the next J teacher neighbourhoods (paper Eq. 4-5)")

@@ -163,6 +163,7 @@ def build(run_dir: Path, cfg: CompressConfig, output: str | Path | None, timings
         "params_teacher": teacher.params, "params_student": val["params_student"], "metric": scorer.metric,
         "neighbourhoods": _table(part, options, result, budget if latency else None),
         "search": {"strategy": cfg.strategy, "predicted_score": result.predicted, "composed_score": result.score,
+                   "composed_divergence": result.loss, "predicted_divergence": result.predicted_loss,
                    "pareto": result.pareto},
         "finetune": finetune_report, "validation": val, "timings": timings,
     }
@@ -331,10 +332,11 @@ def _load_scores(run_dir: Path, options) -> None:
     path = Layout(run_dir).scores_json
     if not path.exists():
         return
-    cached = {(r["neighbourhood"], r["candidate"], r["params"]): r["score"] for r in json.loads(path.read_text())["rows"]}
+    cached = {(r["neighbourhood"], r["candidate"], r["params"]): (r["score"], r.get("loss"))
+              for r in json.loads(path.read_text())["rows"]}
     for opts in options.values():
         for o in opts:
-            o.score = cached.get((o.neighbourhood, o.candidate, o.params))
+            o.score, o.loss = cached.get((o.neighbourhood, o.candidate, o.params), (None, None))
 
 
 def _with_meta(model: onnx.ModelProto, meta: dict) -> onnx.ModelProto:

@@ -38,7 +38,12 @@ class DistillConfig:
 
     partition: PartitionConfig = PartitionConfig()
     candidates: str | None = None  # None: the default set (ndonnx.candidates.DEFAULT_CANDIDATES)
-    steps: int = 300
+    steps: int = 300  # at most: a student stops earlier when its held-out error stops falling (ndonnx.distill.job)
+    min_steps: int = 50  # ... but not before this many steps
+    patience: int = 50  # ... when it fell by less than min_gain over the last this many steps
+    min_gain: float = 0.1
+    fit_tolerance: float = 1e-3  # a student fitted to within this held-out relative MSE trains no further
+    dominated: float = 2.0  # stops at min_steps: this many times the error of a sibling of no more parameters
     batch: int = 64
     lr: float = 1e-3
     seed: int = 0
@@ -57,9 +62,12 @@ class DistillConfig:
     def __post_init__(self) -> None:
         from ndonnx.errors import NdonnxError
 
-        for name in ("steps", "batch"):
+        for name in ("steps", "batch", "min_steps", "patience"):
             if getattr(self, name) < 1:
-                raise NdonnxError(f"--{name} must be >= 1, got {getattr(self, name)}")
+                raise NdonnxError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.min_gain < 0 or self.fit_tolerance < 0 or self.dominated <= 1:
+            raise NdonnxError(f"min_gain and fit_tolerance must be >= 0 and dominated > 1, got {self.min_gain}, "
+                              f"{self.fit_tolerance} and {self.dominated}")
         if self.channel_multiple < 1:
             raise NdonnxError(f"--channel-multiple must be >= 1, got {self.channel_multiple}")
         if self.lookahead < 0 or self.jobs < 0 or self.lr <= 0:

@@ -66,3 +66,22 @@ def score_outputs(outputs: list[np.ndarray], reference: list[np.ndarray], labels
     num = sum(float(np.sum((o.astype(np.float64) - r) ** 2)) for o, r in zip(outputs, reference))
     den = sum(float(np.sum(r.astype(np.float64) ** 2)) for r in reference)
     return 1.0 - (num / den) ** 0.5 if den > 0 else 0.0
+
+
+def divergence(outputs: list[np.ndarray], reference: list[np.ndarray]) -> float:
+    """How far outputs are from the teacher's, >= 0 and continuous (what the search minimises, where a
+    score such as accuracy on a few hundred held-out samples moves in steps of one sample): the mean
+    KL divergence of the teacher's softmax from the student's for classifier outputs, 1 - the mean
+    cosine for normalised embeddings, else the relative error."""
+    kind = metric_name(reference, None)
+    if kind == "cosine":
+        return max(0.0, 1.0 - mean_cosine(outputs[0], reference[0]))
+    if kind == "agreement":
+        got, want = (_log_softmax(np.asarray(a, np.float64)) for a in (outputs[0], reference[0]))
+        return max(0.0, float((np.exp(want) * (want - got)).sum(-1).mean()))
+    return 1.0 - score_outputs(outputs, reference, None)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))

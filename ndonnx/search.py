@@ -20,7 +20,7 @@ from ndonnx.distill.layout import Layout
 from ndonnx.files import atomic_write_text
 from ndonnx.errors import NdonnxError
 from ndonnx.graph import Teacher
-from ndonnx.metrics import metric_name, rel_err, score_outputs  # noqa: F401  (moved: callers import them from here)
+from ndonnx.metrics import divergence, metric_name, rel_err, score_outputs  # noqa: F401  (callers import them here)
 from ndonnx.partition import Neighbourhood, Partition, merge
 from ndonnx.sample import Sample, ort_session
 from ndonnx.splice import splice
@@ -34,7 +34,8 @@ class Option:
     params: int
     rel_mse: float | None
     model: onnx.ModelProto | None = field(default=None, repr=False)  # None: keep the teacher
-    score: float | None = None
+    score: float | None = None  # the partial model's score (the run's metric: accuracy, agreement, ...)
+    loss: float | None = None  # ... and its outputs' divergence from the teacher's (`metrics.divergence`)
     macs: int | None = None  # per sample, set when the budget counts MACs
     latency: float | None = None  # modelled seconds (ndonnx.latency), set when the budget counts latency
     note: str | None = None  # what the student was made from (`Student.note`), for the report
@@ -90,10 +91,13 @@ class Scorer:
                 self._suffix[nbh.id] = (ort_session(extract(self.teacher, merged, self.sample)), merged)
         return self._suffix[nbh.id]
 
-    def single(self, opt: Option) -> float:
-        """The partial model: the teacher with only this neighbourhood replaced."""
+    def _judge(self, outs: list[np.ndarray]) -> tuple[float, float]:
+        return score_outputs(outs, self.reference, self.labels), divergence(outs, self.reference)
+
+    def single(self, opt: Option) -> tuple[float, float]:
+        """The partial model (the teacher with only this neighbourhood replaced): score and divergence."""
         if opt.model is None:
-            return self.teacher_score
+            return self.teacher_score, 0.0
         nbs = self.part.neighbourhoods
         if not all(self.part.feeds_next(k) for k in range(len(nbs) - 1)):
             return self.composed({opt.neighbourhood: opt})  # multi-tensor boundaries: the whole model
@@ -107,15 +111,16 @@ class Scorer:
             feeds.update({n: self._held_out(n) for n in merged.feeds if n not in feeds})
             outs = sess.run(list(merged.outputs), feeds)
         final = dict(zip(self.part.neighbourhoods[-1].outputs, outs))
-        return score_outputs([final[n] for n in self.out_names], self.reference, self.labels)
+        return self._judge([final[n] for n in self.out_names])
 
     def compose(self, choice: dict[int, Option]) -> onnx.ModelProto:
         students = {nid: o.model for nid, o in choice.items() if o.model is not None}
         meta = {"choices": {str(nid): o.candidate for nid, o in sorted(choice.items())}}
         return splice(self.teacher.model, self.part, students, meta)
 
-    def composed(self, choice: dict[int, Option]) -> float:
-        return self.composed_with_error(choice)[0]
+    def composed(self, choice: dict[int, Option]) -> tuple[float, float]:
+        """The composed student's score and divergence."""
+        return self._judge(ort_session(self.compose(choice)).run(self.out_names, self.inputs))
 
     def composed_with_error(self, choice: dict[int, Option]) -> tuple[float, float]:
         """The composed student's score, and its outputs' relative error against the teacher's: a
@@ -128,9 +133,11 @@ class Scorer:
 class SearchResult:
     choice: dict[int, Option]
     params: int
-    score: float
-    predicted: float
+    score: float  # the composed student's
+    predicted: float  # the teacher's score less each choice's partial-model drop
     pareto: list[dict]
+    loss: float | None = None  # the composed student's divergence (what greedy minimises)
+    predicted_loss: float | None = None  # the sum of the choices' partial-model divergences
 
 
 def total_params(teacher_params: int, part: Partition, choice: dict[int, Option]) -> int:
@@ -189,9 +196,9 @@ def search(scorer: Scorer, options: dict[int, list[Option]], target: int, strate
     """Pick one option per neighbourhood with a total (parameters, or what `budget` counts) <= target."""
     part, tparams = scorer.part, scorer.teacher.params
     budget = budget or params_budget(tparams, part)
-    pending = [o for opts in options.values() for o in opts if o.score is None]
+    pending = [o for opts in options.values() for o in opts if o.score is None or o.loss is None]
     for o in pending if progress is None or not pending else progress(pending, len(pending), "score"):
-        o.score = scorer.single(o)
+        o.score, o.loss = scorer.single(o)
     teacher_opt = {nid: next(o for o in opts if o.candidate == "teacher") for nid, opts in options.items()}
     smallest = {nid: min(opts, key=budget.size) for nid, opts in options.items()}
     floor = budget.total(smallest)
@@ -202,27 +209,33 @@ def search(scorer: Scorer, options: dict[int, list[Option]], target: int, strate
                           budget)
     if strategy != "greedy":
         raise NdonnxError(f"--strategy must be greedy or threshold, got {strategy!r}")
+    # Costs are divergences from the teacher (continuous), not score drops: on a few hundred held-out
+    # samples an accuracy moves in steps of one sample, and greedy then ranks changes by noise.
     pareto: list[dict] = []
-    cost = {(o.neighbourhood, o.candidate): scorer.teacher_score - o.score for opts in options.values() for o in opts}
+    cost = {(o.neighbourhood, o.candidate): o.loss for opts in options.values() for o in opts}
+    drop = {(o.neighbourhood, o.candidate): scorer.teacher_score - o.score for opts in options.values() for o in opts}
     best = None
-    for _ in range(rounds):
+    for k in range(rounds):
         choice = _greedy(options, teacher_opt, cost, budget, target)
         params = total_params(tparams, part, choice)
-        score = scorer.composed(choice)
-        predicted = scorer.teacher_score - sum(cost[(o.neighbourhood, o.candidate)] for o in choice.values())
-        pareto.append({"params": params, "size": budget.total(choice), "score": score, "predicted": predicted,
-                       "choices": _names(choice)})
-        if best is None or score > best.score:
-            best = SearchResult(choice, params, score, predicted, pareto)
-        if score >= predicted - 1e-9:
+        score, loss = scorer.composed(choice)
+        predicted = sum(cost[(o.neighbourhood, o.candidate)] for o in choice.values())
+        pareto.append({"params": params, "size": budget.total(choice), "score": score, "loss": loss,
+                       "predicted_loss": predicted, "choices": _names(choice)})
+        if best is None or loss < best.loss:
+            best = SearchResult(choice, params, score,
+                                scorer.teacher_score - sum(drop[(o.neighbourhood, o.candidate)] for o in choice.values()),
+                                pareto, loss, predicted)
+        if loss <= predicted + 1e-12 or k == rounds - 1:
             break
         # Back off: measure each change's real cost inside the composed student (restore it to the
-        # teacher and see what comes back), and search again with those costs.
+        # teacher and see what goes away), and search again with those costs.
         changed = [nid for nid, o in choice.items() if o.candidate != "teacher"]
-        for nid in changed if progress is None else progress(changed, len(changed), "re-measure"):
+        shown = changed if progress is None else progress(changed, len(changed), f"re-measure (round {k + 2})")
+        for nid in shown:
             restored = dict(choice)
             restored[nid] = teacher_opt[nid]
-            gain = scorer.composed(restored) - score
+            gain = loss - scorer.composed(restored)[1]
             key = (nid, choice[nid].candidate)
             cost[key] = max(cost[key], gain)
     best.pareto = _pareto(pareto)
@@ -319,7 +332,8 @@ class TargetUnreachable(NdonnxError):
 
 
 def save_scores(run_dir: Path, options: dict[int, list[Option]], scorer: Scorer) -> None:
-    rows = [{"neighbourhood": o.neighbourhood, "candidate": o.candidate, "params": o.params, "score": o.score}
+    rows = [{"neighbourhood": o.neighbourhood, "candidate": o.candidate, "params": o.params, "score": o.score,
+             "loss": o.loss}
             for opts in options.values() for o in opts]
     atomic_write_text(Layout(run_dir).scores_json, json.dumps({"metric": scorer.metric, "teacher": scorer.teacher_score,
                                                            "rows": rows}, indent=1))

@@ -194,8 +194,9 @@ def test_parallel_workers_on_a_dynamo_export(zoo, tmp_path):
     """Worker processes start fresh: they must register ndonnx's converters (opset-18 ops) too."""
     rows = distill(zoo["resnet_dynamo"], tmp_path / "run",
                    DistillConfig(candidates="width:0.5,lowrank:0.5", steps=3, batch=8, jobs=2, data_free=True))
-    assert {r["status"] for r in rows} == {"trained", "frozen"}
-    assert any(r["neighbourhood"] == 4 and r["status"] == "trained" for r in rows)  # the ReduceMean-18 head
+    assert "trained" in {r["status"] for r in rows} <= {"trained", "fitted", "frozen"}
+    # the ReduceMean-18 head, trained or (fitted within the tolerance) evaluated in a worker
+    assert any(r["neighbourhood"] == 4 and r["status"] in ("trained", "fitted") for r in rows)
 
 
 def test_integer_boundary_outputs_are_not_in_the_loss():

@@ -197,7 +197,8 @@ def test_distil_and_splice_through_the_pipeline(teachers, tmp_path, capsys):
     rows = json.loads(Layout(run).candidates_json.read_text())
     t, part, nbh, _, _ = _embedding_block(path)
     voc = [r for r in rows if r["candidate"] == "vocab:1"]
-    assert [r["neighbourhood"] for r in voc] == [nbh.id] and voc[0]["status"] == "trained"
+    # exact on every id it keeps, so within the fit tolerance untrained, or trained
+    assert [r["neighbourhood"] for r in voc] == [nbh.id] and voc[0]["status"] in ("trained", "fitted")
     train_ids = ids[np.load(Layout(run).cache / "train.npy")]  # counted on the training split only
     kept = len(np.unique(train_ids))
     assert voc[0]["params"] == (kept + 1) * 16

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 # Long enough that no job ends by itself while the test waits: every stop is the signal's doing.
-LONG = ["--steps", "1000000", "--batch", "8", "--candidates", "width:0.5,teacher", "--jobs", "2"]
+LONG = ["--steps", "1000000", "--min-gain", "0", "--batch", "8", "--candidates", "width:0.5,teacher", "--jobs", "2"]
 
 
 def _children(pid: int) -> list[int]:

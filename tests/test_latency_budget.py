@@ -62,7 +62,7 @@ def _two_neighbourhoods():
     scorer.teacher.params = 1100
     scorer.part.neighbourhoods = scorer.part.neighbourhoods[:2]
     scorer.part.neighbourhoods[0].params, scorer.part.neighbourhoods[1].params = 1000, 100
-    scorer.single = lambda o: 1.0 if o.candidate in ("teacher", "lowrank") else 0.98
+    scorer.single = lambda o: (1.0, 0.0) if o.candidate in ("teacher", "lowrank") else (0.98, 0.02)
     options = {0: [Option(0, "teacher", 1000, 0.0), Option(0, "half", 500, 0.1)],
                1: [Option(1, "teacher", 100, 0.0), Option(1, "half", 50, 0.1), Option(1, "lowrank", 60, 0.0)]}
     model = LatencyModel(32, 1, teacher=5.5e-3, pieces={0: 1e-3, 1: 4e-3},

@@ -24,12 +24,14 @@ class ScriptedScorer:
         self.single_cost, self.composed_cost = single, composed_cost
         self.calls: list[dict[int, str]] = []  # every composed evaluation, in order
 
-    def single(self, opt: Option) -> float:
-        return 1.0 if opt.candidate == "teacher" else 1.0 - self.single_cost[opt.neighbourhood]
+    def single(self, opt: Option) -> tuple[float, float]:
+        cost = 0.0 if opt.candidate == "teacher" else self.single_cost[opt.neighbourhood]
+        return 1.0 - cost, cost  # (score, divergence): here the divergence is the score lost
 
-    def composed(self, choice: dict[int, Option]) -> float:
+    def composed(self, choice: dict[int, Option]) -> tuple[float, float]:
         self.calls.append({nid: o.candidate for nid, o in choice.items()})
-        return 1.0 - sum(self.composed_cost[nid] for nid, o in choice.items() if o.candidate != "teacher")
+        cost = sum(self.composed_cost[nid] for nid, o in choice.items() if o.candidate != "teacher")
+        return 1.0 - cost, cost
 
 
 def _options() -> dict[int, list[Option]]:
@@ -57,8 +59,8 @@ def test_back_off_raises_costs_and_searches_again(unfiltered):
     ]
     (points,) = unfiltered
     assert [p["choices"] for p in points] == [{str(k): v for k, v in c.items()} for c in (first, scorer.calls[2])]
-    assert points[0]["score"] == pytest.approx(0.7) and points[0]["predicted"] == pytest.approx(0.99)
-    assert points[1]["score"] == pytest.approx(0.95) and points[1]["predicted"] == pytest.approx(0.95)
+    assert points[0]["score"] == pytest.approx(0.7) and points[0]["predicted_loss"] == pytest.approx(0.01)
+    assert points[1]["score"] == pytest.approx(0.95) and points[1]["predicted_loss"] == pytest.approx(0.05)
     assert {nid: o.candidate for nid, o in result.choice.items()} == scorer.calls[2]
     assert result.score == pytest.approx(0.95) and result.params == 250
     assert result.pareto == [points[1]]  # same size, lower score: round 1's point is dominated
@@ -72,7 +74,8 @@ def test_raised_cost_stays_when_it_helps_the_next_round_too(unfiltered):
     rounds = [c for c in scorer.calls if list(c.values()).count("half") == 1]
     # round 1 takes 0, backs off (0 costs 0.4); round 2 takes 1, backs off (0.3); round 3 takes 2
     assert [next(k for k, v in c.items() if v == "half") for c in rounds] == [0, 1, 2]
-    assert len(scorer.calls) == 6  # 3 rounds, each short of its prediction and so re-measured; then `rounds` ends it
+    assert len(scorer.calls) == 5  # 3 rounds, the first two short of their prediction and so re-measured; the
+    # third is the last (`rounds`): nothing is re-measured after it
     assert [p["score"] for p in unfiltered[0]] == pytest.approx([0.6, 0.7, 0.8])
     assert result.choice[2].candidate == "half" and result.score == pytest.approx(0.8)
 

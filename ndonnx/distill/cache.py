@@ -456,8 +456,9 @@ class CacheReader:
         self.dtype = {k: np.dtype(np.float32 if a.dtype == np.float16 and meta["files"][k].get("dtype") != "float16"
                                   else a.dtype) for k, a in self.arrays.items()}
         widened = sum(a.nbytes * (2 if a.dtype == np.float16 else 1) for a in self.arrays.values())
-        if widened < RAM_LIMIT:  # small: in RAM, already in the dtype reads give, so a batch is one indexing
-            self.arrays = {k: np.asarray(a, self.dtype[k]) for k, a in self.arrays.items()}
+        # small: each tensor goes to RAM when first read, already in the dtype reads give, so a batch
+        # is one indexing (a job reads a few of the tensors: converting them all cost ~2 s per job)
+        self._in_ram = widened < RAM_LIMIT
         self.train = np.load(self.directory / "train.npy")
         self.holdout = np.load(self.directory / "holdout.npy")
 
@@ -472,6 +473,8 @@ class CacheReader:
         axis = self.batch_axis.get(name, 0)
         if axis is None:  # one copy, the same for every sample
             return np.asarray(self.arrays[name], self.dtype[name])
+        if self._in_ram and isinstance(self.arrays[name], np.memmap):
+            self.arrays[name] = np.asarray(self.arrays[name], self.dtype[name])
         a = self.arrays[name][idx]  # callers pass sorted indices: sequential reads from a memmap
         a = a.astype(self.dtype[name]) if a.dtype != self.dtype[name] else np.asarray(a)
         if self.per_sample.get(name, 1) > 1:

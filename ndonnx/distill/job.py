@@ -20,25 +20,34 @@ import onnx
 import torch
 from safetensors.numpy import load_file, save_file
 
+from ndonnx.config import DistillConfig
 from ndonnx.distill.cache import CacheReader
 from ndonnx.files import atomic_path, atomic_write_text
 from ndonnx.memory import keep_freed_memory
 from ndonnx.trainable import Trainable
 
 EVAL_BATCH = 256
+CHECK_EVERY = 25  # steps between held-out checks of the loss (each costs about one training step)
 NOISE_EVAL = 512  # held-out noise samples in data-free mode without real data
 
 
 @dataclass(frozen=True)
 class TrainSettings:
-    steps: int = 300
-    batch: int = 64
-    lr: float = 1e-3
-    seed: int = 0
+    """How one job trains; the defaults are `DistillConfig`'s (ndonnx.config), the one place they are set."""
+
+    steps: int = DistillConfig.steps  # at most
+    batch: int = DistillConfig.batch
+    lr: float = DistillConfig.lr
+    seed: int = DistillConfig.seed
     device: str = "cpu"
     lookahead: int = 0
     data_free: bool = False
     threads: int = 1
+    min_steps: int = DistillConfig.min_steps
+    patience: int = DistillConfig.patience
+    min_gain: float = DistillConfig.min_gain
+    fit_tolerance: float = DistillConfig.fit_tolerance
+    dominated: float = DistillConfig.dominated
 
 
 @dataclass(frozen=True)
@@ -120,17 +129,18 @@ class Batches:
         train = self.cache.train
         return self._from_cache(np.sort(self.rng.choice(train, b, replace=len(train) < b)))
 
-    def holdout(self):
+    def holdout(self, most: int | None = None):
         """Yields held-out batches: the cache's 10% (in data-free runs without data, of seeded
-        synthetic inputs), or a fixed noise set when there is no cache at all."""
+        synthetic inputs), or a fixed noise set when there is no cache at all; its first `most`
+        samples only, if given (the checks during training)."""
         if self.cache is None:
             state = self.gen.get_state()
             self.gen.manual_seed(self.job.settings.seed + 7)
-            for _ in range(0, NOISE_EVAL, EVAL_BATCH):
+            for _ in range(0, min(NOISE_EVAL, most or NOISE_EVAL), EVAL_BATCH):
                 yield self._from_noise(EVAL_BATCH)
             self.gen.set_state(state)
             return
-        hold = self.cache.holdout
+        hold = self.cache.holdout[:most]
         for lo in range(0, len(hold), EVAL_BATCH):
             yield self._from_cache(hold[lo:lo + EVAL_BATCH])
 
@@ -145,11 +155,11 @@ def _learnt(outs, targets):
     return [(o, t) for o, t in zip(outs, targets) if t.is_floating_point()]
 
 
-def evaluate(module: Trainable, batches: Batches) -> float:
-    """Held-out relative MSE: MSE / variance of the teacher's output."""
+def evaluate(module: Trainable, batches: Batches, most: int | None = None) -> float:
+    """Held-out relative MSE: MSE / variance of the teacher's output (on the first `most` samples)."""
     se = ss = 0.0
     with torch.no_grad():
-        for x, sides, ys in batches.holdout():
+        for x, sides, ys in batches.holdout(most):
             for o, t in _learnt(call(module, x, sides), ys):
                 se += float(((o - t) ** 2).sum())
                 ss += float(((t - t.mean()) ** 2).sum())
@@ -188,7 +198,16 @@ def write_results(jobs: list[Job], results: list[tuple[dict, dict]]) -> None:
 
 def train_group(jobs: list[Job]) -> list[tuple[dict, dict[str, np.ndarray]]]:
     """Train every job of one neighbourhood from the same batches. Returns (journal record, trained
-    weights) per job and writes nothing."""
+    weights) per job and writes nothing.
+
+    Each student trains for quality, not for a count of steps: every CHECK_EVERY steps its held-out
+    error is measured (on up to EVAL_BATCH held-out samples), and it stops when that error fell by
+    less than `min_gain` (relative) over the last `patience` steps, after `min_steps`, or at `steps`.
+    A student already within `fit_tolerance` before training (fitted to the teacher) does not train;
+    one whose error after `min_steps` is `dominated` times that of a sibling of no more parameters
+    stops there (it would never be chosen for a parameter budget). The best weights seen are kept.
+    Sparse students follow their pruning schedule to the end. Constant learning rate: measured on
+    the bundled ResNet-20, it reached after 200 steps a lower error than cosine decay over 300."""
     import warnings
 
     warnings.simplefilter("ignore")  # converter deprecation chatter would garble the progress display
@@ -205,52 +224,116 @@ def train_group(jobs: list[Job]) -> list[tuple[dict, dict[str, np.ndarray]]]:
         m.requires_grad_(False)
     students = [Trainable(onnx.load(j.student)).to(device) for j in jobs]
     setup = (time.perf_counter() - t0) / len(jobs)
-    seconds = [setup] * len(jobs)
-    train = [j.train and st.trainable for j, st in zip(jobs, students)]
-    opts = [torch.optim.Adam(st.named_weights().values(), lr=s.lr) if t else None for st, t in zip(students, train)]
-    scheds = [torch.optim.lr_scheduler.CosineAnnealingLR(o, max(1, s.steps)) if o else None for o in opts]
-    masks: list[dict | None] = [None] * len(jobs)
+    runs = [_Run(j, st, s, setup) for j, st in zip(jobs, students)]
+    for r in runs:
+        if r.training:
+            r.check(0, evaluate(r.student, batches, EVAL_BATCH))
     scale = None
-    train_loss = [[] for _ in jobs]
-    if any(train):
-        for step in range(s.steps):
-            x, sides, ys = batches.train_batch()
-            if scale is None:  # variance of the teacher's outputs, fixed from the first batch
-                scale = [float(y.var()) + 1e-12 for y in ys if y.is_floating_point()]
-            for k, (job, st) in enumerate(zip(jobs, students)):
-                if not train[k]:
-                    continue
-                t1 = time.perf_counter()
-                opts[k].zero_grad(set_to_none=True)
-                loss = _loss(call(st, x, sides), ys, batches.outputs, look, sides, scale)
-                loss.backward()
-                opts[k].step()
-                scheds[k].step()
-                if job.sparsity:
-                    masks[k] = _apply_sparsity(st, job, step, masks[k])
-                if step >= s.steps * 0.9:
-                    train_loss[k].append(loss.item())
-                seconds[k] += time.perf_counter() - t1
+    for step in range(1, s.steps + 1):
+        active = [r for r in runs if r.training]
+        if not active:
+            break
+        x, sides, ys = batches.train_batch()
+        if scale is None:  # variance of the teacher's outputs, fixed from the first batch
+            scale = [float(y.var()) + 1e-12 for y in ys if y.is_floating_point()]
+        for r in active:
+            t1 = time.perf_counter()
+            r.opt.zero_grad(set_to_none=True)
+            loss = _loss(call(r.student, x, sides), ys, batches.outputs, look, sides, scale)
+            loss.backward()
+            r.opt.step()
+            if r.job.sparsity:
+                r.masks = _apply_sparsity(r.student, r.job, step - 1, r.masks)
+            r.train_loss.append(loss.item())
+            if step % CHECK_EVERY == 0 or step in (s.steps, s.min_steps):
+                r.check(step, evaluate(r.student, batches, EVAL_BATCH))
+            r.seconds += time.perf_counter() - t1
+        if step == s.min_steps:
+            _stop_dominated(active)
     records = []
-    for k, (job, st) in enumerate(zip(jobs, students)):
+    for job, r in zip(jobs, runs):
         t1 = time.perf_counter()
-        st.eval()
-        rel = evaluate(st, batches)
-        seconds[k] += time.perf_counter() - t1
-        w = st.weights() if train[k] else {}
+        r.restore_best()
+        r.student.eval()
+        rel = evaluate(r.student, batches)
+        r.seconds += time.perf_counter() - t1
+        w = r.student.weights() if r.trained else {}
         nonzero = job.nonzero
         if job.sparsity and w:
             nonzero = job.params - sum(int((v == 0).sum()) for v in w.values())
+        tail = r.train_loss[-max(1, len(r.train_loss) // 10):]
         rec = {"neighbourhood": job.neighbourhood, "candidate": job.candidate, "params": job.params,
-               "nonzero": nonzero, "rel_mse": rel,
-               "train_rel_mse": float(np.mean(train_loss[k])) if train_loss[k] else None,
-               "status": "trained" if train[k] else "frozen", "reason": None,
-               "weights": Path(job.weights_out).name if w else None, "seconds": round(seconds[k], 3),
+               "nonzero": nonzero, "rel_mse": rel, "train_rel_mse": float(np.mean(tail)) if tail else None,
+               "status": "trained" if r.trained else "fitted" if r.curve else "frozen", "reason": None,
+               "weights": Path(job.weights_out).name if w else None, "seconds": round(r.seconds, 3),
                "host": socket.gethostname()}
+        if r.curve:
+            rec["training"] = {"steps": r.steps, "stopped": r.stopped, "best_step": r.best_step,
+                               "curve": [[a, round(b, 6)] for a, b in r.curve],
+                               "rules": {"steps": s.steps, "min_steps": s.min_steps, "patience": s.patience,
+                                         "min_gain": s.min_gain, "fit_tolerance": s.fit_tolerance,
+                                         "dominated": s.dominated, "check_every": CHECK_EVERY}}
         if job.note:
             rec["note"] = job.note
         records.append((rec, w))
     return records
+
+
+class _Run:
+    """One student's training: its optimiser, held-out curve, best weights and why it stopped."""
+
+    def __init__(self, job: Job, student: Trainable, s: TrainSettings, seconds: float):
+        self.job, self.student, self.s, self.seconds = job, student, s, seconds
+        self.training = job.train and bool(student.trainable)
+        self.trained = self.training
+        self.opt = torch.optim.Adam(student.named_weights().values(), lr=s.lr) if self.training else None
+        self.masks: dict | None = None
+        self.train_loss: list[float] = []
+        self.curve: list[tuple[int, float]] = []
+        self.best, self.best_step, self.best_weights = float("inf"), 0, None
+        self.steps, self.stopped = 0, None
+
+    def check(self, step: int, err: float) -> None:
+        """Record the held-out error at `step`; stop when a rule says so."""
+        self.curve.append((step, err))
+        self.steps = step
+        if err < self.best or self.job.sparsity:  # a sparse student's best is its last (the schedule's end)
+            self.best, self.best_step = err, step
+            self.best_weights = {n: p.detach().clone() for n, p in self.student.named_weights().items()}
+        s = self.s
+        if step == 0 and err <= s.fit_tolerance and not self.job.sparsity:  # (sparse: the teacher, before pruning)
+            self.stop(f"fitted within the tolerance ({s.fit_tolerance:g}) before training")
+            self.trained = False
+        elif step >= s.steps:
+            self.stop("reached the step limit")
+        elif not self.job.sparsity and step >= max(s.min_steps, s.patience):
+            before = [e for t, e in self.curve if t <= step - s.patience]
+            if before and min(before) < (1 + s.min_gain) * self.best:
+                self.stop(f"converged: held-out error fell by less than {s.min_gain:.0%} in {s.patience} steps")
+
+    def stop(self, why: str) -> None:
+        self.training, self.stopped = False, why
+
+    def restore_best(self) -> None:
+        if self.best_weights is not None and self.best_step != self.steps:
+            with torch.no_grad():
+                for n, p in self.student.named_weights().items():
+                    p.copy_(self.best_weights[n])
+        self.best_weights = None
+
+
+def _stop_dominated(runs: list[_Run]) -> None:
+    """After `min_steps`: a student whose held-out error is `dominated` times that of a sibling with
+    no more parameters stops (sparse ones excepted: they only reach their size at the end)."""
+    for r in runs:
+        if not r.training or r.job.sparsity:
+            continue
+        for o in runs:
+            if o is not r and not o.job.sparsity and o.job.params <= r.job.params and o.curve \
+                    and o.curve[-1][1] * r.s.dominated < r.curve[-1][1]:
+                r.stop(f"dominated: {r.curve[-1][1] / o.curve[-1][1]:.1f}x the held-out error of {o.job.candidate} "
+                       f"({o.job.params} parameters) at step {r.steps}")
+                break
 
 
 def _apply_sparsity(st: Trainable, job: Job, step: int, masks: dict | None) -> dict:

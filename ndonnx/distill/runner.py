@@ -89,7 +89,8 @@ def _commit(run_dir: Path, teacher: Teacher, cfg: DistillConfig, backend: dict |
 
 
 def _job_settings(cfg: DistillConfig) -> dict:
-    keys = ("candidates", "channel_multiple", "steps", "batch", "lr", "seed", "lookahead", "data_free")
+    keys = ("candidates", "channel_multiple", "steps", "batch", "lr", "seed", "lookahead", "data_free", "min_steps",
+            "patience", "min_gain", "fit_tolerance", "dominated")
     if cfg.data_free:  # (only then: runs made before these settings existed stay comparable)
         keys += ("data_free_method", "synthetic_count")
     return {k: getattr(cfg, k) for k in keys}
@@ -189,7 +190,9 @@ def _distill(teacher: Teacher, part: Partition, data: Dataset | None, run_dir: P
                 train=name != "teacher" and st.params > 0, params=params, nonzero=nonzero, note=st.note,
                 weights_out=str(layout.weights(nbh.id, name)), result_out=str(layout.done(nbh.id, name)),
                 settings=TrainSettings(steps=cfg.steps, batch=cfg.batch, lr=cfg.lr, seed=cfg.seed, device=device,
-                                       lookahead=cfg.lookahead, data_free=noise)))
+                                       lookahead=cfg.lookahead, data_free=noise, min_steps=cfg.min_steps,
+                                       patience=cfg.patience, min_gain=cfg.min_gain,
+                                       fit_tolerance=cfg.fit_tolerance, dominated=cfg.dominated)))
     atomic_write_text(layout.skipped_json, json.dumps(skipped, indent=1))
     if noise:
         _write_noise(part, teacher.model, cache_dir, real, run_dir)
