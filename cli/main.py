@@ -60,13 +60,13 @@ def _distill_config(args: argparse.Namespace):
 
 
 def _compress_config(args: argparse.Namespace, distill_cfg=None):
-    from ndonnx.compress import CompressConfig
-    from ndonnx.config import DistillConfig
+    from ndonnx.config import CompressConfig, DistillConfig
 
     if args.target_latency is not None and args.target_params is not None:
         raise NdonnxError("--target-latency and --target-params are two budgets: give one")
     return CompressConfig(distill=distill_cfg or DistillConfig(), target=args.target_params or "50%",
                           strategy=args.strategy, max_drop=args.max_drop, finetune_steps=args.finetune_steps,
+                          finetune_batch=args.finetune_batch,
                           eval_data=args.eval_data, tolerances=args.tolerances, force=args.force,
                           target_macs=args.target_macs, quantize=args.quantize, target_latency=args.target_latency,
                           latency_batch=args.latency_batch, threads=args.threads)
@@ -211,8 +211,8 @@ def _add_distill_options(s) -> None:
                    f"keeps a candidate training (default {D.min_gain:g}; 0: train every candidate --steps steps)")
     s.add_argument("--fit-tolerance", type=float, default=D.fit_tolerance, help=f"a candidate fitted to the teacher "
                    f"within this held-out relative MSE is not trained (default {D.fit_tolerance:g})")
-    s.add_argument("--batch", type=int, default=64, help="samples per training step (default 64)")
-    s.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate, cosine-decayed (default 1e-3)")
+    s.add_argument("--batch", type=int, default=D.batch, help=f"samples per training step (default {D.batch})")
+    s.add_argument("--lr", type=float, default=D.lr, help=f"Adam learning rate (default {D.lr:g})")
     s.add_argument("--lookahead", type=int, default=0, help="also match the next J teacher neighbourhoods (paper Eq. 4-5)")
     s.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="where students train (default auto: CUDA when torch sees it)")
@@ -247,7 +247,12 @@ def _add_search_options(s) -> None:
                    "grown back within the budget when the whole drops more")
     s.add_argument("--max-drop", type=float, help="largest score drop accepted (exit 1 beyond it; with --strategy "
                    "threshold also each neighbourhood's allowance)")
-    s.add_argument("--finetune-steps", type=int, default=0, help="end-to-end KD steps after splicing (paper Eq. 3)")
+    from ndonnx.config import CompressConfig as C
+
+    s.add_argument("--finetune-steps", type=int, default=C.finetune_steps, help="end-to-end KD steps after splicing "
+                   "(paper Eq. 3)")
+    s.add_argument("--finetune-batch", type=int, default=C.finetune_batch, help=f"samples per fine-tuning step "
+                   f"(default {C.finetune_batch})")
     s.add_argument("--tolerances", help="with --strategy threshold: per-neighbourhood noise thresholds from "
                    "`ndonnx sensitivity --json` (a candidate fits when its relative MSE <= threshold^2)")
     s.add_argument("--quantize", choices=QUANTIZE, help="quantize the student to int8 after splicing and "

@@ -19,4 +19,6 @@ def parse_target(text: str, teacher_params: int, flag: str = "--target-params") 
             raise NdonnxError(f"{flag} {text!r}: a percentage must be in (0, 100]")
         return int(teacher_params * value / 100)
     scale = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "B": 1e9}[unit]
+    if value * scale < 1:  # no model has no parameters (or MACs): a mistake, not a budget to try
+        raise NdonnxError(f"{flag} {text!r}: a budget must be at least 1")
     return int(value * scale)

@@ -14,27 +14,23 @@ from typing import Callable
 
 import numpy as np
 import onnx
-import torch
 
 from ndonnx.config import STRATEGIES, CompressConfig, DistillConfig, PartitionConfig, SampleConfig  # noqa: F401
 from ndonnx.distill.cache import CacheReader
 from ndonnx.distill.layout import Layout
 from ndonnx.files import atomic_write_text
 from ndonnx.data import load_data, teacher_hash
-from ndonnx.distill.runner import distill
 from ndonnx.errors import GoalNotMet, NdonnxError
 from ndonnx.graph import Teacher, load_teacher, restore_interface
 from ndonnx.partition import Partition, partition
 from ndonnx.quantize import calibration_feeds, quantize
-from ndonnx.memory import keep_freed_memory
 from ndonnx.metrics import score_outputs
 from ndonnx.sample import ort_session, run_sample, with_dynamic_batch
 from ndonnx.latency import LatencyModel, batch_feeds, latency_target, measure_pair, ort_version
 from ndonnx.latency import measure as measure_latency
-from ndonnx.search import (THRESHOLD_MAX_DROP, Budget, Scorer, latency_budget, load_options, macs_budget, parse_target,
-                           save_scores, search)
+from ndonnx.search import (THRESHOLD_MAX_DROP, Budget, Scorer, TargetUnreachable, latency_budget, load_options,
+                           macs_budget, parse_target, save_scores, search)
 from ndonnx.splice import check, save_atomic
-from ndonnx.trainable import Trainable, write_weights
 from ndonnx.validate import validate
 
 log = logging.getLogger(__name__)
@@ -67,11 +63,24 @@ def compress(model_path: str | Path, run_dir: str | Path, cfg: CompressConfig, d
     _check_output(output, model_path, cfg.force)
     if cfg.tolerances:
         _read_tolerances(cfg.tolerances)
+    teacher = load_teacher(model_path)
     if cfg.eval_data:
-        load_data(cfg.eval_data, load_teacher(model_path), cfg.distill.labels)
-    distill(model_path, run_dir, cfg.distill, data_path=data_path, progress=progress)
+        load_data(cfg.eval_data, teacher, cfg.distill.labels)
+    from ndonnx.distill.runner import distill
+
+    check = None if cfg.target_macs or cfg.target_latency else lambda params, sizes: _reachable(cfg.target, params, sizes)
+    distill(model_path, run_dir, cfg.distill, data_path=data_path, progress=progress, check_sizes=check, teacher=teacher)
     timings["distill"] = time.perf_counter() - t0
     return build(run_dir, cfg, output, timings, progress)
+
+
+def _reachable(target: str, teacher_params: int, sizes: dict[int, tuple[int, list[int]]]) -> None:
+    """A parameter budget below the smallest model the candidates can make is refused before any
+    training: `sizes` holds each neighbourhood's own parameters and its candidates' counts."""
+    want = parse_target(target, teacher_params)
+    floor = teacher_params - sum(own - min([own, *counts]) for own, counts in sizes.values())
+    if floor > want:
+        raise TargetUnreachable(want, floor)
 
 
 def build(run_dir: Path, cfg: CompressConfig, output: str | Path | None, timings: dict | None = None,
@@ -129,6 +138,8 @@ def build(run_dir: Path, cfg: CompressConfig, output: str | Path | None, timings
         before = score_on(student, teacher.model, inputs, eval_labels)
         with warnings.catch_warnings():  # converter deprecation chatter would garble the progress display
             warnings.simplefilter("ignore")
+            from ndonnx.finetune import finetune
+
             student, finetune_report = finetune(student, teacher.model, cache, scorer, cfg, progress)
         finetune_report["score_before"] = before
         check(student)
@@ -374,54 +385,6 @@ def _latency_report(model: LatencyModel, run: "Run", student: onnx.ModelProto, p
             "predicted_ms": 1e3 * predicted, "predicted_ratio": predicted / model.teacher,
             "teacher_ms": 1e3 * t, "student_ms": 1e3 * s, "measured_ratio": s / t,
             "options_timed": model.timed}
-
-
-def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, cache: CacheReader, scorer: Scorer,
-             cfg: CompressConfig, progress: Callable | None = None) -> tuple[onnx.ModelProto, dict]:
-    """End-to-end KD of the spliced student (paper Eq. 3): soft targets at temperature T, plus
-    lambda x cross-entropy when labels are known; MSE on outputs for models that are not classifiers."""
-    keep_freed_memory()  # the whole student's activations each step (see ndonnx.memory)
-    seed = cfg.distill.seed
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    module = Trainable(student)
-    if not module.trainable:
-        return student, {"steps": 0, "reason": "nothing to train"}
-    names = module.input_names
-    out_names = [o.name for o in teacher.graph.output]
-    classifier = scorer.metric in ("accuracy", "agreement")
-    opt = torch.optim.Adam(module.named_weights().values(), lr=cfg.finetune_lr)
-    train = cache.train
-    T, lam = cfg.temperature, cfg.kd_lambda
-
-    def loss_on(idx):
-        xs = [torch.from_numpy(cache.read(n, idx)) for n in names]
-        ys = [torch.from_numpy(cache.read(n, idx)) for n in out_names]
-        out = module(*xs)
-        if classifier:
-            soft = torch.nn.functional.kl_div(torch.log_softmax(out[0] / T, -1), torch.softmax(ys[0] / T, -1),
-                                              reduction="batchmean") * T * T
-            lab = cache.labels(idx)
-            if lab is not None:
-                soft = soft + lam * torch.nn.functional.cross_entropy(out[0], torch.from_numpy(lab))
-            return soft
-        return sum(torch.mean((o - y) ** 2) / (y.var() + 1e-12) for o, y in zip(out, ys))
-
-    def held_out_loss():
-        with torch.no_grad():
-            return float(np.mean([loss_on(cache.holdout[lo:lo + 256]).item() for lo in range(0, len(cache.holdout), 256)]))
-
-    before = held_out_loss()
-    steps = range(cfg.finetune_steps)
-    for _ in steps if progress is None else progress(steps, cfg.finetune_steps, "fine-tune"):
-        idx = np.sort(rng.choice(train, min(cfg.distill.batch, len(train)), replace=False))
-        opt.zero_grad(set_to_none=True)
-        loss = loss_on(idx)
-        loss.backward()
-        opt.step()
-    after = held_out_loss()
-    tuned = write_weights(student, module.weights())
-    return tuned, {"steps": cfg.finetune_steps, "held_out_loss_before": before, "held_out_loss_after": after}
 
 
 def report_json(report: dict, path: Path) -> None:

@@ -3,6 +3,7 @@ one onnxruntime run that records every tensor, for real shapes and round-trip re
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from dataclasses import dataclass
@@ -36,6 +37,19 @@ def with_outputs(model: onnx.ModelProto, names) -> onnx.ModelProto:
     return m
 
 
+_THREADS: list[int] = []  # onnxruntime intra-op threads of this process's sessions (`threads`); empty: its default
+
+
+@contextlib.contextmanager
+def threads(n: int):
+    """Sessions made inside use `n` intra-op threads: a pool worker given one core keeps to it."""
+    _THREADS.append(n)
+    try:
+        yield
+    finally:
+        _THREADS.pop()
+
+
 def ort_session(model: onnx.ModelProto, cuda: bool = False):
     """An onnxruntime session on the CPU; with `cuda`, on the GPU where onnxruntime has its CUDA
     provider (the `gpu` extra), else on the CPU with a warning."""
@@ -47,6 +61,8 @@ def ort_session(model: onnx.ModelProto, cuda: bool = False):
         model = _without_value_info(model)
     opts = ort.SessionOptions()
     opts.log_severity_level = 4  # failures reach the user as one-line errors, not runtime logs
+    if _THREADS:
+        opts.intra_op_num_threads = _THREADS[-1]
     providers = ["CPUExecutionProvider"]
     if cuda and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")

@@ -14,7 +14,6 @@ import numpy as np
 import onnx
 
 from ndonnx.budget import parse_target  # noqa: F401  (moved: callers import it from here)
-from ndonnx.convert import extract
 from ndonnx.distill.cache import CacheReader
 from ndonnx.distill.layout import Layout
 from ndonnx.files import atomic_write_text
@@ -23,8 +22,7 @@ from ndonnx.graph import Teacher
 from ndonnx.metrics import divergence, metric_name, rel_err, score_outputs  # noqa: F401  (callers import them here)
 from ndonnx.partition import Neighbourhood, Partition, merge
 from ndonnx.sample import Sample, ort_session
-from ndonnx.splice import splice
-from ndonnx.trainable import write_weights
+from ndonnx.splice import splice, write_weights
 
 
 @dataclass
@@ -87,6 +85,8 @@ class Scorer:
             if not later:
                 self._suffix[nbh.id] = None
             else:
+                from ndonnx.convert import extract  # (torch: imported only when a suffix is scored)
+
                 merged = merge(later, inputs=nbh.outputs)
                 self._suffix[nbh.id] = (ort_session(extract(self.teacher, merged, self.sample)), merged)
         return self._suffix[nbh.id]

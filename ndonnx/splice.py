@@ -11,8 +11,9 @@ import json
 from pathlib import Path
 
 import networkx as nx
+import numpy as np
 import onnx
-from onnx import version_converter
+from onnx import numpy_helper, version_converter
 
 from ndonnx import __version__
 from ndonnx.errors import NdonnxError
@@ -164,3 +165,14 @@ def save_atomic(model: onnx.ModelProto, path: str | Path) -> Path:
                     e.value = data_name
         onnx.save(m, str(tmp))
     return path
+
+
+def write_weights(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of `model` with the named initializers replaced (same dtype as before)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for init in out.graph.initializer:
+        if init.name in weights:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
+            init.CopyFrom(numpy_helper.from_array(np.asarray(weights[init.name]).astype(dtype), init.name))
+    return out

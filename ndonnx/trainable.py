@@ -20,6 +20,7 @@ from torch import nn
 
 import ndonnx.converters  # noqa: F401  (registers converters; jobs may run in fresh processes)
 from ndonnx.graph import HALF_EPS, attr, weight_counts
+from ndonnx.splice import write_weights  # noqa: F401  (callers import it from here too)
 
 CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -169,14 +170,3 @@ def as_float32(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
             elif node.op_type == "ConstantOfShape" and a.name == "value" and a.t.data_type in HALF:
                 a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype(np.float32), a.t.name))
     return out, True
-
-
-def write_weights(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> onnx.ModelProto:
-    """A copy of `model` with the named initializers replaced (same dtype as before)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    for init in out.graph.initializer:
-        if init.name in weights:
-            dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
-            init.CopyFrom(numpy_helper.from_array(np.asarray(weights[init.name]).astype(dtype), init.name))
-    return out

@@ -245,11 +245,13 @@ def test_training_processes_keep_freed_memory():
 
 
 def test_fit_feeds_are_disjoint_evenly_spaced_and_capped_by_bytes(monkeypatch):
-    """Students are fitted on some cached training samples and judged on others (`runner._fit_feeds`):
+    """Students are fitted on some cached training samples and judged on others (`prepare.fit_feeds`):
     disjoint, spread over the training split, fewer when the neighbourhood's tensors are large."""
     from types import SimpleNamespace
 
     from onnx import TensorProto, helper
+
+    from ndonnx.distill import prepare
 
     class Reader:
         arrays = {"x": None}
@@ -263,11 +265,12 @@ def test_fit_feeds_are_disjoint_evenly_spaced_and_capped_by_bytes(monkeypatch):
                                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
                                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])]))
     small = SimpleNamespace(values={"y": np.zeros((runner.SampleConfig.batch, 4), np.float32)})
-    fit, check = runner._fit_feeds(Reader(), sub, small)
-    assert (len(fit["idx"]), len(check["idx"])) == (runner.FIT_SAMPLES, runner.CHECK_SAMPLES)
+    n = prepare.fit_samples(sub, small, len(Reader.train))
+    fit, check = prepare.fit_feeds(Reader(), sub, n)
+    assert (len(fit["idx"]), len(check["idx"])) == (prepare.FIT_SAMPLES, prepare.CHECK_SAMPLES)
     assert not set(fit["idx"]) & set(check["idx"]) and set(fit["idx"]) | set(check["idx"]) <= set(Reader.train)
     assert fit["idx"].min() < 100 and fit["idx"].max() > 1900 and check["idx"].max() > 1800  # spread
-    monkeypatch.setattr(runner, "FIT_BYTES", 64 * 16)  # 64 samples' worth of y
-    fit, check = runner._fit_feeds(Reader(), sub, small)
+    monkeypatch.setattr(prepare, "FIT_BYTES", 64 * 16)  # 64 samples' worth of y
+    fit, check = prepare.fit_feeds(Reader(), sub, prepare.fit_samples(sub, small, len(Reader.train)))
     assert len(fit["idx"]) + len(check["idx"]) == 64 and len(check["idx"]) >= 4
-    assert runner._fit_feeds(SimpleNamespace(arrays={}, shape_only={}), sub, small) is None  # x not cached
+    assert prepare.fit_feeds(SimpleNamespace(arrays={}, shape_only={}), sub, n) is None  # x not cached

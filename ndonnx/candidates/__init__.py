@@ -147,14 +147,15 @@ def build_candidates(sub: onnx.ModelProto, specs: list[CandidateSpec], *, strict
                      sample: Sample | None = None,
                      feeds: dict[str, np.ndarray] | None = None,
                      fit: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None,
-                     ) -> tuple[list[Student], dict[str, str]]:
+                     refit: bool = True) -> tuple[list[Student], dict[str, str]]:
     """Students for one teacher neighbourhood: the teacher first (always), then one per spec that
     applies and differs in size; {str(spec): reason} for the others. A generator bug (an
     exception other than NotApplicable, or a student that does not compute its `reference` on
     `feeds`, the neighbourhood's inputs of the teacher's sample run) is logged and recorded as a
     reason, or raised if strict. `sample`: the neighbourhood's inputs over the calibration data,
     for families that need it. `fit`: inputs to fit students on and to judge the fit on (`Student.refit`);
-    `feeds` for both where not given."""
+    `feeds` for both where not given. Without `refit` the students keep their `refit` to be applied
+    later (a distillation job fits them, `ndonnx.distill.job`)."""
     teacher = REGISTRY["teacher"].generate(sub, TEACHER)
     students = [teacher]
     reasons: dict[str, str] = {}
@@ -193,7 +194,7 @@ def build_candidates(sub: onnx.ModelProto, specs: list[CandidateSpec], *, strict
                 log.warning("candidate %s failed its check on %s: %s", spec, sub.graph.name, why)
                 reasons[str(spec)] = f"failed its check: {why}"
                 continue
-        if st.refit is not None and (fit or feeds) is not None:
+        if refit and st.refit is not None and (fit or feeds) is not None:
             st.model, st.refit = st.refit(*(fit or (feeds, feeds))), None
         if st.params in same_size and st.nonzero == st.params:
             reasons[str(spec)] = f"same size as the teacher ({st.params} parameters)"

@@ -68,6 +68,8 @@ class Job:
     result_out: str  # the journal record, written last
     settings: TrainSettings = field(default_factory=TrainSettings)
     note: str | None = None  # the student's note for the user (`Student.note`), carried to the record
+    refit: bool = False  # fitted to the teacher before training (`Student.refit`), on `fit_samples` cached samples
+    fit_samples: int = 0
 
 
 class Batches:
@@ -183,22 +185,25 @@ def run_group(jobs: list[Job]) -> list[dict]:
     """Train every job of one neighbourhood here and write the results (the in-process path)."""
     results = train_group(jobs)
     write_results(jobs, results)
-    return [rec for rec, _ in results]
+    return [rec for rec, _, _ in results]
 
 
-def write_results(jobs: list[Job], results: list[tuple[dict, dict]]) -> None:
-    """The driver's side: each job's weights, then its journal record (last: a record means done),
-    both atomically."""
-    for job, (rec, weights) in zip(jobs, results):
+def write_results(jobs: list[Job], results: list[tuple[dict, dict, bytes | None]]) -> None:
+    """The driver's side: each job's student as fitted (where its job fitted it), its weights, then its
+    journal record (last: a record means done), all atomically."""
+    for job, (rec, weights, fitted) in zip(jobs, results):
+        if fitted is not None:
+            with atomic_path(job.student) as tmp:
+                Path(tmp).write_bytes(fitted)
         if weights:
             with atomic_path(job.weights_out) as tmp:
                 save_file(weights, str(tmp))
         atomic_write_text(Path(job.result_out), json.dumps(rec))
 
 
-def train_group(jobs: list[Job]) -> list[tuple[dict, dict[str, np.ndarray]]]:
-    """Train every job of one neighbourhood from the same batches. Returns (journal record, trained
-    weights) per job and writes nothing.
+def train_group(jobs: list[Job]) -> list[tuple[dict, dict[str, np.ndarray], bytes | None]]:
+    """Fit (`Job.refit`) and train every job of one neighbourhood from the same batches. Returns
+    (journal record, trained weights, the fitted student's model or None) per job and writes nothing.
 
     Each student trains for quality, not for a count of steps: every CHECK_EVERY steps its held-out
     error is measured (on up to EVAL_BATCH held-out samples), and it stops when that error fell by
@@ -222,7 +227,8 @@ def train_group(jobs: list[Job]) -> list[tuple[dict, dict[str, np.ndarray]]]:
     batches = Batches(jobs[0], teacher, look, device)
     for m in [teacher, *look]:
         m.requires_grad_(False)
-    students = [Trainable(onnx.load(j.student)).to(device) for j in jobs]
+    fitted = _fitted(jobs, batches.cache)
+    students = [Trainable(fitted.get(j.candidate) or onnx.load(j.student)).to(device) for j in jobs]
     setup = (time.perf_counter() - t0) / len(jobs)
     runs = [_Run(j, st, s, setup) for j, st in zip(jobs, students)]
     for r in runs:
@@ -275,8 +281,38 @@ def train_group(jobs: list[Job]) -> list[tuple[dict, dict[str, np.ndarray]]]:
                                          "dominated": s.dominated, "check_every": CHECK_EVERY}}
         if job.note:
             rec["note"] = job.note
-        records.append((rec, w))
+        if job.candidate in fitted:
+            rec["fitted"] = True
+        model = fitted.get(job.candidate)
+        records.append((rec, w, model.SerializeToString() if model is not None else None))
     return records
+
+
+def _fitted(jobs: list[Job], cache: CacheReader | None) -> dict[str, onnx.ModelProto]:
+    """The students of `jobs` that are fitted to the teacher before training, fitted: each made
+    again from the teacher's piece (generators are deterministic; the closure that fits it does not
+    travel) and fitted on the cached samples. Where the cache lacks what it needs, none."""
+    todo = [j for j in jobs if j.refit]
+    if not todo or cache is None:
+        return {}
+    from ndonnx.candidates import REGISTRY, parse_candidates
+    from ndonnx.distill.prepare import fit_feeds
+    from ndonnx.sample import threads
+
+    sub = onnx.load(todo[0].teacher)
+    feeds = fit_feeds(cache, sub, todo[0].fit_samples)
+    if feeds is None:
+        return {}
+    out = {}
+    with threads(todo[0].settings.threads):
+        for job in todo:
+            (spec,) = parse_candidates(job.candidate)
+            if REGISTRY[spec.family].needs_sample:  # (no family that fits builds from the calibration data)
+                continue
+            student = REGISTRY[spec.family].generate(sub, spec)
+            if student.refit is not None:
+                out[job.candidate] = student.refit(*feeds)
+    return out
 
 
 class _Run:

@@ -2,7 +2,8 @@
 
     run.json                  teacher path and hash, settings (written when a distillation commits)
     teacher/N.onnx            neighbourhood N of the teacher as a standalone model
-    students/N__CAND.onnx     each candidate before training
+    prepared/N.json           neighbourhood N's preparation: its candidates, keyed by what they depend on
+    students/N__CAND.onnx     each candidate before training (fitted to the teacher by its job)
     cache/                    the activation cache (its manifest.json is written last)
     noise/N.safetensors       data-free input statistics and side-input banks
     synthetic.npz             data-free runs without data: the seeded held-out inputs
@@ -19,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-SUBDIRS = ("teacher", "students", "weights", "done", "noise")
+SUBDIRS = ("teacher", "prepared", "students", "weights", "done", "noise")
 
 
 def job_stem(nid: int, candidate: str) -> str:
@@ -65,6 +66,9 @@ class Layout:
 
     def teacher(self, nid: int) -> Path:
         return self.root / "teacher" / f"{nid}.onnx"
+
+    def prepared(self, nid: int) -> Path:
+        return self.root / "prepared" / f"{nid}.json"
 
     def noise(self, nid: int) -> Path:
         return self.root / "noise" / f"{nid}.safetensors"

@@ -9,20 +9,19 @@ import logging
 import shutil
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import onnx
 from safetensors.numpy import save_file
 
 from ndonnx.config import DistillConfig
-from ndonnx.convert import extract, round_trip
 from ndonnx.data import Dataset, load_data, teacher_hash
 from ndonnx.distill.backends import plan_local, run_pool, shown, with_threads
 from ndonnx.distill.cache import CacheReader, build_cache, fingerprint
 from ndonnx.files import atomic_path, atomic_write_text
-from ndonnx.distill.job import Job, TrainSettings, run_group
 from ndonnx.distill.layout import Layout
+from ndonnx.distill.prepare import Prepared
 from ndonnx.errors import NdonnxError
 from ndonnx.graph import Teacher, load_teacher
 from ndonnx.partition import Partition, partition
@@ -30,11 +29,11 @@ from ndonnx.config import SampleConfig
 from ndonnx.sample import index_ranges, run_sample, with_dynamic_batch
 from ndonnx.synthetic import SyntheticConfig, cached_inputs, resolve_method
 
+if TYPE_CHECKING:
+    from ndonnx.distill.job import Job
+
 log = logging.getLogger(__name__)
 BANK_ROWS = 256
-REFITTED = ("width", "lowrank")  # families whose students are fitted to the teacher before training (`Student.refit`)
-FIT_SAMPLES, CHECK_SAMPLES = 256, 32  # cached samples students are fitted on / judged on before training (at most)
-FIT_BYTES = 256 << 20  # ... and at most about this much of a neighbourhood's tensors at once
 SYNTHETIC_SAMPLES = 256  # data-free runs without data, noise: held-out inputs for scoring
 SYNTHETIC_OPTIMISED = 512  # bn-stats, inversion: the inputs every neighbourhood trains on (and the held-out 10%)
 
@@ -97,8 +96,12 @@ def _job_settings(cfg: DistillConfig) -> dict:
 
 
 def distill(model_path: str | Path, run_dir: str | Path, cfg: DistillConfig, data_path: str | Path | None = None,
-            progress: Callable | None = None) -> list[dict]:
-    """Prepare and run every job; returns the rows of candidates.json."""
+            progress: Callable | None = None, check_sizes: Callable[[int, dict], None] | None = None,
+            teacher: Teacher | None = None) -> list[dict]:
+    """Prepare and run every job; returns the rows of candidates.json. `check_sizes(teacher params,
+    {neighbourhood: (its own params, its candidates' counts)})` is called once the counts are known,
+    before any training (it raises to stop: a budget that cannot be met). `teacher`: the model at
+    `model_path`, already loaded. Every input is checked before torch is imported."""
     from ndonnx.candidates import DEFAULT_CANDIDATES, parse_candidates, with_multiple
 
     specs = with_multiple(parse_candidates(cfg.candidates or DEFAULT_CANDIDATES), cfg.channel_multiple)
@@ -107,6 +110,8 @@ def distill(model_path: str | Path, run_dir: str | Path, cfg: DistillConfig, dat
     if data_path is not None and cfg.data_free and cfg.data_free_method == "bn-stats":
         raise NdonnxError("--data-free-method bn-stats makes inputs where there is no data; with --data, "
                           "--data-free trains on Gaussian noise matched to it")
+    teacher = with_dynamic_batch(teacher or load_teacher(model_path))
+    data = load_data(data_path, teacher, cfg.labels) if data_path is not None else None  # checked before any write
     if cfg.backend == "ray":
         from ndonnx.distill.ray_backend import preflight
 
@@ -114,13 +119,11 @@ def distill(model_path: str | Path, run_dir: str | Path, cfg: DistillConfig, dat
         device = cfg.device  # the cluster's GPUs, not this machine's, decide: settled when it is joined
     else:
         device = resolve_device(cfg.device)
-    teacher = with_dynamic_batch(load_teacher(model_path))
-    data = load_data(data_path, teacher, cfg.labels) if data_path is not None else None  # checked before any write
     part = partition(teacher, cfg.partition)
     run_dir = Path(run_dir)
     created = not run_dir.exists()
     try:
-        return _distill(teacher, part, data, run_dir, cfg, specs, device, progress)
+        return _distill(teacher, part, data, run_dir, cfg, specs, device, progress, check_sizes)
     except Exception:
         if created and not Layout(run_dir).journal:  # nothing worth keeping: leave no stub
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -128,8 +131,9 @@ def distill(model_path: str | Path, run_dir: str | Path, cfg: DistillConfig, dat
 
 
 def _distill(teacher: Teacher, part: Partition, data: Dataset | None, run_dir: Path, cfg: DistillConfig, specs,
-             device: str, progress: Callable | None) -> list[dict]:
-    from ndonnx.candidates import REGISTRY, build_candidates
+             device: str, progress: Callable | None, check_sizes: Callable | None) -> list[dict]:
+    from ndonnx.candidates import REGISTRY
+    from ndonnx.distill.job import Job, TrainSettings
 
     _open_run_dir(run_dir, teacher, cfg)
     layout = Layout(run_dir)
@@ -143,52 +147,48 @@ def _distill(teacher: Teacher, part: Partition, data: Dataset | None, run_dir: P
         scfg = SyntheticConfig(method=method, seed=cfg.seed,
                                count=cfg.synthetic_count or (SYNTHETIC_SAMPLES if noise else SYNTHETIC_OPTIMISED))
         data = load_data(cached_inputs(teacher, layout.synthetic, scfg, teacher_hash(teacher.model), progress), teacher)
-    sample = run_sample(teacher, feeds=data.head(SampleConfig.batch))
-
     cache_dir = layout.cache
     names = sorted({n for nbh in part.neighbourhoods for n in (*nbh.inputs, *nbh.outputs, *nbh.side_inputs)}
                    | set(teacher.input_names) | {o.name for o in teacher.model.graph.output})
     shape_only = sorted({n for nbh in part.neighbourhoods for n in nbh.shape_inputs} - set(names))
-    build_cache(teacher.model, names, data, cache_dir, cfg.seed, fingerprint(teacher_hash(teacher.model), data), progress=progress,
+    digest = teacher_hash(teacher.model)
+    build_cache(teacher.model, names, data, cache_dir, cfg.seed, fingerprint(digest, data), progress=progress,
                 shape_only=shape_only, cuda=_cuda_here(device))
+    reader = CacheReader(cache_dir)
     # families that build from the calibration data (vocab) read their neighbourhood's inputs of the
     # training split; synthetic stand-ins for data are no calibration data
     calibrates = real and any(REGISTRY[s.family].needs_sample for s in specs)
-    reader = CacheReader(cache_dir) if calibrates or any(s.family in REFITTED for s in specs) else None
+    records = _prepared(teacher, part, data, layout, specs, reader, calibrates, cfg, digest, progress)
+    if check_sizes is not None:  # a budget no candidate mix can meet fails here, before any training
+        own = {nbh.id: nbh.params for nbh in part.neighbourhoods}
+        check_sizes(teacher.params, {nid: (own[nid], [st["params"] for st in r.students if st["candidate"] != "teacher"])
+                                     for nid, r in records.items() if r.convertible})
 
     rows_fixed: list[dict] = []  # neighbourhoods kept as the teacher without training
     jobs: list[Job] = []
     subs: dict[int, Path] = {}
     skipped: dict[str, dict[str, str]] = {}
-    for nbh in shown(part.neighbourhoods, progress, label="prepare"):
-        rt = round_trip(teacher, nbh, sample)
-        if not rt.convertible:
-            rows_fixed.append(_teacher_row(nbh.id, nbh.params, f"kept as teacher: {rt.reason}"))
+    for nbh in part.neighbourhoods:
+        rec = records[nbh.id]
+        if not rec.convertible:
+            rows_fixed.append(_teacher_row(nbh.id, nbh.params, f"kept as teacher: {rec.reason}"))
             continue
-        sub = extract(teacher, nbh, sample)
         path = layout.teacher(nbh.id)
-        _save_model(sub, path)
         subs[nbh.id] = path
-        ins = [i.name for i in sub.graph.input]
-        calib = reader.tensors(ins, reader.train) if calibrates else None
-        feeds = {n: sample.values[n] for n in ins} if all(n in sample.values for n in ins) else None
-        fit = _fit_feeds(reader, sub, sample) if reader else None
-        students, reasons = build_candidates(sub, specs, sample=calib, feeds=feeds, fit=fit)
-        skipped[str(nbh.id)] = reasons
-        for st in students:
-            name = str(st.spec)
+        skipped[str(nbh.id)] = rec.reasons
+        for st in rec.students:
+            name = st["candidate"]
             # The teacher's size is what it owns: weights it shares with other neighbourhoods are
             # counted once, outside (a student gets its own copy, so its count includes them).
-            params = nbh.params if name == "teacher" else st.params
-            nonzero = nbh.params if name == "teacher" else st.nonzero
-            spath = layout.student(nbh.id, name)
-            if not spath.exists():
-                _save_model(st.model, spath)
+            params = nbh.params if name == "teacher" else st["params"]
+            nonzero = nbh.params if name == "teacher" else st["nonzero"]
             jobs.append(Job(
-                neighbourhood=nbh.id, candidate=name, student=str(spath), teacher=str(path), lookahead=(),
-                cache=str(cache_dir), noise=None, sparsity=st.sparsity, prunable=st.prunable,
-                train=name != "teacher" and st.params > 0, params=params, nonzero=nonzero, note=st.note,
-                weights_out=str(layout.weights(nbh.id, name)), result_out=str(layout.done(nbh.id, name)),
+                neighbourhood=nbh.id, candidate=name, student=str(layout.student(nbh.id, name)), teacher=str(path),
+                lookahead=(), cache=str(cache_dir), noise=None, sparsity=st["sparsity"],
+                prunable=tuple(st["prunable"]), train=name != "teacher" and st["params"] > 0, params=params,
+                nonzero=nonzero, note=st["note"], refit=st["refit"] and bool(rec.fit_samples),
+                fit_samples=rec.fit_samples, weights_out=str(layout.weights(nbh.id, name)),
+                result_out=str(layout.done(nbh.id, name)),
                 settings=TrainSettings(steps=cfg.steps, batch=cfg.batch, lr=cfg.lr, seed=cfg.seed, device=device,
                                        lookahead=cfg.lookahead, data_free=noise, min_steps=cfg.min_steps,
                                        patience=cfg.patience, min_gain=cfg.min_gain,
@@ -212,6 +212,34 @@ def _distill(teacher: Teacher, part: Partition, data: Dataset | None, run_dir: P
     return rows
 
 
+def _prepared(teacher: Teacher, part: Partition, data: Dataset, layout: Layout, specs, reader: CacheReader,
+              calibrates: bool, cfg: DistillConfig, digest: str, progress: Callable | None) -> dict[int, Prepared]:
+    """Every neighbourhood's preparation: read from its record where the keys match, else made (the
+    sample run that it needs only then)."""
+    from ndonnx.distill import prepare as prep
+
+    fp = reader.fingerprint
+    keys = {nbh.id: prep.piece_key(digest, cfg.partition.to_dict(), fp, nbh.id) for nbh in part.neighbourhoods}
+    spec_names = [str(s) for s in specs]
+    records = {nbh.id: prep.load(layout, nbh.id) for nbh in part.neighbourhoods}
+    todo = [nbh for nbh in part.neighbourhoods if records[nbh.id] is None or records[nbh.id].piece != keys[nbh.id]
+            or records[nbh.id].students_key != prep.students_key(keys[nbh.id], spec_names, fp)]
+    if todo:
+        sample = run_sample(teacher, feeds=data.head(SampleConfig.batch))
+        for nbh in shown(todo, progress, label="prepare"):
+            key = prep.students_key(keys[nbh.id], spec_names, fp)
+            records[nbh.id] = prep.prepare(teacher, nbh, sample, layout, specs, keys[nbh.id], key, reader,
+                                           calibrates, records[nbh.id])
+    return records
+
+
+def run_group(jobs: list[Job]) -> list[dict]:
+    """`job.run_group` here (torch is imported when the first job runs, not with this module)."""
+    from ndonnx.distill.job import run_group as run
+
+    return run(jobs)
+
+
 def _with_context(job: Job, part: Partition, subs: dict[int, Path], run_dir: Path, cfg: DistillConfig) -> Job:
     ids = [n.id for n in part.neighbourhoods]
     pos = ids.index(job.neighbourhood)
@@ -231,11 +259,6 @@ def _with_context(job: Job, part: Partition, subs: dict[int, Path], run_dir: Pat
 def _teacher_row(nid: int, params: int, reason: str | None) -> dict:
     return {"neighbourhood": nid, "candidate": "teacher", "params": params, "nonzero": params, "rel_mse": 0.0,
             "train_rel_mse": None, "status": "frozen", "reason": reason, "weights": None, "seconds": 0.0}
-
-
-def _save_model(model: onnx.ModelProto, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        onnx.save(model, str(tmp))
 
 
 def _write_noise(part: Partition, part_model: onnx.ModelProto, cache_dir: Path, real: bool, run_dir: Path) -> None:
@@ -301,22 +324,3 @@ def write_candidates(run_dir: Path, extra_rows: list[dict] = ()) -> list[dict]:
     rows.sort(key=lambda r: (r["neighbourhood"], r["candidate"] != "teacher", r["params"]))
     atomic_write_text(Layout(run_dir).candidates_json, json.dumps(rows, indent=1))
     return rows
-
-
-def _fit_feeds(reader: CacheReader, sub: onnx.ModelProto, sample) -> tuple[dict, dict] | None:
-    """Inputs of the neighbourhood to fit students on before training and to judge that fit on
-    (`Student.refit`): evenly spaced training samples, disjoint, as many as FIT_BYTES of its tensors
-    allow (their size per sample read off the sample run, of SampleConfig.batch samples). None where
-    the cache lacks an input."""
-    ins = [i.name for i in sub.graph.input]
-    if not all(n in reader.arrays or n in reader.shape_only for n in ins):
-        return None
-    per = sum(sample.values[o].nbytes for node in sub.graph.node for o in node.output if o in sample.values)
-    n = max(2, min(FIT_SAMPLES + CHECK_SAMPLES, FIT_BYTES * SampleConfig.batch // max(per, 1)))
-    idx = reader.train[np.linspace(0, len(reader.train) - 1, min(n, len(reader.train))).astype(int)]
-    if len(idx) < 4:
-        return reader.tensors(ins, idx), reader.tensors(ins, idx)
-    every = max(2, round(len(idx) / max(1, round(len(idx) * CHECK_SAMPLES / (FIT_SAMPLES + CHECK_SAMPLES)))))
-    check = np.zeros(len(idx), bool)
-    check[every - 1::every] = True
-    return reader.tensors(ins, idx[~check]), reader.tensors(ins, idx[check])
