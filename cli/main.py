@@ -66,7 +66,8 @@ def _compress_config(args: argparse.Namespace, distill_cfg=None):
         raise NdonnxError("--target-latency and --target-params are two budgets: give one")
     return CompressConfig(distill=distill_cfg or DistillConfig(), target=args.target_params or "50%",
                           strategy=args.strategy, max_drop=args.max_drop, finetune_steps=args.finetune_steps,
-                          finetune_batch=args.finetune_batch,
+                          finetune_batch=args.finetune_batch, refit_steps=args.refit_steps,
+                          refit_samples=args.refit_samples,
                           eval_data=args.eval_data, tolerances=args.tolerances, force=args.force,
                           target_macs=args.target_macs, quantize=args.quantize, target_latency=args.target_latency,
                           latency_batch=args.latency_batch, threads=args.threads)
@@ -249,6 +250,11 @@ def _add_search_options(s) -> None:
                    "threshold also each neighbourhood's allowance)")
     from ndonnx.config import CompressConfig as C
 
+    s.add_argument("--refit-steps", type=int, default=C.refit_steps, help=f"after search, train each chosen student "
+                   f"this many steps more on what the students before it give it, in order (default {C.refit_steps}; "
+                   f"0: none)")
+    s.add_argument("--refit-samples", type=int, default=C.refit_samples, help=f"training samples the refit runs the "
+                   f"composed student on (default {C.refit_samples})")
     s.add_argument("--finetune-steps", type=int, default=C.finetune_steps, help="end-to-end KD steps after splicing "
                    "(paper Eq. 3)")
     s.add_argument("--finetune-batch", type=int, default=C.finetune_batch, help=f"samples per fine-tuning step "

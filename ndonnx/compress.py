@@ -117,9 +117,21 @@ def build(run_dir: Path, cfg: CompressConfig, output: str | Path | None, timings
     save_scores(run_dir, options, scorer)
     timings["search"] = time.perf_counter() - t0
 
+    recompose_report = None
+    if cfg.refit_steps > 0:
+        t0 = time.perf_counter()
+        from ndonnx.recompose import recompose
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            choice, recompose_report = recompose(run, result.choice, cfg.refit_steps, cfg.refit_samples,
+                                                 cfg.distill.batch, cfg.distill.lr, cfg.distill.seed, progress)
+        result.choice = choice
+        timings["refit"] = time.perf_counter() - t0
+
     t0 = time.perf_counter()
     student = _with_meta(scorer.compose(result.choice), {"settings": {"target": cfg.target, "strategy": cfg.strategy, "max_drop": cfg.max_drop,
-                                     "finetune_steps": cfg.finetune_steps, "quantize": cfg.quantize,
+                                     "finetune_steps": cfg.finetune_steps, "refit_steps": cfg.refit_steps, "quantize": cfg.quantize,
                                      **({"target_latency": cfg.target_latency, "latency_batch": cfg.latency_batch,
                                          "threads": cfg.threads} if latency else {}),
                                      **meta["settings"]}})
@@ -176,7 +188,7 @@ def build(run_dir: Path, cfg: CompressConfig, output: str | Path | None, timings
         "search": {"strategy": cfg.strategy, "predicted_score": result.predicted, "composed_score": result.score,
                    "composed_divergence": result.loss, "predicted_divergence": result.predicted_loss,
                    "pareto": result.pareto},
-        "finetune": finetune_report, "validation": val, "timings": timings,
+        "refit": recompose_report, "finetune": finetune_report, "validation": val, "timings": timings,
     }
     final = restore_interface(student, declared.model)
     if latency_report and latency_report["measured_ratio"] > latency_report["target_ratio"]:
@@ -264,6 +276,16 @@ class Run:
     cache: CacheReader
     scorer: Scorer
     options: dict
+
+    def teacher_piece(self, nid: int) -> onnx.ModelProto:
+        """Neighbourhood `nid` of the teacher as a standalone model (kept in the run directory when it
+        converts; cut from the teacher again when it was kept as the teacher)."""
+        path = Layout(self.dir).teacher(nid)
+        if path.exists():
+            return onnx.load(str(path))
+        from ndonnx.convert import extract
+
+        return extract(self.teacher, next(n for n in self.part.neighbourhoods if n.id == nid), self.scorer.sample)
 
 
 def _run_meta(run_dir: Path) -> dict:

@@ -100,9 +100,13 @@ class CompressConfig:
     target: str = "50%"
     strategy: str = "greedy"
     max_drop: float | None = None
+    refit_steps: int = 100  # after search: each chosen student refitted on the composed student's activations
+    refit_samples: int = 512  # ... on this many training samples (ndonnx.recompose)
     finetune_steps: int = 0
-    finetune_lr: float = 1e-4
-    finetune_batch: int = 64  # the whole student's gradient is noisier than a neighbourhood's: measured better than 32
+    # measured on the bundled ResNet-20's 50% student, 3 seeds: batch 32 at 5e-5 as good as 64 at 1e-4
+    # (92.90% against 92.87%) in half the time; 32 at 1e-4 lower (92.60%)
+    finetune_lr: float = 5e-5
+    finetune_batch: int = 32
     temperature: float = 4.0
     kd_lambda: float = 0.5  # weight of cross-entropy on labels next to the soft targets (Eq. 3)
     eval_data: str | None = None  # validate on this data (e.g. a test set) instead of the held-out split
@@ -126,6 +130,9 @@ class CompressConfig:
 
         if self.strategy not in STRATEGIES:
             raise NdonnxError(f"--strategy must be {' or '.join(STRATEGIES)}, got {self.strategy!r}")
+        if self.refit_steps < 0 or self.refit_samples < 1:
+            raise NdonnxError(f"--refit-steps must be >= 0 and --refit-samples >= 1, got {self.refit_steps} and "
+                              f"{self.refit_samples}")
         if self.finetune_batch < 1:
             raise NdonnxError(f"--finetune-batch must be >= 1, got {self.finetune_batch}")
         if self.finetune_steps < 0:
