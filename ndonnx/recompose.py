@@ -102,14 +102,13 @@ def _refit(opt: Option, student: onnx.ModelProto, nbh, acts, cache, fit_idx, hol
         return student, {**row, "rel_mse_after": before, "kept": False}
     torch.manual_seed(seed + nbh.id)
     rng = np.random.default_rng(seed + nbh.id)
-    xs = [torch.from_numpy(np.ascontiguousarray(acts["fit"][n])) for n in names]
-    ys = [torch.from_numpy(np.ascontiguousarray(t)) for t in targets["fit"]]
-    scale = [float(y.float().var()) + 1e-12 for y in ys]
+    scale = [float(np.var(t)) + 1e-12 for t in targets["fit"]]
     adam = torch.optim.Adam(module.named_weights().values(), lr=lr)
     for _ in range(steps):
-        b = torch.from_numpy(np.sort(rng.choice(len(fit_idx), min(batch, len(fit_idx)), replace=False)))
-        got = module(*[x[b] for x in xs])
-        loss = sum(torch.mean((g - y[b]) ** 2) / s for g, y, s in zip(got, ys, scale) if y.is_floating_point())
+        b = np.sort(rng.choice(len(fit_idx), min(batch, len(fit_idx)), replace=False))
+        got = module(*[_take(cache, n, acts["fit"][n], b) for n in names])
+        ys = [_take(cache, n, t, b) for n, t in zip(outs, targets["fit"])]
+        loss = sum(torch.mean((g - y) ** 2) / s for g, y, s in zip(got, ys, scale) if y.is_floating_point())
         adam.zero_grad(set_to_none=True)
         loss.backward()
         adam.step()
@@ -117,6 +116,21 @@ def _refit(opt: Option, student: onnx.ModelProto, nbh, acts, cache, fit_idx, hol
     after = _rel_mse(refitted, acts["hold"], names, targets["hold"])
     kept = after < before
     return (refitted if kept else student), {**row, "rel_mse_after": after, "kept": kept}
+
+
+def _take(cache, name: str, values: np.ndarray, b: np.ndarray):
+    """Samples `b` of a tensor laid out as the cache reads it (its batch axis, rows per sample; one
+    copy for all samples when it does not follow the batch), as a torch tensor."""
+    import torch
+
+    if name in cache.shape_only:  # read for its shape alone: zeros shaped for `b` samples
+        return torch.from_numpy(np.ascontiguousarray(cache.read(name, b)))
+    axis = cache.batch_axis.get(name, 0)
+    if axis is None:
+        return torch.from_numpy(np.ascontiguousarray(values))
+    per = cache.per_sample.get(name, 1)
+    rows = (b[:, None] * per + np.arange(per)).ravel() if per > 1 else b
+    return torch.from_numpy(np.ascontiguousarray(np.take(values, rows, axis=axis)))
 
 
 def _rel_mse(model: onnx.ModelProto, feeds: dict, names: list[str], targets: list[np.ndarray]) -> float:
