@@ -23,13 +23,15 @@ a classifier, else noise.
 
 The inputs are written once per run directory (`synthetic.npz`, atomically) with the key they were
 made under; a rerun with the same key reuses them, another method, seed, count or teacher
-regenerates them.
+regenerates them. Each optimised batch is kept as it finishes (`synthetic.parts/`), so an interrupted
+run resumes from the last finished batch.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -142,20 +144,51 @@ def _float_inputs(teacher: Teacher) -> list[str]:
             and np.issubdtype(helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type), np.floating)]
 
 
-def generate(teacher: Teacher, cfg: SyntheticConfig, progress: Callable | None = None) -> dict[str, np.ndarray]:
-    """`cfg.count` inputs per graph input, seeded: the same teacher and config give the same arrays."""
+STALLED = 0.01  # a first batch whose loss fell by less than this (relative) by half its steps has stalled
+
+
+def generate(teacher: Teacher, cfg: SyntheticConfig, progress: Callable | None = None,
+             parts: Path | None = None, key: str = "") -> dict[str, np.ndarray]:
+    """`cfg.count` inputs per graph input, seeded: the same teacher and config give the same arrays.
+    With `parts`, each optimised batch is kept there as it finishes (under `key`), and batches
+    found there are not made again: an interrupted run resumes."""
     from ndonnx.sample import make_inputs
 
     base = make_inputs(teacher, SampleConfig(seed=cfg.seed, batch=cfg.count))
     if cfg.method == "noise":
         return base
     resolve_method(teacher, cfg.method)  # refuses a method the teacher cannot serve
-    return _optimise(teacher, cfg, base, progress)
+    return _optimise(teacher, cfg, base, progress, parts, key)
+
+
+def _part(parts: Path | None, lo: int, key: str) -> dict[str, np.ndarray] | None:
+    """The batch starting at `lo`, if it was kept under `key`."""
+    path = parts / f"{lo:07d}.npz" if parts is not None else None
+    if path is None or not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if KEY in z.files and str(z[KEY]) == key:
+                return {k: z[k] for k in z.files if k != KEY}
+    except (OSError, ValueError):  # cut short: made again
+        pass
+    return None
+
+
+def _keep(parts: Path | None, lo: int, key: str, arrays: dict[str, np.ndarray]) -> None:
+    if parts is None:
+        return
+    parts.mkdir(parents=True, exist_ok=True)
+    with atomic_path(parts / f"{lo:07d}.npz") as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays, **{KEY: np.array(key)})
 
 
 def _optimise(teacher: Teacher, cfg: SyntheticConfig, base: dict[str, np.ndarray],
-              progress: Callable | None) -> dict[str, np.ndarray]:
-    """Adam on the float inputs, batch by batch; the other inputs (masks, ids) stay as drawn."""
+              progress: Callable | None, parts: Path | None = None, key: str = "") -> dict[str, np.ndarray]:
+    """Adam on the float inputs, batch by batch; the other inputs (masks, ids) stay as drawn. A
+    first batch whose loss does not fall (by STALLED in half its steps) stops it: the rest keep their
+    starting points, with a warning that says what to try."""
     import torch
 
     torch.manual_seed(cfg.seed)
@@ -166,20 +199,35 @@ def _optimise(teacher: Teacher, cfg: SyntheticConfig, base: dict[str, np.ndarray
     means = [torch.from_numpy(l.mean) for l in layers]
     stds = [torch.from_numpy(l.std) for l in layers]
     classes = classifier_classes(teacher) if cfg.method == "inversion" else None
-    gen = torch.Generator().manual_seed(cfg.seed)
     out = {k: v.copy() for k, v in base.items()}
-    steps = [(lo, s) for lo in range(0, cfg.count, cfg.batch) for s in range(cfg.steps)]
+    starts = list(range(0, cfg.count, cfg.batch))
+    kept = {lo: _part(parts, lo, key) for lo in starts}
+    for lo, arrays in kept.items():
+        if arrays is not None:
+            for n, x in arrays.items():
+                out[n][lo:lo + len(x)] = x
+    if any(v is not None for v in kept.values()):
+        log.info("synthetic inputs: %d of %d batches kept from an interrupted run", sum(v is not None for v in
+                                                                                         kept.values()), len(starts))
+    steps = [(lo, s) for lo in starts if kept[lo] is None for s in range(cfg.steps)]
     shown = steps if progress is None else progress(steps, len(steps), f"synthetic ({cfg.method})")
     t0 = time.perf_counter()
     first = last = None
+    stalled = False
     xs = opt = sched = target = None
     for lo, step in shown:
         hi = min(lo + cfg.batch, cfg.count)
-        if step == 0:
+        if step == 0:  # each batch seeded on its own: a resumed run makes the same inputs
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + lo)
             xs = {n: _initial(base[n][lo:hi].shape, gen).requires_grad_(True) for n in floats}
+            if stalled:  # what it starts from is all a stalled run gives
+                _done(out, xs, lo, hi, parts, key)
+                continue
             opt = torch.optim.Adam(xs.values(), lr=cfg.lr)
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, cfg.steps))
             target = torch.arange(lo, hi) % classes if classes else None
+        if stalled:
+            continue
         fixed = {n: torch.from_numpy(base[n][lo:hi]) for n in names if n not in xs}
         outs, feats = run(*[xs[n] if n in xs else fixed[n] for n in names])
         if classes:
@@ -193,13 +241,27 @@ def _optimise(teacher: Teacher, cfg: SyntheticConfig, base: dict[str, np.ndarray
         sched.step()
         last = main.item()
         first = last if first is None else first
+        if lo == steps[0][0] and step == cfg.steps // 2 and cfg.steps >= 4 and last > (1 - STALLED) * first:
+            stalled = True
+            what = "cross-entropy" if classes else "BatchNormalization loss"
+            log.warning("synthetic inputs (%s): the %s did not fall (%.4g -> %.4g in %d steps); stopped, the "
+                        "inputs stay as they started. Try --data-free-method noise, or a few real inputs as "
+                        "--data", cfg.method, what, first, last, step + 1)
+            _done(out, xs, lo, hi, parts, key)
+            continue
         if step == cfg.steps - 1:
-            for n, x in xs.items():
-                out[n][lo:hi] = x.detach().numpy().astype(out[n].dtype)
+            _done(out, xs, lo, hi, parts, key)
     if first is not None:
         log.info("%s: %d inputs in %.1f s, %s %.4g -> %.4g (first and last step)", cfg.method, cfg.count,
                  time.perf_counter() - t0, "cross-entropy" if classes else "BatchNormalization loss", first, last)
     return out
+
+
+def _done(out: dict, xs: dict, lo: int, hi: int, parts: Path | None, key: str) -> None:
+    """A batch finished: into the inputs, and kept (`parts`)."""
+    for n, x in xs.items():
+        out[n][lo:hi] = x.detach().numpy().astype(out[n].dtype)
+    _keep(parts, lo, key, {n: out[n][lo:hi] for n in xs})
 
 
 def _initial(shape: tuple, gen):
@@ -307,9 +369,11 @@ def cached_inputs(teacher: Teacher, path: Path, cfg: SyntheticConfig, teacher_di
             return path
         log.info("synthetic inputs in %s were made otherwise; making them anew", path)
     t0 = time.perf_counter()
-    arrays = generate(teacher, cfg, progress)
+    parts = path.with_name(path.stem + ".parts")  # finished batches, until the whole is written
+    arrays = generate(teacher, cfg, progress, parts, key)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays, **{KEY: np.array(key)})
+    shutil.rmtree(parts, ignore_errors=True)
     log.info("%s: %d synthetic inputs (%s) in %.1f s", path, cfg.count, cfg.method, time.perf_counter() - t0)
     return path

@@ -174,3 +174,51 @@ def test_bn_stats_on_the_bundled_trained_teacher(one_thread):
     assert made["input"].shape == (16, 1, 28, 28) and after < 0.3 * before, (before, after)
     cfg = SyntheticConfig(count=4, batch=4, steps=3, seed=2)
     assert np.array_equal(generate(teacher, cfg)["input"], generate(teacher, cfg)["input"])
+
+
+def test_an_interrupted_generation_resumes_from_its_finished_batches(bn_teacher, tmp_path, monkeypatch):
+    """Each optimised batch is kept as it finishes; a rerun optimises only the rest and gives the
+    inputs an uninterrupted run gives."""
+    import ndonnx.synthetic as synthetic
+
+    teacher = load_teacher(bn_teacher)
+    cfg = SyntheticConfig(count=24, batch=8, steps=3, seed=2)
+    whole = cached_inputs(teacher, tmp_path / "a.npz", cfg, "digest")
+    assert not (tmp_path / "a.parts").exists()  # the parts go once the whole is written
+    real, calls = synthetic._keep, []
+
+    def keep_then_stop(parts, lo, key, arrays):
+        real(parts, lo, key, arrays)
+        calls.append(lo)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(synthetic, "_keep", keep_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        cached_inputs(teacher, tmp_path / "b.npz", cfg, "digest")
+    assert sorted(p.name for p in (tmp_path / "b.parts").iterdir()) == ["0000000.npz", "0000008.npz"]
+    monkeypatch.setattr(synthetic, "_keep", lambda parts, lo, key, arrays: calls.append(lo) or real(parts, lo, key, arrays))
+    calls.clear()
+    resumed = cached_inputs(teacher, tmp_path / "b.npz", cfg, "digest")
+    assert calls == [16]  # only the batch that was not finished
+    assert np.array_equal(np.load(whole)["input"], np.load(resumed)["input"])
+
+
+def test_a_loss_that_does_not_fall_stops_with_a_warning(tmp_path, caplog):
+    """Inversion of a classifier whose logits ignore the input: the loss cannot move."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.zeros((12, 10), np.float32), "w")
+    b = numpy_helper.from_array(np.arange(10, dtype=np.float32), "b")
+    g = helper.make_graph([helper.make_node("Flatten", ["x"], ["f"]), helper.make_node("Gemm", ["f", "w", "b"], ["y"])],
+                          "flat", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 2, 2])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 10])], [w, b])
+    path = tmp_path / "constant_classifier.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    teacher = load_teacher(path)
+    with caplog.at_level(logging.WARNING, logger="ndonnx"):
+        made = generate(teacher, SyntheticConfig(method="inversion", count=16, batch=8, steps=8, seed=0))
+    warned = [r.getMessage() for r in caplog.records if "did not fall" in r.getMessage()]
+    assert len(warned) == 1 and "--data-free-method noise" in warned[0]
+    assert made["x"].shape == (16, 3, 2, 2) and np.isfinite(made["x"]).all()

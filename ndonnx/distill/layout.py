@@ -7,6 +7,7 @@
     cache/                    the activation cache (its manifest.json is written last)
     noise/N.safetensors       data-free input statistics and side-input banks
     synthetic.npz             data-free runs without data: the seeded held-out inputs
+    synthetic.parts/          ... the batches finished so far, while they are made (a rerun resumes)
     weights/N__CAND.safetensors   trained weights
     done/N__CAND.json         the journal: one record per finished job, written last and atomically
     candidates.json           every candidate with its error (rebuilt from the journal)
