@@ -77,7 +77,7 @@ def load(z: zipfile.ZipFile):
     state = {k.removeprefix("bert."): v for k, v in load_safetensors(raw).items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if "position_ids" not in k]
-    unexpected = [k for k in unexpected if not k.startswith("pooler.")]
+    unexpected = [k for k in unexpected if not k.startswith("pooler.") and "position_ids" not in k]
     if missing or unexpected:
         raise SystemExit(f"weights do not fit the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
     tok = Tokenizer.from_str(z.read("tokenizer.json").decode())
