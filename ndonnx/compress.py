@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 import warnings
@@ -56,8 +57,7 @@ def _check_output(output: Path, teacher_path: Path, force: bool) -> None:
 def compress(model_path: str | Path, run_dir: str | Path, cfg: CompressConfig, data_path: str | Path | None = None,
              output: str | Path | None = None, progress: Callable | None = None) -> dict:
     """Every input is checked before the run directory is touched: a typo costs nothing."""
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
+    clock = _Clock()
     model_path, run_dir = Path(model_path), Path(run_dir)
     output = Path(output) if output else default_output(model_path, cfg.budget_text, cfg.quantize)
     _check_output(output, model_path, cfg.force)
@@ -70,8 +70,30 @@ def compress(model_path: str | Path, run_dir: str | Path, cfg: CompressConfig, d
 
     check = None if cfg.target_macs or cfg.target_latency else lambda params, sizes: _reachable(cfg.target, params, sizes)
     distill(model_path, run_dir, cfg.distill, data_path=data_path, progress=progress, check_sizes=check, teacher=teacher)
-    timings["distill"] = time.perf_counter() - t0
-    return build(run_dir, cfg, output, timings, progress)
+    clock.stop("distill")
+    return build(run_dir, cfg, output, clock, progress)
+
+
+def _cpu() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+class _Clock:
+    """Wall and CPU seconds of each stage. CPU counts this process's threads and its worker processes
+    once they have exited (os.times), so a parallel stage shows its CPU beside its wall time."""
+
+    def __init__(self):
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+        self.start()
+
+    def start(self) -> None:
+        self._wall, self._cpu = time.perf_counter(), _cpu()
+
+    def stop(self, stage: str) -> None:
+        self.wall[stage] = time.perf_counter() - self._wall
+        self.cpu[stage] = _cpu() - self._cpu
 
 
 def _reachable(target: str, teacher_params: int, sizes: dict[int, tuple[int, list[int]]]) -> None:
@@ -83,26 +105,26 @@ def _reachable(target: str, teacher_params: int, sizes: dict[int, tuple[int, lis
         raise TargetUnreachable(want, floor)
 
 
-def build(run_dir: Path, cfg: CompressConfig, output: str | Path | None, timings: dict | None = None,
+def build(run_dir: Path, cfg: CompressConfig, output: str | Path | None, clock: _Clock | None = None,
           progress: Callable | None = None) -> dict:
     """Search, splice, fine-tune, validate: no distillation (what `ndonnx search RUN_DIR` runs)."""
-    timings = dict(timings or {})
+    clock = clock or _Clock()
     run_dir = Path(run_dir)
     meta = _run_meta(run_dir)
     teacher_path = _teacher_path(run_dir, meta)
     output = Path(output) if output else default_output(teacher_path, cfg.budget_text, cfg.quantize)
     _check_output(output, teacher_path, cfg.force)
-    t0 = time.perf_counter()
+    clock.start()
     run = open_run(run_dir)
     declared, teacher, part, cache, scorer, options = (run.declared, run.teacher, run.part, run.cache, run.scorer,
                                                        run.options)
     budget = latency = None
     if cfg.target_latency:  # a latency budget: every option timed in onnxruntime here (cached)
-        t1 = time.perf_counter()
         latency = measure_latency(run, cfg.latency_batch, cfg.threads, progress)
         budget = latency_budget(latency, options)
         target = latency_target(cfg.target_latency, budget.teacher_total)
-        timings["latency_options"] = time.perf_counter() - t1
+        clock.stop("latency_options")
+        clock.start()
     elif cfg.target_macs:  # a compute budget replaces the parameter one
         budget = _macs_budget(run, teacher)
         target = parse_target(cfg.target_macs, budget.teacher_total, "--target-macs")
@@ -115,11 +137,11 @@ def build(run_dir: Path, cfg: CompressConfig, output: str | Path | None, timings
     result = search(scorer, options, target, cfg.strategy, limit, tolerances=tolerances and tolerances.by_id,
                     progress=progress, budget=budget)
     save_scores(run_dir, options, scorer)
-    timings["search"] = time.perf_counter() - t0
+    clock.stop("search")
 
     recompose_report = None
     if cfg.refit_steps > 0:
-        t0 = time.perf_counter()
+        clock.start()
         from ndonnx.recompose import recompose
 
         with warnings.catch_warnings():
@@ -127,16 +149,16 @@ def build(run_dir: Path, cfg: CompressConfig, output: str | Path | None, timings
             choice, recompose_report = recompose(run, result.choice, cfg.refit_steps, cfg.refit_samples,
                                                  cfg.distill.batch, cfg.distill.lr, cfg.distill.seed, progress)
         result.choice = choice
-        timings["refit"] = time.perf_counter() - t0
+        clock.stop("refit")
 
-    t0 = time.perf_counter()
+    clock.start()
     student = _with_meta(scorer.compose(result.choice), {"settings": {"target": cfg.target, "strategy": cfg.strategy, "max_drop": cfg.max_drop,
                                      "finetune_steps": cfg.finetune_steps, "refit_steps": cfg.refit_steps, "quantize": cfg.quantize,
                                      **({"target_latency": cfg.target_latency, "latency_batch": cfg.latency_batch,
                                          "threads": cfg.threads} if latency else {}),
                                      **meta["settings"]}})
     check(student)
-    timings["splice"] = time.perf_counter() - t0
+    clock.stop("splice")
 
     inputs, eval_labels = scorer.inputs, scorer.labels
     if cfg.eval_data:
@@ -146,7 +168,7 @@ def build(run_dir: Path, cfg: CompressConfig, output: str | Path | None, timings
         inputs = arrays
     finetune_report = None
     if cfg.finetune_steps > 0:
-        t0 = time.perf_counter()
+        clock.start()
         before = score_on(student, teacher.model, inputs, eval_labels)
         with warnings.catch_warnings():  # converter deprecation chatter would garble the progress display
             warnings.simplefilter("ignore")
@@ -155,27 +177,27 @@ def build(run_dir: Path, cfg: CompressConfig, output: str | Path | None, timings
             student, finetune_report = finetune(student, teacher.model, cache, scorer, cfg, progress)
         finetune_report["score_before"] = before
         check(student)
-        timings["finetune"] = time.perf_counter() - t0
+        clock.stop("finetune")
 
     float_val = quant = None
     if cfg.quantize:  # the float student is validated too: its figures stay in the report
-        t0 = time.perf_counter()
+        clock.start()
         float_val = validate(student, teacher.model, inputs, eval_labels)
         float_bytes = restore_interface(student, declared.model).ByteSize()
-        timings["validate_float"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        clock.stop("validate_float")
+        clock.start()
         student, quant = quantize(student, cfg.quantize, calibration_feeds(cache, student, cfg.distill.seed))
-        timings["quantize"] = time.perf_counter() - t0
+        clock.stop("quantize")
 
-    t0 = time.perf_counter()
+    clock.start()
     val = validate(student, teacher.model, inputs, eval_labels, torch_check=quant is None)
     val["data"] = str(cfg.eval_data) if cfg.eval_data else "held-out split of the calibration data"
-    timings["validate"] = time.perf_counter() - t0
+    clock.stop("validate")
     latency_report = None
     if latency:  # the whole student against the whole teacher, timed alternately: independent of the model
-        t0 = time.perf_counter()
+        clock.start()
         latency_report = _latency_report(latency, run, student, budget.total(result.choice), target)
-        timings["latency"] = time.perf_counter() - t0
+        clock.stop("latency")
     drop = val["score_teacher"] - val["score_student"]
     report = {
         "teacher": str(teacher_path), "output": str(output),
@@ -188,7 +210,8 @@ def build(run_dir: Path, cfg: CompressConfig, output: str | Path | None, timings
         "search": {"strategy": cfg.strategy, "predicted_score": result.predicted, "composed_score": result.score,
                    "composed_divergence": result.loss, "predicted_divergence": result.predicted_loss,
                    "pareto": result.pareto},
-        "refit": recompose_report, "finetune": finetune_report, "validation": val, "timings": timings,
+        "refit": recompose_report, "finetune": finetune_report, "validation": val, "timings": clock.wall,
+        "cpu_seconds": clock.cpu,
     }
     final = restore_interface(student, declared.model)
     if latency_report and latency_report["measured_ratio"] > latency_report["target_ratio"]:
@@ -207,11 +230,11 @@ def build(run_dir: Path, cfg: CompressConfig, output: str | Path | None, timings
         report["warning"] = (f"{scorer.metric} dropped by {drop:.4f}, more than {limit} ({how}) although the "
                              f"search grew neighbourhoods back within the target: try a larger --target-params")
         log.warning(report["warning"])
-    t0 = time.perf_counter()
+    clock.start()
     save_atomic(final, output)
     val["bytes_student"] = output.stat().st_size
     val["bytes_teacher"] = teacher_path.stat().st_size
-    timings["save"] = time.perf_counter() - t0
+    clock.stop("save")
     return report
 
 

