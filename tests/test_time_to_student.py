@@ -173,6 +173,13 @@ def test_bad_input_found_before_torch_is_imported(zoo, tmp_path, argv):
     assert r.stderr.startswith("ndonnx: error:") and len(r.stderr.strip().splitlines()) == 1
 
 
+def test_a_learning_rate_of_zero_is_a_usage_error(zoo, tmp_path):
+    np.savez(tmp_path / "x.npz", input=np.zeros((4, 3, 16, 16), np.float32))
+    r = subprocess.run([sys.executable, "-m", "ndonnx_cli", "compress", str(zoo["resnet_legacy"]), "--data", "x.npz",
+                        "--finetune-lr", "0"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip() == "ndonnx: error: --finetune-lr must be > 0, got 0.0", r.stderr
+
+
 # ---- the sequential refit after search
 
 @pytest.fixture(scope="module")
@@ -195,6 +202,7 @@ def test_refit_in_order_keeps_only_what_comes_closer(done, tmp_path):
     assert [r["id"] for r in rows] == [r["id"] for r in chosen]  # every chosen student, in order
     assert all(r["kept"] == (r["rel_mse_after"] < r["rel_mse_before"]) for r in rows)
     assert refit["refit"]["samples"] == 64 and "refit" in refit["timings"]
+    assert set(refit["cpu_seconds"]) == set(refit["timings"]) and all(v >= 0 for v in refit["cpu_seconds"].values())
     # same choice, same parameters: only weights changed, and only where the held-out error fell
     assert refit["params_student"] == plain["params_student"]
     a, b = (onnx.load(str(tmp_path / f)) for f in ("a.onnx", "b.onnx"))
