@@ -101,22 +101,14 @@ def session(model: onnx.ModelProto, threads: int):
     """A CPU session as timed: `threads` intra-op threads, one inter-op, nothing else running in it."""
     import onnxruntime as ort
 
-    from ndonnx.sample import ort_session
+    from ndonnx.sample import session_of
 
-    if len(model.graph.value_info):  # recorded inner shapes pin sample sizes in onnxruntime
-        m = onnx.ModelProto()
-        m.CopyFrom(model)
-        del m.graph.value_info[:]
-        model = m
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.log_severity_level = 4
-    try:
-        return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    except Exception:  # the same refusal as everywhere else, as a one-line error
-        return ort_session(model)
+    return session_of(model, opts, ["CPUExecutionProvider"])
 
 
 def time_alternately(models: Sequence[onnx.ModelProto], feeds: Sequence[dict], threads: int,

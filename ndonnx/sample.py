@@ -6,12 +6,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import helper
 
+from ndonnx import light
 from ndonnx.config import SampleConfig
 from ndonnx.errors import NdonnxError
 from ndonnx.graph import Teacher
@@ -28,13 +30,12 @@ class Sample:
     batch: str | None = None  # the symbol of the primary batch dimension, if any
 
 
-def with_outputs(model: onnx.ModelProto, names) -> onnx.ModelProto:
-    """A copy of `model` that also gives the tensors `names` as outputs (those it gives already once)."""
+def with_outputs(model: onnx.ModelProto, names, nodes: Iterable[onnx.NodeProto] = ()) -> onnx.ModelProto:
+    """A copy of `model` with `nodes` appended that also gives the tensors `names` as outputs (those
+    it gives already once)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
-    existing = {o.name for o in m.graph.output}
-    m.graph.output.extend(onnx.ValueInfoProto(name=n) for n in dict.fromkeys(names) if n not in existing)
-    return m
+    return light.extend(m, names, nodes)
 
 
 _THREADS: list[int] = []  # onnxruntime intra-op threads of this process's sessions (`threads`); empty: its default
@@ -50,15 +51,14 @@ def threads(n: int):
         _THREADS.pop()
 
 
-def ort_session(model: onnx.ModelProto, cuda: bool = False):
-    """An onnxruntime session on the CPU; with `cuda`, on the GPU where onnxruntime has its CUDA
-    provider (the `gpu` extra), else on the CPU with a warning."""
+def ort_session(model: onnx.ModelProto, cuda: bool = False, outputs: Iterable[str] = (),
+                nodes: Iterable[onnx.NodeProto] = ()):
+    """An onnxruntime session on the CPU of `model` with `nodes` appended, also giving the tensors
+    `outputs` (as `with_outputs`, without copying a large model); with `cuda`, on the GPU where
+    onnxruntime has its CUDA provider (the `gpu` extra), else on the CPU with a warning. A large
+    model goes as a light graph (`ndonnx.light`)."""
     import onnxruntime as ort
 
-    from ndonnx.errors import NdonnxError
-
-    if len(model.graph.value_info):  # recorded inner shapes help converters, but pin sample sizes in onnxruntime
-        model = _without_value_info(model)
     opts = ort.SessionOptions()
     opts.log_severity_level = 4  # failures reach the user as one-line errors, not runtime logs
     if _THREADS:
@@ -69,8 +69,27 @@ def ort_session(model: onnx.ModelProto, cuda: bool = False):
     elif cuda:
         _warn_once("onnxruntime has no CUDA provider: the teacher runs on the CPU "
                    "(install the gpu extra and uninstall onnxruntime, see the README)")
+    return session_of(model, opts, providers, outputs, nodes)
+
+
+def session_of(model: onnx.ModelProto, opts, providers: list[str], outputs: Iterable[str] = (),
+               nodes: Iterable[onnx.NodeProto] = ()):
+    """`ort_session` with the caller's session options and providers."""
+    if light.is_large(model):
+        with light.light_path(model, outputs, nodes) as path:
+            return _session(path, opts, providers)
+    if outputs or nodes:
+        model = with_outputs(model, outputs, nodes)
+    if len(model.graph.value_info):  # recorded inner shapes help converters, but pin sample sizes in onnxruntime
+        model = _without_value_info(model)
+    return _session(model.SerializeToString(), opts, providers)
+
+
+def _session(source: str | bytes, opts, providers: list[str]):
+    import onnxruntime as ort
+
     try:
-        return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
+        return ort.InferenceSession(source, opts, providers=providers)
     except Exception as e:  # onnxruntime refuses graphs the checker lets through (bad attributes, ops)
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise NdonnxError(f"onnxruntime cannot run the model: {first}") from e
@@ -151,12 +170,13 @@ def run_sample(teacher: Teacher, cfg: SampleConfig = SampleConfig(), feeds: dict
     """One onnxruntime run with every node output exposed."""
     given = feeds is not None
     feeds = feeds if given else make_inputs(teacher, cfg)
-    model = with_outputs(teacher.model, [o for node in teacher.model.graph.node for o in node.output if o])
-    sess = ort_session(model)
+    model = teacher.model
+    sess = ort_session(model, outputs=[o for node in model.graph.node for o in node.output if o])
     out_names = [o.name for o in sess.get_outputs()]
     values = dict(feeds)
     try:
         values.update(zip(out_names, sess.run(out_names, feeds)))
+        del sess  # (one teacher's weights in onnxruntime at a time: the check below makes two more)
     except Exception as e:  # onnxruntime's own refusal of these inputs (an STFT pad longer than random audio)
         from ndonnx.errors import NdonnxError
 
@@ -197,6 +217,7 @@ def check_against_file(teacher: Teacher, sample: Sample) -> float | None:
             got = original.run(outs, feeds)
         except Exception:
             return None
+    del original  # (one teacher's weights in onnxruntime at a time)
     # Not the sample's own values: with every tensor exposed onnxruntime fuses less, which moves
     # some models' outputs by far more than rounding (PP-OCRv4's detector: 26%).
     want = ort_session(teacher.model).run(outs, feeds)

@@ -71,7 +71,7 @@ class Scorer:
         self.teacher_score = score_outputs(self.reference, self.reference, self.labels)
         self._idx = idx
         self._held: dict[str, np.ndarray] = {}  # boundary tensors of the held-out split, read once
-        self._suffix: dict[int, object] = {}
+        self._suffix: tuple[int, object] | None = None  # (neighbourhood, its suffix): one at a time
 
     def _held_out(self, name: str) -> np.ndarray:
         if name not in self._held:
@@ -79,17 +79,20 @@ class Scorer:
         return self._held[name]
 
     def _suffix_session(self, nbh: Neighbourhood):
-        """The teacher from the end of `nbh` to its outputs, as an onnxruntime session."""
-        if nbh.id not in self._suffix:
+        """The teacher from the end of `nbh` to its outputs, as an onnxruntime session. Only the last
+        one is kept: options come neighbourhood by neighbourhood, and the suffixes of a deep model
+        together hold its weights many times over (BERT-base's 25: 5 GB)."""
+        if self._suffix is None or self._suffix[0] != nbh.id:
+            self._suffix = None  # (the old session goes before the new one is made)
             later = [n for n in self.part.neighbourhoods if n.id > nbh.id]
-            if not later:
-                self._suffix[nbh.id] = None
-            else:
+            session = None
+            if later:
                 from ndonnx.convert import extract  # (torch: imported only when a suffix is scored)
 
                 merged = merge(later, inputs=nbh.outputs)
-                self._suffix[nbh.id] = (ort_session(extract(self.teacher, merged, self.sample)), merged)
-        return self._suffix[nbh.id]
+                session = (ort_session(extract(self.teacher, merged, self.sample)), merged)
+            self._suffix = (nbh.id, session)
+        return self._suffix[1]
 
     def _judge(self, outs: list[np.ndarray]) -> tuple[float, float]:
         return score_outputs(outs, self.reference, self.labels), divergence(outs, self.reference)

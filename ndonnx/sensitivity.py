@@ -17,7 +17,7 @@ from ndonnx.errors import NdonnxError
 from ndonnx.files import atomic_path
 from ndonnx.graph import load_teacher
 from ndonnx.partition import partition
-from ndonnx.sample import ort_session, with_dynamic_batch, with_outputs
+from ndonnx.sample import ort_session, with_dynamic_batch
 from ndonnx.metrics import metric_name, score_outputs
 
 DEFAULT_EPS = (0.01, 0.03, 0.1, 0.3, 1.0)
@@ -58,8 +58,8 @@ def sensitivity(model_path: str | Path, data_path: str | Path, labels_key: str |
     feeds = {k: v[:samples] for k, v in arrays.items()}
     outputs = [o.name for o in teacher.model.graph.output]
     cuts = list(dict.fromkeys(o for n in part.neighbourhoods for o in n.outputs))  # multi-tensor boundaries: all
-    probe = with_outputs(teacher.model, cuts)
-    values = dict(zip([o.name for o in probe.graph.output], ort_session(probe).run(None, feeds)))
+    probe = ort_session(teacher.model, outputs=cuts)
+    values = dict(zip([o.name for o in probe.get_outputs()], probe.run(None, feeds)))
     reference = [values[o] for o in outputs]
     std = {c: float(values[c].std()) for c in cuts}
     base = score_outputs(reference, reference, labels)

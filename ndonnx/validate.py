@@ -4,6 +4,7 @@ installed: this module imports torch only for that check)."""
 
 from __future__ import annotations
 
+import time
 import warnings
 from pathlib import Path
 
@@ -16,12 +17,26 @@ from ndonnx.metrics import metric_name, rel_err, score_outputs
 from ndonnx.sample import ort_session
 
 
+LATENCY_BATCH = 64  # samples per timed run of the latency ratio, at most ...
+RUN_SECONDS = 0.1  # ... and fewer where one run of the teacher would take longer than this
+
+
 def _latency_ratio(student: onnx.ModelProto, teacher: onnx.ModelProto, feeds: dict) -> float:
     """Student / teacher seconds per run on one thread, timed alternately (ndonnx.latency), so a change
-    in machine load hits both alike; about a second in all."""
-    from ndonnx.latency import time_alternately
+    in machine load hits both alike; about a second in all. A large teacher is timed on fewer samples
+    per run (about 50 runs are timed: at 64 samples of BERT-base, minutes)."""
+    from ndonnx.latency import session, time_alternately
 
-    s, t = time_alternately([student, teacher], [feeds, feeds], threads=1, rounds=4, block=0.1)
+    probe = session(teacher, threads=1)
+    one = {k: v[:1] for k, v in feeds.items()}
+    probe.run(None, one)  # (the first run pays for allocations)
+    t0 = time.perf_counter()
+    probe.run(None, one)
+    once = time.perf_counter() - t0
+    del probe
+    n = max(1, min(LATENCY_BATCH, int(RUN_SECONDS / max(once, 1e-9))))
+    batch = {k: v[:n] for k, v in feeds.items()}
+    s, t = time_alternately([student, teacher], [batch, batch], threads=1, rounds=4, block=0.1)
     return s / t
 
 
@@ -33,6 +48,7 @@ def validate(student: onnx.ModelProto, teacher: onnx.ModelProto, inputs: dict[st
     s_sess, t_sess = ort_session(student), ort_session(teacher)
     names = [o.name for o in teacher.graph.output]
     s_out, t_out = s_sess.run(names, inputs), t_sess.run(names, inputs)
+    del s_sess, t_sess  # (the latency ratio makes its own: one copy of the weights at a time)
     diff = [np.abs(s.astype(np.float64) - t) for s, t in zip(s_out, t_out)]
     res = {
         "samples": int(len(next(iter(inputs.values())))),
@@ -49,8 +65,7 @@ def validate(student: onnx.ModelProto, teacher: onnx.ModelProto, inputs: dict[st
     if labels is not None:
         res["accuracy_teacher"] = float((t_out[0].argmax(-1) == labels).mean())
         res["accuracy_student"] = float((s_out[0].argmax(-1) == labels).mean())
-    batch = {k: v[:64] for k, v in inputs.items()}
-    res["latency_ratio"] = _latency_ratio(student, teacher, batch)
+    res["latency_ratio"] = _latency_ratio(student, teacher, inputs)
     if student_path is not None and teacher_path is not None:
         res["bytes_student"] = file_size(student_path)
         res["bytes_teacher"] = file_size(teacher_path)

@@ -53,7 +53,7 @@ from ndonnx.candidates.onnx_edit import (add_array, attr, consumers, copy_model,
                                          get_array, names_in_use, param_count, producers, set_array, set_attr,
                                          set_dim, unique_name)
 from ndonnx.errors import NdonnxError
-from ndonnx.sample import ort_session, with_outputs
+from ndonnx.sample import ort_session
 
 MOVE = ("Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Split", "Slice", "Gather", "Identity", "Cast",
         "Dropout")
@@ -114,10 +114,8 @@ def _feeds(model: onnx.ModelProto, n: int, rest: int | None) -> dict[str, np.nda
 
 def _session(model: onnx.ModelProto, outputs: list[str] | None = None):
     """An onnxruntime session, with `outputs` exposed too."""
-    if outputs is not None:
-        model = with_outputs(model, outputs)
     try:
-        return ort_session(model)
+        return ort_session(model, outputs=outputs or ())
     except NdonnxError as e:
         raise NotApplicable(str(e)) from e
 

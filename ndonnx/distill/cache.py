@@ -22,7 +22,7 @@ import onnx
 from ndonnx.data import Dataset
 from ndonnx.errors import NdonnxError
 from ndonnx.files import atomic_write_text
-from ndonnx.sample import ort_session, with_outputs
+from ndonnx.sample import ort_session
 
 HOLDOUT = 0.1
 FLOAT16_MAX = 60000.0  # a tensor with larger values is stored float32 (float16 would overflow to inf)
@@ -178,11 +178,10 @@ class _HalfSession:
 
     def _build(self) -> None:
         self.half = {k: f"{k}__ndonnx_f16" for k in self.names if self.probed.dtypes[k] == np.float32 and k not in self.wide}
-        m = with_outputs(self.model, [k for k in self.names if k not in self.half])
-        m.graph.node.extend(onnx.helper.make_node("Cast", [k], [h], to=onnx.TensorProto.FLOAT16)
-                            for k, h in self.half.items())
-        m.graph.output.extend(onnx.ValueInfoProto(name=h) for h in self.half.values())
-        self.sess = ort_session(m, self.cuda)
+        casts = [onnx.helper.make_node("Cast", [k], [h], to=onnx.TensorProto.FLOAT16) for k, h in self.half.items()]
+        self.sess = None  # (a session being remade goes first)
+        self.sess = ort_session(self.model, self.cuda, [*(k for k in self.names if k not in self.half),
+                                                        *self.half.values()], casts)
         self.outputs = [self.half.get(k, k) for k in self.names]
         self.bound: tuple[int, list[list[np.ndarray]]] | None = None  # (batch size, two sets of buffers)
         self.turn = 0
@@ -398,7 +397,7 @@ def _probe(model: onnx.ModelProto, names: list[str], shape_only: list[str],
     the batch (the (sentence, position) pairs of a ragged token batch) differs from its rows there
     and is refused: cached rows would point into batches that training never builds."""
     every = names + [n for n in shape_only if n not in names]
-    sess = ort_session(with_outputs(model, every), cuda)
+    sess = ort_session(model, cuda, every)
     n = len(next(iter(feeds.values())))
     big = dict(zip(every, sess.run(every, feeds)))
     big.update({k: v for k, v in feeds.items() if k in every})

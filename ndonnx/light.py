@@ -1,0 +1,93 @@
+"""Light graphs: how a large model reaches onnxruntime without serialized copies of its weights.
+
+A session made from `model.SerializeToString()` holds, at its peak, the caller's model, the bytes,
+onnxruntime's parse of them and its own initializers: about four times the weights (BERT-base,
+435 MB: 1.7 GB for one session; `bench/time_to_student.py` measures the whole pipeline). Instead, a
+model above LIGHT_BYTES is written as a graph without weights plus one file of its initializers, at
+page-aligned offsets so that onnxruntime can map them instead of reading them, and the session is
+made from that path. The folder is removed once the session exists: onnxruntime has loaded or
+mapped what it needs by then (a mapping outlives the file's name on POSIX systems).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+
+import onnx
+from onnx import TensorProto
+
+LIGHT_BYTES = 64 << 20  # models larger than this reach onnxruntime as a light graph
+EXTERNAL_BYTES = 1024  # initializers from this size on go to the weights file (onnx's own default threshold)
+ALIGN = 4096  # offsets in the weights file: a page, what mapping a tensor needs
+WEIGHTS = "weights.bin"
+
+
+def is_large(model: onnx.ModelProto) -> bool:
+    return model.ByteSize() > LIGHT_BYTES
+
+
+@contextlib.contextmanager
+def light_path(model: onnx.ModelProto, outputs: Iterable[str] = (),
+               nodes: Iterable[onnx.NodeProto] = ()) -> Iterator[str]:
+    """`model` with `nodes` appended, also giving `outputs`, saved in a temporary folder as a graph without recorded inner
+    shapes (they pin sample sizes in onnxruntime) whose large initializers are in WEIGHTS beside it;
+    yields the graph's path and removes the folder on exit."""
+    folder = tempfile.mkdtemp(prefix="ndonnx-light-")
+    try:
+        light = extend(skeleton(model), outputs, nodes)
+        with open(os.path.join(folder, WEIGHTS), "wb") as f:
+            for t in model.graph.initializer:
+                raw = t.raw_data if t.data_location != TensorProto.EXTERNAL else b""  # (a copy: read once)
+                if len(raw) < EXTERNAL_BYTES:
+                    light.graph.initializer.add().CopyFrom(t)
+                    continue
+                f.write(b"\0" * (-f.tell() % ALIGN))
+                light.graph.initializer.append(_pointer(t, f.tell(), len(raw)))
+                f.write(raw)
+        path = os.path.join(folder, "model.onnx")
+        onnx.save(light, path)
+        yield path
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def extend(model: onnx.ModelProto, outputs: Iterable[str], nodes: Iterable[onnx.NodeProto] = ()) -> onnx.ModelProto:
+    """`model` (changed in place) with `nodes` appended, also giving the tensors `outputs` (those it
+    gives already once)."""
+    model.graph.node.extend(nodes)
+    given = {o.name for o in model.graph.output}
+    model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in dict.fromkeys(outputs) if n not in given)
+    return model
+
+
+def _pointer(t: TensorProto, offset: int, length: int) -> TensorProto:
+    """`t` without its bytes, pointing to its `length` bytes in WEIGHTS at `offset`."""
+    out = TensorProto(name=t.name, dims=t.dims, data_type=t.data_type, data_location=TensorProto.EXTERNAL)
+    for key, value in (("location", WEIGHTS), ("offset", str(offset)), ("length", str(length))):
+        out.external_data.add(key=key, value=value)
+    return out
+
+
+def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` without its initializers and recorded inner shapes (copied field by field:
+    `CopyFrom` would copy the weights too)."""
+    out = onnx.ModelProto()
+    _copy_fields(model, out, skip={"graph"})
+    _copy_fields(model.graph, out.graph, skip={"initializer", "value_info"})
+    return out
+
+
+def _copy_fields(src, dst, skip: set[str]) -> None:
+    for field, value in src.ListFields():
+        if field.name in skip:
+            continue
+        if field.is_repeated:
+            getattr(dst, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(dst, field.name).CopyFrom(value)
+        else:
+            setattr(dst, field.name, value)
