@@ -18,6 +18,7 @@ import onnx
 from onnx import TensorProto, external_data_helper, helper, numpy_helper, version_converter
 from onnx.reference import ReferenceEvaluator
 
+from ndonnx import light
 from ndonnx.errors import NdonnxError
 
 log = logging.getLogger(__name__)
@@ -138,8 +139,8 @@ def _read(path: Path) -> onnx.ModelProto:
         external_data_helper.load_external_data_for_model(model, str(base))
     except Exception as e:
         raise NdonnxError(f"{path}: cannot read its external data ({e})") from e
-    try:
-        onnx.checker.check_model(model)
+    try:  # by path: the checker reads the file itself (from memory it would serialize the model again)
+        onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise NdonnxError(f"{path}: invalid ONNX model: {first}") from e
@@ -297,13 +298,16 @@ def fold_weight_dims(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     a Reshape's target become constants a width student can rewrite. Exact wherever onnx's inference
     is (the static value is implied by the graph for every input); the loaded graph is checked
     against the file after. Returns the new model and how many nodes became constants."""
-    probe = _copy(model)
-    for vi in probe.graph.input:
-        for j, d in enumerate(vi.type.tensor_type.shape.dim):
-            d.Clear()
-            d.dim_param = f"{vi.name}_free{j}"
+    inputs = {i.name for i in model.graph.input}
+
+    def free(probe: onnx.ModelProto) -> None:  # every dim of every declared input symbolic
+        for vi in probe.graph.input:
+            for j, d in enumerate(vi.type.tensor_type.shape.dim if vi.name in inputs else ()):
+                d.Clear()
+                d.dim_param = f"{vi.name}_free{j}"
+
     try:  # data_prop follows shapes through the Shape -> Concat -> Reshape arithmetic of legacy exports
-        g = onnx.shape_inference.infer_shapes(probe, data_prop=True).graph
+        g = light.infer_shapes(model, data_prop=True, edit=free).graph
     except Exception:  # inference is a help: without it nothing is folded
         return model, 0
     fixed = {vi.name: [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]

@@ -15,7 +15,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import onnx
 from onnx import TensorProto
@@ -24,6 +24,7 @@ LIGHT_BYTES = 64 << 20  # models larger than this reach onnxruntime as a light g
 EXTERNAL_BYTES = 1024  # initializers from this size on go to the weights file (onnx's own default threshold)
 ALIGN = 4096  # offsets in the weights file: a page, what mapping a tensor needs
 WEIGHTS = "weights.bin"
+FLOATS = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
 
 
 def is_large(model: onnx.ModelProto) -> bool:
@@ -53,6 +54,48 @@ def light_path(model: onnx.ModelProto, outputs: Iterable[str] = (),
         yield path
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def shape_view(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` for shape inference: a large model's large float initializers (weights)
+    become typed graph inputs without data (inference reads their types only; serializing the weights for it cost
+    three copies of them). A small model is copied whole."""
+    if not is_large(model):
+        return _copy(model)
+    view = onnx.ModelProto()
+    _copy_fields(model, view, skip={"graph"})
+    _copy_fields(model.graph, view.graph, skip={"initializer"})
+    declared = {i.name for i in view.graph.input}
+    for t in model.graph.initializer:
+        if t.data_type not in FLOATS or (t.data_location != TensorProto.EXTERNAL and t.ByteSize() < EXTERNAL_BYTES):
+            view.graph.initializer.add().CopyFrom(t)  # integers may be shapes, which inference reads
+        elif t.name not in declared:
+            view.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return view
+
+
+def infer_shapes(model: onnx.ModelProto, data_prop: bool = False,
+                 edit: Callable[[onnx.ModelProto], None] | None = None) -> onnx.ModelProto:
+    """onnx's shape inference of `model` (changed first by `edit`, on a copy), on its `shape_view`.
+    The result has the model's own inputs, outputs and inferred value_info; of a large model, its
+    small initializers only."""
+    if not is_large(model) and edit is None:
+        return onnx.shape_inference.infer_shapes(model, data_prop=data_prop)
+    view = shape_view(model)
+    if edit is not None:
+        edit(view)
+    out = onnx.shape_inference.infer_shapes(view, data_prop=data_prop)
+    declared = {i.name for i in model.graph.input}
+    inputs = [i for i in out.graph.input if i.name in declared]
+    del out.graph.input[:]
+    out.graph.input.extend(inputs)
+    return out
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
 
 
 def extend(model: onnx.ModelProto, outputs: Iterable[str], nodes: Iterable[onnx.NodeProto] = ()) -> onnx.ModelProto:

@@ -41,6 +41,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ndonnx import light
 from ndonnx.errors import NdonnxError
 from ndonnx.graph import WEIGHTED_OPS, attr, fold_constants, graph_inputs, weight_counts
 
@@ -152,9 +153,9 @@ def concrete_dims(model: onnx.ModelProto, feeds: dict) -> dict[str, int]:
 
 def _fixed(model: onnx.ModelProto, dims: dict[str, int]) -> onnx.ModelProto:
     """A copy with concrete input dims (batch 1), no recorded inner shapes and the outputs' dims
-    unknown, so inference starts from the inputs alone."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    unknown, so inference starts from the inputs alone (a large model's weights as typed inputs:
+    `light.shape_view`)."""
+    out = light.shape_view(model)
     g = out.graph
     names = set(graph_inputs(out))
     batch = {vi.type.tensor_type.shape.dim[0].dim_param for vi in g.input

@@ -12,6 +12,7 @@ import networkx as nx
 import numpy as np
 import onnx
 
+from ndonnx import light
 from ndonnx.config import PartitionConfig
 from ndonnx.errors import NdonnxError
 from ndonnx.graph import NONDETERMINISTIC_OPS, Teacher, attr, node_inputs, subgraph_reads
@@ -350,7 +351,7 @@ def _inferred_dims(model: onnx.ModelProto) -> dict[str, list[int | None]]:
     """Tensor -> its dims as onnx infers them (None where unknown). Inference is a help: without it
     no cut is judged wide and no Split or Concat is judged, nothing fails."""
     try:
-        g = onnx.shape_inference.infer_shapes(model, data_prop=True).graph
+        g = light.infer_shapes(model, data_prop=True).graph
     except Exception:
         return {}
     return {vi.name: [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None

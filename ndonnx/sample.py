@@ -233,7 +233,7 @@ def check_against_file(teacher: Teacher, sample: Sample) -> float | None:
 def _declared_shapes(teacher: Teacher, values: dict[str, np.ndarray], cfg: SampleConfig) -> tuple[dict[str, Shape], str | None]:
     """Inferred shapes where onnx knows them (symbolic dims kept), real ones where it lost them."""
     try:
-        inferred_model = onnx.shape_inference.infer_shapes(teacher.model, data_prop=True)
+        inferred_model = light.infer_shapes(teacher.model, data_prop=True)
     except Exception:  # shape inference is a help, never a requirement
         inferred_model = teacher.model
     g = inferred_model.graph

@@ -74,3 +74,42 @@ def test_small_models_go_as_bytes(zoo, monkeypatch):
     monkeypatch.setattr(light, "light_path", refuse)
     teacher = load_teacher(zoo["resnet_legacy"])
     assert ort_session(teacher.model).run(None, _feeds(teacher))
+
+
+@pytest.mark.parametrize("name", ["resnet_legacy", "encoder"])
+def test_shapes_inferred_on_the_view_are_the_models(zoo, monkeypatch, name):
+    model = load_teacher(zoo[name]).model
+    want = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    monkeypatch.setattr(light, "LIGHT_BYTES", 0)
+    monkeypatch.setattr(light, "EXTERNAL_BYTES", 16)
+    assert len(light.shape_view(model).graph.initializer) < len(model.graph.initializer)
+    got = light.infer_shapes(model, data_prop=True)
+    for field in ("input", "output", "value_info"):
+        assert [v.SerializeToString() for v in getattr(got.graph, field)] == \
+               [v.SerializeToString() for v in getattr(want.graph, field)]
+
+
+def test_loading_a_large_model_folds_as_a_small_one(zoo, monkeypatch):
+    """fold_weight_dims and the MAC count read shapes off the view: the same graph, the same count."""
+    from ndonnx.macs import count_macs
+
+    small = load_teacher(zoo["encoder"])
+    macs = count_macs(small.model).total
+    monkeypatch.setattr(light, "LIGHT_BYTES", 0)
+    monkeypatch.setattr(light, "EXTERNAL_BYTES", 16)
+    large = load_teacher(zoo["encoder"])
+    assert large.model.SerializeToString() == small.model.SerializeToString()
+    assert count_macs(large.model).total == macs
+
+
+def test_made_up_inputs_are_bounded(monkeypatch):
+    """A block whose made-up inputs would be huge is refused, not run (a 4-D mask at 768 per dim)."""
+    from ndonnx.candidates import heads
+    from ndonnx.candidates.base import NotApplicable
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["a", "b", "c", "d"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["a", "b", "c", "d"])
+    model = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y]))
+    assert heads._feeds(model, 2, 64)["x"].shape == (2, 64, 64, 64)
+    with pytest.raises(NotApplicable, match="made-up input 'x'"):
+        heads._feeds(model, 2, 768)

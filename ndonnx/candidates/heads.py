@@ -63,6 +63,9 @@ PROB_OPS = ("Reshape", "Identity", "Cast", "Dropout")  # Softmax -> context MatM
 SHAPE_READERS = ("Shape", "Size")
 FUSED = ("Attention", "MultiHeadAttention", "PackedAttention", "DecoderMaskedMultiHeadAttention")
 DIMS = (2, 3)  # every symbolic dim takes these values in the two made-up runs
+# ... or a fixed size of another input in turn, where they fail; an input past this many elements is
+# not tried (a 4-D mask at BERT-base's 768 in every dim: 905M elements, 12 GB in made-up runs)
+MADE_UP_ELEMENTS = 1 << 22
 
 Step = tuple[int, int, int]  # (node index, input slot read, output index written)
 
@@ -105,6 +108,8 @@ def _feeds(model: onnx.ModelProto, n: int, rest: int | None) -> dict[str, np.nda
         dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else n if a == 0 or rest is None else rest
                 for a, d in enumerate(t.shape.dim)]
         dtype = helper.tensor_dtype_to_np_dtype(t.elem_type)
+        if int(np.prod(dims)) > MADE_UP_ELEMENTS:
+            raise NotApplicable(f"made-up input {vi.name!r} would be {dims}")
         if np.issubdtype(dtype, np.floating):
             feeds[vi.name] = rng.standard_normal(dims).astype(dtype)
         else:
