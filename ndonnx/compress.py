@@ -23,6 +23,7 @@ from ndonnx.files import atomic_write_text
 from ndonnx.data import load_data, teacher_hash
 from ndonnx.errors import GoalNotMet, NdonnxError
 from ndonnx.graph import Teacher, load_teacher, restore_interface
+from ndonnx.memory import release_freed_memory
 from ndonnx.partition import Partition, partition
 from ndonnx.quantize import calibration_feeds, quantize
 from ndonnx.metrics import score_outputs
@@ -137,6 +138,7 @@ def build(run_dir: Path, cfg: CompressConfig, output: str | Path | None, clock: 
     result = search(scorer, options, target, cfg.strategy, limit, tolerances=tolerances and tolerances.by_id,
                     progress=progress, budget=budget)
     save_scores(run_dir, options, scorer)
+    release_freed_memory()  # the scoring sessions
     clock.stop("search")
 
     recompose_report = None

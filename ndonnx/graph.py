@@ -20,6 +20,7 @@ from onnx.reference import ReferenceEvaluator
 
 from ndonnx import light
 from ndonnx.errors import NdonnxError
+from ndonnx.memory import release_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,7 @@ def load_teacher(path: str | os.PathLike, quantized: bool = False) -> Teacher:
         model, folded = fold_weight_dims(model)
         if folded:
             model = fold_constants(model)
+    release_freed_memory()  # the rewrites' copies
     return Teacher(path=path, model=model, opset=onnx_opset(model), weights=weight_counts(model))
 
 

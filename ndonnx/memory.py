@@ -21,3 +21,15 @@ def keep_freed_memory() -> bool:
     libc = ctypes.CDLL(None)
     m_trim_threshold, m_mmap_max = -1, -4  # glibc's malloc.h
     return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+
+
+def release_freed_memory() -> bool:
+    """Give the free memory of glibc's heap back to the system (malloc_trim). glibc keeps what
+    Python, protobuf and onnxruntime free for reuse, in pieces it does not unmap: after loading
+    BERT-base (435 MB) the process held 2.25 GB, 1.40 GB after this; a pool worker that keeps freed
+    memory (`keep_freed_memory`) holds its largest job's peak until this is called. Called between
+    stages and between jobs, where what was freed will not be needed again at once. Returns whether
+    it applied (glibc only)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    return bool(ctypes.CDLL(None).malloc_trim(0))

@@ -23,7 +23,7 @@ from safetensors.numpy import load_file, save_file
 from ndonnx.config import DistillConfig
 from ndonnx.distill.cache import CacheReader
 from ndonnx.files import atomic_path, atomic_write_text
-from ndonnx.memory import keep_freed_memory
+from ndonnx.memory import keep_freed_memory, release_freed_memory
 from ndonnx.trainable import Trainable
 
 EVAL_BATCH = 256
@@ -218,6 +218,7 @@ def train_group(jobs: list[Job]) -> list[tuple[dict, dict[str, np.ndarray], byte
     warnings.simplefilter("ignore")  # converter deprecation chatter would garble the progress display
     s = jobs[0].settings
     torch.set_num_threads(max(1, s.threads))
+    release_freed_memory()  # what the previous group held
     keep_freed_memory()
     torch.manual_seed(s.seed + 1000 * jobs[0].neighbourhood)
     device = torch.device(s.device)

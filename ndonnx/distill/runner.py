@@ -24,6 +24,7 @@ from ndonnx.distill.layout import Layout
 from ndonnx.distill.prepare import Prepared
 from ndonnx.errors import NdonnxError
 from ndonnx.graph import Teacher, load_teacher
+from ndonnx.memory import release_freed_memory
 from ndonnx.partition import Partition, partition
 from ndonnx.config import SampleConfig
 from ndonnx.sample import index_ranges, run_sample, with_dynamic_batch
@@ -154,11 +155,13 @@ def _distill(teacher: Teacher, part: Partition, data: Dataset | None, run_dir: P
     digest = teacher_hash(teacher.model)
     build_cache(teacher.model, names, data, cache_dir, cfg.seed, fingerprint(digest, data), progress=progress,
                 shape_only=shape_only, cuda=_cuda_here(device))
+    release_freed_memory()  # the cache pass's sessions
     reader = CacheReader(cache_dir)
     # families that build from the calibration data (vocab) read their neighbourhood's inputs of the
     # training split; synthetic stand-ins for data are no calibration data
     calibrates = real and any(REGISTRY[s.family].needs_sample for s in specs)
     records = _prepared(teacher, part, data, layout, specs, reader, calibrates, cfg, digest, progress)
+    release_freed_memory()  # the sample run and the students made (the workers' memory comes next)
     if check_sizes is not None:  # a budget no candidate mix can meet fails here, before any training
         own = {nbh.id: nbh.params for nbh in part.neighbourhoods}
         check_sizes(teacher.params, {nid: (own[nid], [st["params"] for st in r.students if st["candidate"] != "teacher"])
