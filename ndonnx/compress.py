@@ -276,7 +276,7 @@ def _macs_budget(run: "Run", teacher: Teacher) -> Budget:
             if not teacher_sub.exists():  # kept as the teacher, never converted: no alternative to count
                 o.macs = 0
                 continue
-            model = o.model if o.model is not None else onnx.load(str(teacher_sub))
+            model = o.model if o.loader is not None else onnx.load(str(teacher_sub))
             feeds = {i.name: run.cache.read(i.name, run.cache.holdout[:1]) for i in model.graph.input
                      if i.name not in run.cache.shape_only}
             o.macs = _macs_of(model, run, feeds)

@@ -24,11 +24,29 @@ LIGHT_BYTES = 64 << 20  # models larger than this reach onnxruntime as a light g
 EXTERNAL_BYTES = 1024  # initializers from this size on go to the weights file (onnx's own default threshold)
 ALIGN = 4096  # offsets in the weights file: a page, what mapping a tensor needs
 WEIGHTS = "weights.bin"
+_ITEMSIZE = {TensorProto.FLOAT: 4, TensorProto.FLOAT16: 2, TensorProto.BFLOAT16: 2, TensorProto.DOUBLE: 8,
+             TensorProto.INT8: 1, TensorProto.UINT8: 1, TensorProto.INT16: 2, TensorProto.UINT16: 2,
+             TensorProto.INT32: 4, TensorProto.UINT32: 4, TensorProto.INT64: 8, TensorProto.UINT64: 8,
+             TensorProto.BOOL: 1}
 FLOATS = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
 
 
 def is_large(model: onnx.ModelProto) -> bool:
-    return model.ByteSize() > LIGHT_BYTES
+    """Whether the model's initializers hold more than LIGHT_BYTES, counted from their dims (protobuf's
+    ByteSize serializes the whole model to count)."""
+    total = 0
+    for t in model.graph.initializer:
+        total += _nbytes(t)
+        if total > LIGHT_BYTES:
+            return True
+    return False
+
+
+def _nbytes(t: TensorProto) -> int:
+    n = 1
+    for d in t.dims:
+        n *= d
+    return n * _ITEMSIZE.get(t.data_type, 8)
 
 
 @contextlib.contextmanager
@@ -67,7 +85,7 @@ def shape_view(model: onnx.ModelProto) -> onnx.ModelProto:
     _copy_fields(model.graph, view.graph, skip={"initializer"})
     declared = {i.name for i in view.graph.input}
     for t in model.graph.initializer:
-        if t.data_type not in FLOATS or (t.data_location != TensorProto.EXTERNAL and t.ByteSize() < EXTERNAL_BYTES):
+        if t.data_type not in FLOATS or (t.data_location != TensorProto.EXTERNAL and _nbytes(t) < EXTERNAL_BYTES):
             view.graph.initializer.add().CopyFrom(t)  # integers may be shapes, which inference reads
         elif t.name not in declared:
             view.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))

@@ -14,7 +14,6 @@ teacher on held-out samples fed through the same composed prefix. Measured on th
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Callable
 
 import numpy as np
@@ -38,7 +37,7 @@ def recompose(run, choice: dict[int, Option], steps: int, samples: int, batch: i
     last_use = _last_use(order)
     rows = []
     out = dict(choice)
-    todo = [n.id for n in order if choice[n.id].model is not None]
+    todo = [n.id for n in order if choice[n.id].loader is not None]
     bar = iter(progress(todo, len(todo), "refit in order") if progress and todo else todo)
     for k, nbh in enumerate(order):
         for split, idx in (("fit", fit_idx), ("hold", hold_idx)):
@@ -46,13 +45,13 @@ def recompose(run, choice: dict[int, Option], steps: int, samples: int, batch: i
                 if name not in acts[split]:  # graph inputs and side inputs: the data itself
                     acts[split][name] = cache.read(name, idx)
         opt = choice[nbh.id]
-        piece = opt.model if opt.model is not None else run.teacher_piece(nbh.id)
-        if opt.model is not None:
+        piece = opt.model if opt.loader is not None else run.teacher_piece(nbh.id)
+        if opt.loader is not None:
             next(bar, None)
             piece, row = _refit(opt, piece, nbh, acts, cache, fit_idx, hold_idx, steps, batch, lr, seed)
             rows.append(row)
             if row["kept"]:
-                out[nbh.id] = replace(opt, model=piece)
+                out[nbh.id] = opt.with_model(piece)
         sess = ort_session(piece)
         names = [o.name for o in piece.graph.output]
         for split in acts:

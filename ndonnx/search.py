@@ -5,8 +5,9 @@ the composed student is evaluated and the choice revised where it falls short of
 
 from __future__ import annotations
 
+import functools
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -31,30 +32,45 @@ class Option:
     candidate: str
     params: int
     rel_mse: float | None
-    model: onnx.ModelProto | None = field(default=None, repr=False)  # None: keep the teacher
+    loader: Callable[[], onnx.ModelProto] | None = field(default=None, repr=False)  # None: keep the teacher
     score: float | None = None  # the partial model's score (the run's metric: accuracy, agreement, ...)
     loss: float | None = None  # ... and its outputs' divergence from the teacher's (`metrics.divergence`)
     macs: int | None = None  # per sample, set when the budget counts MACs
     latency: float | None = None  # modelled seconds (ndonnx.latency), set when the budget counts latency
     note: str | None = None  # what the student was made from (`Student.note`), for the report
 
+    @property
+    def model(self) -> onnx.ModelProto | None:
+        """The student, made each time it is asked for (a run's are read from its directory: held at
+        once, a deep model's options are its weights many times over, BERT-base's 123 1.1 GB on
+        disk); None: keep the teacher."""
+        return None if self.loader is None else self.loader()
+
+    def with_model(self, model: onnx.ModelProto) -> Option:
+        return replace(self, loader=lambda: model)
+
 
 def load_options(run_dir: Path, rows: list[dict]) -> dict[int, list[Option]]:
-    """Every usable candidate per neighbourhood, with its trained weights written in."""
+    """Every usable candidate per neighbourhood; each student is read, its trained weights written
+    in, when asked for."""
     out: dict[int, list[Option]] = {}
     for r in rows:
         if r["status"] == "failed":
             continue
-        model = None
-        if r["candidate"] != "teacher":
-            model = onnx.load(str(Layout(run_dir).student(r["neighbourhood"], r["candidate"])))
-            if r.get("weights"):
-                from ndonnx.distill.job import load_weights
-
-                model = write_weights(model, load_weights(Layout(run_dir).weights(r["neighbourhood"], r["candidate"])))
+        loader = None if r["candidate"] == "teacher" else functools.partial(_student, Path(run_dir), r)
         out.setdefault(r["neighbourhood"], []).append(
-            Option(r["neighbourhood"], r["candidate"], r["params"], r["rel_mse"], model, note=r.get("note")))
+            Option(r["neighbourhood"], r["candidate"], r["params"], r["rel_mse"], loader, note=r.get("note")))
     return out
+
+
+def _student(run_dir: Path, row: dict) -> onnx.ModelProto:
+    layout = Layout(run_dir)
+    model = onnx.load(str(layout.student(row["neighbourhood"], row["candidate"])))
+    if row.get("weights"):
+        from ndonnx.distill.job import load_weights
+
+        model = write_weights(model, load_weights(layout.weights(row["neighbourhood"], row["candidate"])))
+    return model
 
 
 class Scorer:
@@ -99,7 +115,7 @@ class Scorer:
 
     def single(self, opt: Option) -> tuple[float, float]:
         """The partial model (the teacher with only this neighbourhood replaced): score and divergence."""
-        if opt.model is None:
+        if opt.loader is None:
             return self.teacher_score, 0.0
         nbs = self.part.neighbourhoods
         if not all(self.part.feeds_next(k) for k in range(len(nbs) - 1)):
@@ -117,7 +133,7 @@ class Scorer:
         return self._judge([final[n] for n in self.out_names])
 
     def compose(self, choice: dict[int, Option]) -> onnx.ModelProto:
-        students = {nid: o.model for nid, o in choice.items() if o.model is not None}
+        students = {nid: o.model for nid, o in choice.items() if o.loader is not None}
         meta = {"choices": {str(nid): o.candidate for nid, o in sorted(choice.items())}}
         return splice(self.teacher.model, self.part, students, meta)
 

@@ -113,7 +113,7 @@ def test_pool_workers_are_pinned_to_their_gpu(tmp_path):
     pins = ctx.SimpleQueue()
     for d in ("3", "5"):
         pins.put(d)
-    with ProcessPoolExecutor(2, mp_context=ctx, initializer=backends.worker_start, initargs=(pins,)) as pool:
+    with ProcessPoolExecutor(2, mp_context=ctx, initializer=backends.worker_start, initargs=(pins, os.getpid())) as pool:
         got = dict(f.result() for f in [pool.submit(pool_probe.where, str(tmp_path)) for _ in range(2)])
     assert sorted(got.values()) == ["3", "5"], got
 

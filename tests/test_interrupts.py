@@ -139,3 +139,23 @@ def test_rerun_after_interrupt_resumes(setup):
     assert proc.returncode == 130
     assert f"{len(journalled)} of " in err  # the finished jobs are counted as kept
     assert set(journalled) <= {p.name for p in (run / "done").glob("*.json")}
+
+
+def test_workers_end_when_the_driver_is_killed(setup):
+    """SIGKILL (an OOM kill, a CI timeout) gives the driver no chance to stop its workers: the
+    kernel ends them (PR_SET_PDEATHSIG), and a caller reading the driver's output is not left hanging."""
+    cmd, run = setup
+    proc, workers = _start_and_wait_for_workers(cmd)
+    proc.kill()
+    try:
+        proc.communicate(timeout=60)  # returns once no process holds the pipes open
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("the driver's output stayed open after it was killed: its workers live on")
+    deadline = time.monotonic() + 30
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    alive = [w for w in workers if _alive(w)]
+    for w in alive:
+        os.kill(w, signal.SIGKILL)
+    assert not alive, "workers outlived the killed driver"

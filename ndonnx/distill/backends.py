@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import platform
 import signal
 import threading
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -62,13 +63,16 @@ def run_pool(batches: list, plan: LocalPlan, progress: Callable | None) -> None:
     try:
         with _signals_ignored(signal.SIGINT):  # workers inherit it ignored: a ^C to the group reaches only us
             pool = ProcessPoolExecutor(max_workers=plan.workers, mp_context=ctx, initializer=worker_start,
-                                       initargs=(pins,))
+                                       initargs=(pins, os.getpid()))
             futures = {pool.submit(train_group, g): g for g in batches}
 
         def finished():
             for f in as_completed(futures):
-                write_results(futures[f], f.result())
-                yield f"finished neighbourhood {futures[f][0].neighbourhood} ({plan.workers} workers)"
+                # popped: a future keeps its result (a group's trained weights and fitted students) as
+                # long as it is referenced, so the driver held every group's until the pool finished
+                group = futures.pop(f)
+                write_results(group, f.result())
+                yield f"finished neighbourhood {group[0].neighbourhood} ({plan.workers} workers)"
 
         for _ in shown(finished(), progress, len(batches)):
             pass
@@ -79,9 +83,29 @@ def run_pool(batches: list, plan: LocalPlan, progress: Callable | None) -> None:
     pool.shutdown()
 
 
-def worker_start(pins) -> None:
+def worker_start(pins, parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # ^C is the parent's to handle: it ends the workers
+    end_with_parent(parent)
     pin(pins.get())
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def end_with_parent(parent: int) -> bool:
+    """Have the kernel send this process SIGTERM when its parent dies, however it dies (SIGKILL, an
+    OOM kill, a CI timeout): orphaned workers trained on for an hour, and held the dead driver's
+    stdout open, so a caller reading it hung. Linux only (elsewhere False). The parent is the
+    driver's main thread, which lives as long as the driver (the pool starts its workers from it)."""
+    if platform.system() != "Linux":
+        return False
+    import ctypes
+
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        return False
+    if os.getppid() != parent:  # it died before the request: nobody would send the signal
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True
 
 
 def pin(device: str | None) -> None:
