@@ -27,7 +27,7 @@ from ndonnx.memory import release_freed_memory
 from ndonnx.partition import Partition, partition
 from ndonnx.quantize import calibration_feeds, quantize
 from ndonnx.metrics import score_outputs
-from ndonnx.sample import ort_session, run_sample, with_dynamic_batch
+from ndonnx.sample import ort_session, run_chunked, run_sample, with_dynamic_batch
 from ndonnx.latency import LatencyModel, batch_feeds, latency_target, measure_pair, ort_version
 from ndonnx.latency import measure as measure_latency
 from ndonnx.search import (THRESHOLD_MAX_DROP, Budget, Scorer, TargetUnreachable, latency_budget, load_options,
@@ -286,8 +286,8 @@ def _macs_budget(run: "Run", teacher: Teacher) -> Budget:
 def score_on(student: onnx.ModelProto, teacher: onnx.ModelProto, inputs: dict, labels) -> float:
     """The student's score against the teacher's outputs on `inputs` (onnxruntime)."""
     names = [o.name for o in teacher.graph.output]
-    reference = ort_session(teacher).run(names, inputs)
-    return score_outputs(ort_session(student).run(names, inputs), reference, labels)
+    reference = run_chunked(ort_session(teacher), names, inputs)
+    return score_outputs(run_chunked(ort_session(student), names, inputs), reference, labels)
 
 
 @dataclass

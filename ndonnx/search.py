@@ -22,7 +22,7 @@ from ndonnx.errors import NdonnxError
 from ndonnx.graph import Teacher
 from ndonnx.metrics import divergence, metric_name, rel_err, score_outputs  # noqa: F401  (callers import them here)
 from ndonnx.partition import Neighbourhood, Partition, merge
-from ndonnx.sample import Sample, ort_session
+from ndonnx.sample import Sample, ort_session, run_chunked
 from ndonnx.splice import splice, write_weights
 
 
@@ -139,12 +139,12 @@ class Scorer:
 
     def composed(self, choice: dict[int, Option]) -> tuple[float, float]:
         """The composed student's score and divergence."""
-        return self._judge(ort_session(self.compose(choice)).run(self.out_names, self.inputs))
+        return self._judge(run_chunked(ort_session(self.compose(choice)), self.out_names, self.inputs))
 
     def composed_with_error(self, choice: dict[int, Option]) -> tuple[float, float]:
         """The composed student's score, and its outputs' relative error against the teacher's: a
         continuous figure that still moves where a held-out accuracy does not."""
-        outs = ort_session(self.compose(choice)).run(self.out_names, self.inputs)
+        outs = run_chunked(ort_session(self.compose(choice)), self.out_names, self.inputs)
         return score_outputs(outs, self.reference, self.labels), max(map(rel_err, outs, self.reference))
 
 

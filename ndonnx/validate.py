@@ -14,7 +14,7 @@ import onnx
 from ndonnx.files import file_size
 from ndonnx.graph import weight_counts
 from ndonnx.metrics import metric_name, rel_err, score_outputs
-from ndonnx.sample import ort_session
+from ndonnx.sample import ort_session, run_chunked
 
 
 LATENCY_BATCH = 64  # samples per timed run of the latency ratio, at most ...
@@ -47,7 +47,7 @@ def validate(student: onnx.ModelProto, teacher: onnx.ModelProto, inputs: dict[st
     out the student's torch-vs-onnxruntime figure (`ndonnx check` needs onnxruntime only)."""
     s_sess, t_sess = ort_session(student), ort_session(teacher)
     names = [o.name for o in teacher.graph.output]
-    s_out, t_out = s_sess.run(names, inputs), t_sess.run(names, inputs)
+    s_out, t_out = run_chunked(s_sess, names, inputs), run_chunked(t_sess, names, inputs)
     del s_sess, t_sess  # (the latency ratio makes its own: one copy of the weights at a time)
     diff = [np.abs(s.astype(np.float64) - t) for s, t in zip(s_out, t_out)]
     res = {
