@@ -66,8 +66,7 @@ def _compress_config(args: argparse.Namespace, distill_cfg=None):
         raise NdonnxError("--target-latency and --target-params are two budgets: give one")
     return CompressConfig(distill=distill_cfg or DistillConfig(), target=args.target_params or "50%",
                           strategy=args.strategy, max_drop=args.max_drop, finetune_steps=args.finetune_steps,
-                          finetune_batch=args.finetune_batch, finetune_lr=args.finetune_lr,
-                          finetune_hints=args.finetune_hints, refit_steps=args.refit_steps,
+                          finetune_batch=args.finetune_batch, finetune_lr=args.finetune_lr, refit_steps=args.refit_steps,
                           refit_samples=args.refit_samples,
                           eval_data=args.eval_data, tolerances=args.tolerances, force=args.force,
                           target_macs=args.target_macs, quantize=args.quantize, target_latency=args.target_latency,
@@ -262,9 +261,6 @@ def _add_search_options(s) -> None:
                    f"(default {C.finetune_batch})")
     s.add_argument("--finetune-lr", type=float, default=C.finetune_lr, help=f"Adam learning rate of fine-tuning "
                    f"(default {C.finetune_lr:g})")
-    s.add_argument("--finetune-hints", type=float, default=C.finetune_hints, help=f"weight of the boundary hints "
-                   f"in fine-tuning: the student's tensor at every neighbourhood boundary matched to the teacher's "
-                   f"cached one (relative MSE), next to the KD on the outputs (default {C.finetune_hints:g}: none)")
     s.add_argument("--tolerances", help="with --strategy threshold: per-neighbourhood noise thresholds from "
                    "`ndonnx sensitivity --json` (a candidate fits when its relative MSE <= threshold^2)")
     s.add_argument("--quantize", choices=QUANTIZE, help="quantize the student to int8 after splicing and "

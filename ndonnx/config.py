@@ -109,7 +109,6 @@ class CompressConfig:
     finetune_batch: int = 32
     temperature: float = 4.0
     kd_lambda: float = 0.5  # weight of cross-entropy on labels next to the soft targets (Eq. 3)
-    finetune_hints: float = 0.0  # weight of the boundary hints next to the soft targets (ndonnx.finetune)
     eval_data: str | None = None  # validate on this data (e.g. a test set) instead of the held-out split
     tolerances: str | None = None  # `ndonnx sensitivity --json` output: per-neighbourhood noise thresholds
     force: bool = False  # replace an existing output file
@@ -138,8 +137,6 @@ class CompressConfig:
             raise NdonnxError(f"--finetune-batch must be >= 1, got {self.finetune_batch}")
         if not self.finetune_lr > 0:
             raise NdonnxError(f"--finetune-lr must be > 0, got {self.finetune_lr}")
-        if not self.finetune_hints >= 0:
-            raise NdonnxError(f"--finetune-hints must be >= 0, got {self.finetune_hints}")
         if self.finetune_steps < 0:
             raise NdonnxError(f"--finetune-steps must be >= 0, got {self.finetune_steps}")
         if self.quantize is not None and self.quantize not in QUANTIZE:

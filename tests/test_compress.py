@@ -131,31 +131,6 @@ def test_finetune_does_not_worsen_its_loss(done, tmp_path):
     assert r["validation"]["torch_rel_err"] < 1e-4
 
 
-def test_finetune_hints_match_the_boundaries(done, tmp_path):
-    """With hints, every boundary the student makes under the teacher's name is matched to the cached
-    one: the hinted student's boundaries end closer to the teacher's than the plain KD student's."""
-    from ndonnx.compress import open_run
-    from ndonnx.finetune import hint_names
-
-    d, teacher, _ = done
-    plain = build(d / "run", CompressConfig(target="45%", finetune_steps=40, finetune_lr=1e-3), tmp_path / "kd.onnx")
-    hinted = build(d / "run", CompressConfig(target="45%", finetune_steps=40, finetune_lr=1e-3, finetune_hints=10.0),
-                   tmp_path / "hints.onnx")
-    run = open_run(d / "run")
-    student = onnx.load(str(tmp_path / "hints.onnx"))
-    names = hint_names(student, run.scorer, run.cache)
-    assert plain["finetune"]["hints"] == 0 and hinted["finetune"]["hints"] == len(names) > 0
-    idx = run.cache.holdout
-    feeds = {n: run.cache.read(n, idx) for n in run.teacher.input_names}
-
-    def error(path):
-        got = ort_session(onnx.load(str(path)), outputs=names).run(names, feeds)
-        return sum(float(np.mean((g - run.cache.read(n, idx)) ** 2) / np.var(run.cache.read(n, idx)))
-                   for g, n in zip(got, names))
-
-    assert error(tmp_path / "hints.onnx") < error(tmp_path / "kd.onnx")
-
-
 def test_same_seed_same_student(done, tmp_path):
     d, teacher, _ = done
     a = build(d / "run", CompressConfig(target="60%"), tmp_path / "a.onnx")
