@@ -1,10 +1,10 @@
 """Light graphs: how a large model reaches onnxruntime without serialized copies of its weights.
 
 A session made from `model.SerializeToString()` holds, at its peak, the caller's model, the bytes,
-onnxruntime's parse of them and its own initializers (BERT-base, 435 MB: 1.25 GB over the loaded
-model at the peak, 1.07 GB held after). Instead, a model above LIGHT_BYTES is written as a graph
-without weights plus one file of its initializers and the session is made from that path: 0.83 GB
-at the peak, 0.35 GB held (onnxruntime's pre-packed MatMul weights). Offsets are page-aligned, which
+onnxruntime's parse of them and its own initializers (BERT-base, 435 MB: 1.2 GiB over the loaded
+model at the peak, 1.0 GiB held after). Instead, a model above LIGHT_BYTES is written as a graph
+without weights plus one file of its initializers and the session is made from that path: 0.8 GiB
+at the peak, 0.34 GiB held (onnxruntime's pre-packed MatMul weights). Offsets are page-aligned, which
 onnxruntime needs to map a tensor instead of reading it (it maps them with pre-packing off). The
 folder is removed once the session exists: onnxruntime has read or mapped what it needs by then (a
 mapping outlives the file's name on POSIX systems).

@@ -26,7 +26,7 @@ def keep_freed_memory() -> bool:
 def release_freed_memory() -> bool:
     """Give the free memory of glibc's heap back to the system (malloc_trim). glibc keeps what
     Python, protobuf and onnxruntime free for reuse, in pieces it does not unmap: after loading
-    BERT-base (435 MB) the process held 2.25 GB, 1.40 GB after this; a pool worker that keeps freed
+    BERT-base (435 MB) the process held 2.2 GiB, 1.4 GiB after this; a pool worker that keeps freed
     memory (`keep_freed_memory`) holds its largest job's peak until this is called. Called between
     stages and between jobs, where what was freed will not be needed again at once. Returns whether
     it applied (glibc only)."""

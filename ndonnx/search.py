@@ -42,7 +42,7 @@ class Option:
     @property
     def model(self) -> onnx.ModelProto | None:
         """The student, made each time it is asked for (a run's are read from its directory: held at
-        once, a deep model's options are its weights many times over, BERT-base's 123 1.1 GB on
+        once, a deep model's options are its weights many times over, BERT-base's 123 1.1 GiB on
         disk); None: keep the teacher."""
         return None if self.loader is None else self.loader()
 
@@ -97,7 +97,7 @@ class Scorer:
     def _suffix_session(self, nbh: Neighbourhood):
         """The teacher from the end of `nbh` to its outputs, as an onnxruntime session. Only the last
         one is kept: options come neighbourhood by neighbourhood, and the suffixes of a deep model
-        together hold its weights many times over (BERT-base's 25: 5 GB)."""
+        together hold its weights many times over (BERT-base's 25: about 5 GiB)."""
         if self._suffix is None or self._suffix[0] != nbh.id:
             self._suffix = None  # (the old session goes before the new one is made)
             later = [n for n in self.part.neighbourhoods if n.id > nbh.id]

@@ -64,7 +64,7 @@ SHAPE_READERS = ("Shape", "Size")
 FUSED = ("Attention", "MultiHeadAttention", "PackedAttention", "DecoderMaskedMultiHeadAttention")
 DIMS = (2, 3)  # every symbolic dim takes these values in the two made-up runs
 # ... or a fixed size of another input in turn, where they fail; an input past this many elements is
-# not tried (a 4-D mask at BERT-base's 768 in every dim: 905M elements, 12 GB in made-up runs)
+# not tried (a 4-D mask at BERT-base's 768 in every dim: 905M elements, 12 GiB in made-up runs)
 MADE_UP_ELEMENTS = 1 << 22
 
 Step = tuple[int, int, int]  # (node index, input slot read, output index written)
