@@ -164,7 +164,8 @@ def plot(results: list[dict], path: str) -> None:
         ax.text(left, i, f" {left:.0f} s = {r['compress']['x_ort_pass']:.0f}x one ORT pass", va="center", fontsize=8)
     ax.set_yticks(range(len(results)), [r["case"] for r in results])
     ax.set_xlabel("wall seconds of `ndonnx compress` (fresh run directory)")
-    ax.legend(fontsize=7, ncol=4, loc="lower right")
+    ax.set_xlim(0, 1.3 * max(sum(r["compress"].get("stages_wall_s", {}).values()) for r in results))  # room for the labels
+    ax.legend(fontsize=7, ncol=len(stages), loc="upper center", bbox_to_anchor=(0.5, -0.3 - 0.4 / len(results)))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
