@@ -13,6 +13,7 @@ mapping outlives the file's name on POSIX systems).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import tempfile
@@ -41,9 +42,7 @@ def is_large(model: onnx.ModelProto) -> bool:
 
 def _nbytes(t: TensorProto) -> int:
     """From the dims (`t.ByteSize()` would serialize it)."""
-    n = 1
-    for d in t.dims:
-        n *= d
+    n = math.prod(t.dims)
     try:
         return n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
     except (KeyError, ValueError):  # strings and types numpy lacks: counted as 8 bytes
@@ -81,9 +80,7 @@ def shape_view(model: onnx.ModelProto) -> onnx.ModelProto:
     three copies of them). A small model is copied whole."""
     if not is_large(model):
         return _copy(model)
-    view = onnx.ModelProto()
-    _copy_fields(model, view, skip={"graph"})
-    _copy_fields(model.graph, view.graph, skip={"initializer"})
+    view = _copy_except(model, {"initializer"})
     declared = {i.name for i in view.graph.input}
     for t in model.graph.initializer:
         if t.data_type not in FLOATS or (t.data_location != TensorProto.EXTERNAL and _nbytes(t) < EXTERNAL_BYTES):
@@ -137,9 +134,14 @@ def _pointer(t: TensorProto, offset: int, length: int) -> TensorProto:
 def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of `model` without its initializers and recorded inner shapes (copied field by field:
     `CopyFrom` would copy the weights too)."""
+    return _copy_except(model, {"initializer", "value_info"})
+
+
+def _copy_except(model: onnx.ModelProto, graph_fields: set[str]) -> onnx.ModelProto:
+    """A copy of `model` without the graph fields `graph_fields`, copied field by field."""
     out = onnx.ModelProto()
     _copy_fields(model, out, skip={"graph"})
-    _copy_fields(model.graph, out.graph, skip={"initializer", "value_info"})
+    _copy_fields(model.graph, out.graph, skip=graph_fields)
     return out
 
 
